@@ -1,0 +1,113 @@
+"""``dnnad score|rank``: the command line over the library; ``jobs/*.py`` call these."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .backbones import DEFAULT_BACKBONE, backbone_names
+from .config import ConfigError, EmbedConfig, IndexConfig, JobConfig, ScoreConfig, SourceConfig
+
+
+def _kv(text: str) -> tuple[str, str]:
+    col, sep, value = text.partition("=")
+    if not sep or not col:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
+    return col, value
+
+
+def _reduce(text: str) -> int:
+    kind, _, n = text.partition(":")
+    if kind != "kmeans" or not n.isdigit():
+        raise argparse.ArgumentTypeError(f"expected kmeans:N, got {text!r}")
+    return int(n)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (Parquet tables + run.json)")
+    p.add_argument("--k", type=int, default=2, help="neighbours averaged into the score (paper: 2)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"one of {', '.join(backbone_names())}")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state_dict file")
+    p.add_argument("--image-size", type=int, default=None, help="crop size (default: the backbone's)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads per CPU embedding actor")
+    p.add_argument("--actors", type=int, default=None, help="embedding actors (default: per GPU / CPUs)")
+    p.add_argument("--score-actors", type=int, default=None, help="kNN scoring actors")
+    p.add_argument("--shards", type=int, default=1, help="index shards, built in parallel")
+    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"], help="flat is exact")
+    p.add_argument("--reduce", type=_reduce, default=None, metavar="kmeans:N",
+                   help="replace the normal set by N k-means centroids")
+    p.add_argument("--quantile", type=float, default=0.99, help="threshold quantile of normal LOO scores")
+    p.add_argument("--contamination", type=float, default=None, help="expected anomaly rate (sets the threshold)")
+    p.add_argument("--model", default=None, metavar="DIR", help="saved model: loaded if it exists, else written")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines (cron)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dnnad", description="DN2 deep nearest-neighbour anomaly detection on Ray")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="fit on normal images (or load --model) and score a query set")
+    s.add_argument("--normal", help="folder, Parquet file/dataset, or URI of normal images")
+    s.add_argument("--query", required=True, help="folder, Parquet file/dataset, or URI of images to audit")
+    s.add_argument("--normal-filter", type=_kv, action="append", default=[], metavar="COL=VALUE")
+    s.add_argument("--query-filter", type=_kv, action="append", default=[], metavar="COL=VALUE")
+    s.add_argument("--group-by", default=None, help="score groups: a column, or dir:N (folder level N)")
+    _common(s)
+    r = sub.add_parser("rank", help="rank one unlabelled set against itself, drop the worst, refit")
+    r.add_argument("--data", required=True, help="folder, Parquet file/dataset, or URI")
+    r.add_argument("--filter", type=_kv, action="append", default=[], metavar="COL=VALUE")
+    r.add_argument("--drop", type=float, default=None, help="fraction of top-ranked rows to drop")
+    r.add_argument("--drop-score", type=float, default=None, help="drop rows scoring above this")
+    r.add_argument("--rounds", type=int, default=1, help="rank-drop-refit rounds")
+    r.add_argument("--exclude-duplicates", action="store_true",
+                   help="exact duplicates of a row are not its neighbours either")
+    _common(r)
+    return ap
+
+
+def config_from_args(a: argparse.Namespace) -> JobConfig:
+    def src(uri, filters, group=None):
+        return SourceConfig(uri, tuple(filters), a.id_column, a.image_column, group) if uri else None
+
+    if a.command == "score":
+        normal = src(a.normal, a.normal_filter, a.group_by)
+        query = src(a.query, a.query_filter, a.group_by)
+    else:
+        normal, query = src(a.data, a.filter), None
+    return JobConfig(
+        out=a.out, normal=normal, query=query, model_dir=a.model,
+        embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors),
+        index=IndexConfig(a.index, a.shards, a.reduce),
+        score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors,
+                          exclude_duplicates=getattr(a, "exclude_duplicates", False)),
+        overwrite=a.overwrite, quiet=a.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from .runs import run_rank, run_score
+
+    try:
+        cfg = config_from_args(a)
+        if a.command == "score":
+            record = run_score(cfg)
+        else:
+            record = run_rank(cfg, a.drop, a.drop_score, a.rounds)
+    except ConfigError as e:
+        print(f"dnnad: error: {e}", file=sys.stderr)
+        return 2
+    summary = {k: record[k] for k in ("kind", "rows", "k", "threshold", "outputs", "timings_s") if k in record}
+    if "warning" in record:
+        summary["warning"] = record["warning"]
+    if not a.quiet:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Ray Data ``map_batches`` callable: rows (id, path | image bytes) → (id, embedding, status, error).
+
+Reading and decoding happen here, in the workers. A row that cannot be read or decoded keeps its
+place with ``status="error"``, the reason in ``error`` and a NaN embedding; it never fails the batch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+from .backbones import BackboneSpec, FeatureExtractor, preprocess_fn
+from .decode import DecodeError, decode_image
+
+PASSTHROUGH = ("group", "label", "split")
+
+
+def read_bytes(uri: str, cache: dict) -> bytes:
+    """File bytes from a local path or a pyarrow-filesystem URI; read errors become DecodeError."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    try:
+        if scheme not in cache:
+            cache[scheme] = pafs.FileSystem.from_uri(uri)[0] if scheme else pafs.LocalFileSystem()
+        path = pafs.FileSystem.from_uri(uri)[1] if scheme else uri
+        with cache[scheme].open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DecodeError("file not found (missing or a broken link)") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except OSError as e:
+        msg = str(e)
+        if "ermission denied" in msg:
+            raise DecodeError("permission denied") from None
+        if "No such file" in msg or "not found" in msg.lower():
+            raise DecodeError("file not found (missing or a broken link)") from None
+        raise DecodeError(f"read error: {msg}") from None
+
+
+class Embedder:
+    """Embedding actor: the backbone is built once per actor from weights shared via Ray's object store."""
+
+    def __init__(self, spec: BackboneSpec, weights, device: str = "auto", threads: int | None = None,
+                 max_pixels: int | None = None):
+        import ray
+
+        state = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
+        self.extractor = FeatureExtractor(spec, state, device=device, threads=threads)
+        self.preprocess = preprocess_fn(spec)
+        self.dim: int | None = None
+        self.max_pixels = max_pixels
+        self._fs: dict = {}
+
+    def _tensor(self, path, data) -> torch.Tensor:
+        if data is None and path is not None:
+            data = read_bytes(str(path), self._fs)
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        img = decode_image(data, **kwargs)
+        return self.preprocess(img)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch["id"]
+        n = len(ids)
+        paths = batch.get("path", [None] * n)
+        images = batch.get("image", [None] * n)
+        status = np.full(n, "ok", dtype=object)
+        error = np.full(n, None, dtype=object)
+        tensors, ok = [], []
+        for i in range(n):
+            try:
+                tensors.append(self._tensor(paths[i], images[i]))
+                ok.append(i)
+            except DecodeError as e:
+                status[i], error[i] = "error", str(e)
+            except Exception as e:  # noqa: BLE001 - an unforeseen decoder failure is still one row's error
+                status[i], error[i] = "error", f"decode failed: {type(e).__name__}: {e}"
+        feats = self.extractor(torch.stack(tensors)) if tensors else None
+        if self.dim is None:
+            self.dim = feats.shape[1] if feats is not None else self._probe_dim()
+        emb = np.full((n, self.dim), np.nan, dtype=np.float32)
+        if feats is not None:
+            emb[ok] = feats
+        out = {"id": ids, "embedding": emb, "status": status, "error": error}
+        out.update({c: batch[c] for c in PASSTHROUGH if c in batch})
+        return out
+
+    def _probe_dim(self) -> int:
+        size = self.extractor.spec.image_size
+        return int(self.extractor(torch.zeros(1, 3, size, size)).shape[1])
