@@ -21,6 +21,7 @@ class SourceConfig:
     id_column: str = "id"
     image_column: str = "image"
     group_by: str | None = None  # column name, or "dir:N" for the N-th folder level
+    limit: int | None = None  # first N rows (after filtering): smoke runs and samples
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class JobConfig:
             raise ConfigError(f"--shards must be >= 1, got {self.index.shards}")
         if self.index.reduce is not None and self.index.reduce < 2:
             raise ConfigError(f"--reduce kmeans:N needs N >= 2, got {self.index.reduce}")
+        for src in (self.normal, self.query):
+            if src is not None and src.limit is not None and src.limit < 1:
+                raise ConfigError(f"row limits must be >= 1, got {src.limit}")
         if self.embed.batch_size < 1 or self.score.batch_size < 1:
             raise ConfigError("batch sizes must be >= 1")
         return self

@@ -96,7 +96,7 @@ def prepare_source(cfg: SourceConfig, role: str) -> PreparedSource:
             raise ConfigError(f"--{role} folder holds no images ({', '.join(IMAGE_EXTENSIONS)}): {cfg.uri}")
         if cfg.group_by:
             table = table.append_column("group", pa.array(group_key(table["id"].to_pylist(), int(cfg.group_by[4:]))))
-        return PreparedSource(cfg, fs, path, listing=table)
+        return PreparedSource(cfg, fs, path, listing=table.slice(0, cfg.limit))
     schema = pads.dataset(path, filesystem=fs, format="parquet").schema
     for col in (cfg.id_column, cfg.image_column):
         if col not in schema.names:
@@ -104,8 +104,20 @@ def prepare_source(cfg: SourceConfig, role: str) -> PreparedSource:
                               f"set --id-column/--image-column")
     if cfg.group_by and not cfg.group_by.startswith("dir:") and cfg.group_by not in schema.names:
         raise ConfigError(f"--group-by column {cfg.group_by!r} not in {cfg.uri}")
-    filter_values(schema, cfg.filters)
-    return PreparedSource(cfg, fs, path, schema=schema)
+    values = filter_values(schema, cfg.filters)
+    if cfg.limit is None:
+        return PreparedSource(cfg, fs, path, schema=schema)
+    # A sample: read its few rows here, in source order, so that it is the same on every run.
+    expr = None
+    for name, value in values:
+        term = pc.field(name) == pa.scalar(value, schema.field(name).type)
+        expr = term if expr is None else expr & term
+    head = pads.dataset(path, filesystem=fs, format="parquet").head(cfg.limit, filter=expr)
+    group_col = cfg.group_by if cfg.group_by and not cfg.group_by.startswith("dir:") else None
+    table = _normalise_columns(head, _keep_columns(cfg, schema), group_col)
+    if table.num_rows == 0:
+        raise ConfigError(f"--{role} selects no rows: {cfg.uri} {dict(cfg.filters)}")
+    return PreparedSource(cfg, fs, path, schema=schema, listing=table)
 
 
 def read_source(src: PreparedSource):
@@ -125,13 +137,18 @@ def read_source(src: PreparedSource):
         expr = term if expr is None else expr & term
     if expr is not None:
         ds = ds.filter(expr=expr)
-    keep = {cfg.id_column: "id", cfg.image_column: "image"}
-    keep.update({c: c for c in ("label", "split") if c in schema.names and c not in keep})
+    keep = _keep_columns(cfg, schema)
     group_col = cfg.group_by if cfg.group_by and not cfg.group_by.startswith("dir:") else None
     ds = ds.select_columns(list(dict.fromkeys([*keep, *([group_col] if group_col else [])])))
     ds = ds.map_batches(_normalise_columns, batch_format="pyarrow",
                         fn_kwargs={"rename": keep, "group_col": group_col})
     return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+
+
+def _keep_columns(cfg: SourceConfig, schema: pa.Schema) -> dict[str, str]:
+    keep = {cfg.id_column: "id", cfg.image_column: "image"}
+    keep.update({c: c for c in ("label", "split") if c in schema.names and c not in keep})
+    return keep
 
 
 def _normalise_columns(table: pa.Table, rename: dict[str, str], group_col: str | None) -> pa.Table:

@@ -1,0 +1,70 @@
+"""The scikit-learn style API: DN2(k).fit(X).score_samples(X), few-shot, ranking, reduction."""
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+from dnnad import DN2, rank_outliers
+from tests.conftest import planted
+
+
+def test_scores_are_mean_euclidean_distance_to_k_nearest():
+    rng = np.random.default_rng(1)
+    Xn, Xq = rng.normal(size=(500, 8)), rng.normal(size=(50, 8))
+    model = DN2(k=2, n_shards=3).fit(Xn)
+    dist, _ = NearestNeighbors(n_neighbors=2).fit(Xn).kneighbors(Xq)
+    np.testing.assert_allclose(model.score_samples(Xq), dist.mean(1), rtol=1e-5)
+    assert model.k_ == 2 and model.n_normal_ == 500
+
+
+def test_threshold_is_the_quantile_of_leave_one_out_scores():
+    rng = np.random.default_rng(2)
+    Xn = rng.normal(size=(1000, 8))
+    model = DN2(k=2, quantile=0.95).fit(Xn)
+    dist, _ = NearestNeighbors(n_neighbors=3).fit(Xn).kneighbors(Xn)  # first neighbour is itself
+    np.testing.assert_allclose(model.loo_scores_, dist[:, 1:].mean(1), rtol=1e-5)
+    assert abs((model.loo_scores_ > model.threshold_).mean() - 0.05) < 0.01
+    fresh = rng.normal(size=(4000, 8))  # new normal data is flagged at about the chosen rate
+    assert abs(model.predict(fresh).mean() - 0.05) < 0.025
+    by_rate = DN2(k=2, contamination=0.1).fit(Xn)
+    assert abs((by_rate.loo_scores_ > by_rate.threshold_).mean() - 0.1) < 0.01
+
+
+def test_few_shot_clamps_k_with_a_warning():
+    X = np.array([[0.0, 0.0], [1.0, 0.0]])
+    with pytest.warns(UserWarning, match="using k=1"):
+        model = DN2(k=2).fit(X)
+    assert model.k_ == 1 and not model.threshold_reliable_
+    assert model.score_samples(np.array([[10.0, 0.0]]))[0] == pytest.approx(9.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        DN2().fit(X[:1])
+
+
+def test_ranking_puts_planted_anomalies_on_top():
+    X, y = planted()
+    scores = rank_outliers(X, k=2)
+    top = np.argsort(-scores)[: int(y.sum())]
+    assert y[top].mean() >= 0.95  # precision at the injected count
+    assert roc_auc_score(y, scores) > 0.99
+
+
+def test_exact_duplicates_are_neighbours_unless_excluded():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(50, 4)).astype(np.float32)
+    X = np.vstack([X, X[:5]])  # five exact duplicates
+    with_dups = DN2(k=1).fit(X)
+    assert (with_dups.loo_scores_[:5] == 0).all()
+    without = DN2(k=1, exclude_duplicates=True).fit(X)
+    assert (without.loo_scores_ > 0).all()
+
+
+def test_kmeans_reduction_keeps_accuracy_on_planted_data():
+    X, y = planted(n_normal=2000, n_anom=0)
+    Xq, yq = planted(n_normal=200, n_anom=20, seed=5)
+    full = DN2(k=2).fit(X)
+    reduced = DN2(k=2, reduce=200).fit(X)
+    assert reduced.n_normal_ == 200
+    assert roc_auc_score(yq, reduced.score_samples(Xq)) > 0.99
+    assert roc_auc_score(yq, full.score_samples(Xq)) > 0.99
