@@ -68,6 +68,8 @@ class Embedded:
 
 def embed(ds, cfg: EmbedConfig, weights_ref, quiet: bool = False):
     """Materialized dataset: id, embedding, status, error (+ group/label/split)."""
+    from ray.data import ActorPoolStrategy
+
     from .embed import Embedder
 
     spec = get_spec(cfg.backbone, cfg.image_size)
@@ -79,7 +81,7 @@ def embed(ds, cfg: EmbedConfig, weights_ref, quiet: bool = False):
         threads = cfg.threads or min(4, cpus)
         actors, res = cfg.actors or max(1, cpus // threads), {"num_cpus": 1}
     return ds.map_batches(
-        Embedder, batch_size=cfg.batch_size, concurrency=actors, batch_format="numpy",
+        Embedder, batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
                                "device": "cuda" if use_gpu else "cpu"}, **res,
     ).materialize()
@@ -114,10 +116,12 @@ def put_shards(X: np.ndarray, n_shards: int, kind: str) -> list:
 def knn_map(ds, shard_refs, ids_ref, k: int, threshold: float | None, cfg: ScoreConfig,
             exclude: str | None = None, groups_ref=None):
     """Score every row of ``ds`` on an actor pool sharing one copy of the index."""
+    from ray.data import ActorPoolStrategy
+
     cpus, _ = cluster_resources()
     actors = cfg.actors or max(1, min(4, cpus // 2))
     return ds.map_batches(
-        KnnScorer, batch_size=cfg.batch_size, concurrency=actors, batch_format="numpy", num_cpus=1,
+        KnnScorer, batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=actors), batch_format="numpy", num_cpus=1,
         fn_constructor_kwargs={"shards": shard_refs, "normal_ids": ids_ref, "k": k, "threshold": threshold,
                                "exclude": exclude, "duplicate_groups": groups_ref,
                                "threads": max(1, cpus // actors)},

@@ -153,7 +153,7 @@ def rank_table(loo: pa.Table, errors: pa.Table) -> pa.Table:
         "percentile": pa.nulls(n, pa.float64()), "neighbor_ids": pa.array([[]] * n, pa.list_(pa.string())),
         "neighbor_dists": pa.array([[]] * n, pa.list_(pa.float64())), "status": pa.array(["error"] * n),
         "error": errors["error"],
-    })
+    }).cast(ok.schema)
     return pa.concat_tables([ok.take(np.argsort(rank)), bad])
 
 
