@@ -55,14 +55,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--query", required=True, help="folder, Parquet file/dataset, or URI of images to audit")
     s.add_argument("--normal-filter", type=_kv, action="append", default=[], metavar="COL=VALUE")
     s.add_argument("--query-filter", type=_kv, action="append", default=[], metavar="COL=VALUE")
-    s.add_argument("--normal-limit", type=int, default=None, metavar="N", help="first N normal rows only")
-    s.add_argument("--query-limit", type=int, default=None, metavar="N", help="first N query rows only")
+    s.add_argument("--normal-sample", type=int, default=None, metavar="N", help="a fixed-seed random sample of N normal rows")
+    s.add_argument("--query-sample", type=int, default=None, metavar="N", help="a fixed-seed random sample of N query rows")
     s.add_argument("--group-by", default=None, help="score groups: a column, or dir:N (folder level N)")
     _common(s)
     r = sub.add_parser("rank", help="rank one unlabelled set against itself, drop the worst, refit")
     r.add_argument("--data", required=True, help="folder, Parquet file/dataset, or URI")
     r.add_argument("--filter", type=_kv, action="append", default=[], metavar="COL=VALUE")
-    r.add_argument("--limit", type=int, default=None, metavar="N", help="first N rows only")
+    r.add_argument("--sample", type=int, default=None, metavar="N", help="a fixed-seed random sample of N rows")
     r.add_argument("--drop", type=float, default=None, help="fraction of top-ranked rows to drop")
     r.add_argument("--drop-score", type=float, default=None, help="drop rows scoring above this")
     r.add_argument("--rounds", type=int, default=1, help="rank-drop-refit rounds")
@@ -73,14 +73,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> JobConfig:
-    def src(uri, filters, group=None, limit=None):
-        return SourceConfig(uri, tuple(filters), a.id_column, a.image_column, group, limit) if uri else None
+    def src(uri, filters, group=None, sample=None):
+        return SourceConfig(uri, tuple(filters), a.id_column, a.image_column, group, sample) if uri else None
 
     if a.command == "score":
-        normal = src(a.normal, a.normal_filter, a.group_by, a.normal_limit)
-        query = src(a.query, a.query_filter, a.group_by, a.query_limit)
+        normal = src(a.normal, a.normal_filter, a.group_by, a.normal_sample)
+        query = src(a.query, a.query_filter, a.group_by, a.query_sample)
     else:
-        normal, query = src(a.data, a.filter, None, a.limit), None
+        normal, query = src(a.data, a.filter, None, a.sample), None
     return JobConfig(
         out=a.out, normal=normal, query=query, model_dir=a.model,
         embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors),

@@ -21,7 +21,7 @@ class SourceConfig:
     id_column: str = "id"
     image_column: str = "image"
     group_by: str | None = None  # column name, or "dir:N" for the N-th folder level
-    limit: int | None = None  # first N rows (after filtering): smoke runs and samples
+    sample: int | None = None  # a fixed-seed random sample of N rows (after filtering), in source order
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ class JobConfig:
         if self.index.reduce is not None and self.index.reduce < 2:
             raise ConfigError(f"--reduce kmeans:N needs N >= 2, got {self.index.reduce}")
         for src in (self.normal, self.query):
-            if src is not None and src.limit is not None and src.limit < 1:
-                raise ConfigError(f"row limits must be >= 1, got {src.limit}")
+            if src is not None and src.sample is not None and src.sample < 1:
+                raise ConfigError(f"sample sizes must be >= 1, got {src.sample}")
         if self.embed.batch_size < 1 or self.score.batch_size < 1:
             raise ConfigError("batch sizes must be >= 1")
         return self

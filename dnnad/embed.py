@@ -6,8 +6,10 @@ place with ``status="error"``, the reason in ``error`` and a NaN embedding; it n
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
+from ray.data.extensions import ArrowTensorArray
 
 from .backbones import BackboneSpec, FeatureExtractor, preprocess_fn
 from .decode import DecodeError, decode_image
@@ -58,7 +60,7 @@ class Embedder:
         img = decode_image(data, **kwargs)
         return self.preprocess(img)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = batch["id"]
         n = len(ids)
         paths = batch.get("path", [None] * n)
@@ -80,9 +82,10 @@ class Embedder:
         emb = np.full((n, self.dim), np.nan, dtype=np.float32)
         if feats is not None:
             emb[ok] = feats
-        out = {"id": ids, "embedding": emb, "status": status, "error": error}
-        out.update({c: batch[c] for c in PASSTHROUGH if c in batch})
-        return out
+        out = {"id": pa.array([str(i) for i in ids], pa.string()), "embedding": ArrowTensorArray.from_numpy(emb),
+               "status": pa.array(status.tolist(), pa.string()), "error": pa.array(error.tolist(), pa.string())}
+        out.update({c: pa.array(batch[c].tolist()) for c in PASSTHROUGH if c in batch})
+        return pa.table(out)
 
     def _probe_dim(self) -> int:
         size = self.extractor.spec.image_size

@@ -64,7 +64,7 @@ class KnnScorer:
             "neighbor_ids": pa.array(nid, pa.list_(pa.string())),
             "neighbor_dists": pa.array(ndist, pa.list_(pa.float64())),
             "status": pa.array(batch["status"].tolist(), pa.string()),
-            "error": pa.array(batch["error"].tolist(), pa.string()),
+            "error": pa.array([e if isinstance(e, str) else None for e in batch["error"]], pa.string()),
         }
         for c in extra:
             cols[c] = pa.array(batch[c].tolist())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -64,6 +65,13 @@ def filter_values(schema: pa.Schema, filters: tuple[tuple[str, str], ...]) -> li
     return out
 
 
+def sample_positions(n: int, size: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted positions of a fixed-seed random sample of ``size`` out of ``n`` rows (all when None or >= n)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
 def group_key(ids: list[str], level: int) -> list[str]:
     """Folder-level group key: the ``level``-th directory component of each relative id."""
     parts = [i.split("/") for i in ids]
@@ -96,7 +104,7 @@ def prepare_source(cfg: SourceConfig, role: str) -> PreparedSource:
             raise ConfigError(f"--{role} folder holds no images ({', '.join(IMAGE_EXTENSIONS)}): {cfg.uri}")
         if cfg.group_by:
             table = table.append_column("group", pa.array(group_key(table["id"].to_pylist(), int(cfg.group_by[4:]))))
-        return PreparedSource(cfg, fs, path, listing=table.slice(0, cfg.limit))
+        return PreparedSource(cfg, fs, path, listing=table.take(sample_positions(table.num_rows, cfg.sample)))
     schema = pads.dataset(path, filesystem=fs, format="parquet").schema
     for col in (cfg.id_column, cfg.image_column):
         if col not in schema.names:
@@ -105,16 +113,19 @@ def prepare_source(cfg: SourceConfig, role: str) -> PreparedSource:
     if cfg.group_by and not cfg.group_by.startswith("dir:") and cfg.group_by not in schema.names:
         raise ConfigError(f"--group-by column {cfg.group_by!r} not in {cfg.uri}")
     values = filter_values(schema, cfg.filters)
-    if cfg.limit is None:
+    if cfg.sample is None:
         return PreparedSource(cfg, fs, path, schema=schema)
-    # A sample: read its few rows here, in source order, so that it is the same on every run.
+    # A sample: read its rows here so that it is the same on every run and every cluster.
     expr = None
     for name, value in values:
         term = pc.field(name) == pa.scalar(value, schema.field(name).type)
         expr = term if expr is None else expr & term
-    head = pads.dataset(path, filesystem=fs, format="parquet").head(cfg.limit, filter=expr)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
     group_col = cfg.group_by if cfg.group_by and not cfg.group_by.startswith("dir:") else None
-    table = _normalise_columns(head, _keep_columns(cfg, schema), group_col)
+    keep = _keep_columns(cfg, schema)
+    cols = list(dict.fromkeys([*keep, *([group_col] if group_col else [])]))
+    picked = dataset.take(sample_positions(dataset.count_rows(filter=expr), cfg.sample), columns=cols, filter=expr)
+    table = _normalise_columns(picked, keep, group_col)
     if table.num_rows == 0:
         raise ConfigError(f"--{role} selects no rows: {cfg.uri} {dict(cfg.filters)}")
     return PreparedSource(cfg, fs, path, schema=schema, listing=table)

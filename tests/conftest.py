@@ -82,3 +82,6 @@ def planted(n_normal: int = 380, n_anom: int = 20, d: int = 16, seed: int = 0):
     y = np.r_[np.zeros(n_normal), np.ones(n_anom)]
     perm = rng.permutation(len(X))
     return X[perm], y[perm]
+
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -22,8 +22,8 @@ def local_embeddings(root, ids):
     spec = get_spec("resnet18", 32)
     emb = Embedder(spec, resolve_weights(spec, "none").state_dict, device="cpu")
     out = emb({"id": np.array(ids, dtype=object), "path": np.array([str(root / i) for i in ids], dtype=object)})
-    assert (out["status"] == "ok").all()
-    return out["embedding"]
+    assert set(out["status"].to_pylist()) == {"ok"}
+    return np.stack(out["embedding"].to_numpy(zero_copy_only=False))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_parquet_source_with_row_filter_and_null_bytes(ray_local, tmp_path):
     pq.write_table(table, tmp_path / "query.parquet")
     out = tmp_path / "out"
     assert main(["score", "--normal", str(CIFAR), "--normal-filter", "split=train", "--normal-filter", "label=3",
-                 "--normal-limit", "50", "--query", str(tmp_path / "query.parquet"), "--out", str(out), *FAST]) == 0
+                 "--normal-sample", "50", "--query", str(tmp_path / "query.parquet"), "--out", str(out), *FAST]) == 0
     t = read_scores(out)
     assert sorted(t["id"].to_pylist()) == sorted(rows["id"].to_pylist())
     bad = t.filter(pa.compute.field("status") == "error").to_pylist()

@@ -1,0 +1,97 @@
+"""Benchmark helpers: dataset subsampling and an embedding cache keyed by dataset, backbone, weights and size."""
+from __future__ import annotations
+
+import io
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("DNNAD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DATASETS = {"cifar10": SHARED / "cifar10-jpeg.parquet", "fashion-mnist": SHARED / "fashion-mnist.parquet"}
+CACHE = ROOT / "benchmarks" / ".cache"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = cpu
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPU cores ({model}), {mem:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+def subsample(dataset: str, train_per_class: int | None, test_n: int | None, seed: int = 0) -> pa.Table:
+    """id, label, split of a fixed-seed subsample: N train rows per class and M test rows."""
+    t = pq.read_table(DATASETS[dataset], columns=["id", "label", "split"])
+    rng = np.random.default_rng(seed)
+    keep = []
+    split, label = t["split"].to_numpy(zero_copy_only=False), t["label"].to_numpy()
+    for c in np.unique(label):
+        idx = np.flatnonzero((split == "train") & (label == c))
+        keep.append(np.sort(rng.permutation(idx)[: train_per_class or len(idx)]))
+    test = np.flatnonzero(split == "test")
+    keep.append(np.sort(rng.permutation(test)[: test_n or len(test)]))
+    return t.take(np.concatenate(keep))
+
+
+def cached_embeddings(dataset: str, ids: list[str], backbone: str, weights: str, image_size: int | None,
+                      batch_size: int = 64) -> np.ndarray:
+    """Embeddings of ``ids`` in order; only ids missing from the cache are embedded (by the Ray pipeline)."""
+    import ray
+
+    from dnnad.backbones import get_spec
+    from dnnad.config import EmbedConfig
+    from dnnad.pipeline import collect, embed, start_ray
+    from dnnad.weights import resolve_weights
+
+    spec = get_spec(backbone, image_size)
+    w = resolve_weights(spec, weights)
+    sha = w.identity.rsplit("sha256:", 1)[-1][:12] if "sha256:" in w.identity else w.identity
+    path = CACHE / f"{dataset}-{backbone.replace(':', '_').replace('/', '_')}-{sha}-{spec.image_size}.parquet"
+    have = pq.read_table(path) if path.exists() else None
+    known = set(have["id"].to_pylist()) if have is not None else set()
+    missing = [i for i in dict.fromkeys(ids) if i not in known]
+    if missing:
+        start_ray(quiet=True)
+        t = pq.read_table(DATASETS[dataset], columns=["id", "image"])
+        t = t.filter(pc.is_in(t["id"], value_set=pa.array(missing)))
+        ds = ray.data.from_arrow([t.slice(i, 256) for i in range(0, t.num_rows, 256)])
+        e = collect(embed(ds, EmbedConfig(backbone, weights, image_size, batch_size), ray.put(w.state_dict), True))
+        assert e.errors.num_rows == 0, e.errors
+        new = pa.table({"id": pa.array(e.ids.tolist(), pa.string()),
+                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e.X.ravel()), e.X.shape[1])})
+        have = new if have is None else pa.concat_tables([have, new])
+        CACHE.mkdir(parents=True, exist_ok=True)
+        pq.write_table(have, path)
+    pos = {i: n for n, i in enumerate(have["id"].to_pylist())}
+    flat = have["embedding"].combine_chunks()
+    X = flat.values.to_numpy().reshape(len(flat), -1)
+    return np.ascontiguousarray(X[[pos[i] for i in ids]], dtype=np.float32)
+
+
+def raw_pixels(dataset: str, ids: list[str], size: int = 32) -> np.ndarray:
+    """Raw-pixel features (RGB, size x size, scaled to [0, 1]) for the paper's raw-kNN baseline."""
+    from PIL import Image
+
+    t = pq.read_table(DATASETS[dataset], columns=["id", "image"])
+    t = t.filter(pc.is_in(t["id"], value_set=pa.array(ids)))
+    by_id = dict(zip(t["id"].to_pylist(), t["image"].to_pylist()))
+    return np.stack([np.asarray(Image.open(io.BytesIO(by_id[i])).convert("RGB").resize((size, size)),
+                                dtype=np.float32).ravel() / 255.0 for i in ids])
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
