@@ -66,7 +66,7 @@ def cached_embeddings(dataset: str, ids: list[str], backbone: str, weights: str,
         t = pq.read_table(DATASETS[dataset], columns=["id", "image"])
         t = t.filter(pc.is_in(t["id"], value_set=pa.array(missing)))
         ds = ray.data.from_arrow([t.slice(i, 256) for i in range(0, t.num_rows, 256)])
-        e = collect(embed(ds, EmbedConfig(backbone, weights, image_size, batch_size), ray.put(w.state_dict), True))
+        e = collect(embed(ds, EmbedConfig(backbone, weights, image_size, batch_size), ray.put(w.state_dict)))
         assert e.errors.num_rows == 0, e.errors
         new = pa.table({"id": pa.array(e.ids.tolist(), pa.string()),
                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e.X.ravel()), e.X.shape[1])})

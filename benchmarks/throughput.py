@@ -60,8 +60,8 @@ def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int) -> l
     ds = ray.data.from_arrow([table.slice(i, 256) for i in range(0, n, 256)])
     cfg = EmbedConfig(backbone, "imagenet", size, batch, "cpu", threads, 1)
     wref = ray.put(w.state_dict)
-    embed(ds.limit(batch), cfg, wref, True)  # warm-up run: worker processes and imports
-    got, t_ray = timed(lambda: embed(ds, cfg, wref, True))
+    embed(ds.limit(batch), cfg, wref)  # warm-up run: worker processes and imports
+    got, t_ray = timed(lambda: embed(ds, cfg, wref))
     n_rows = got.count()
     assert n_rows == n
     return [f"| embed {backbone} @{size}px, {n} CIFAR-10 JPEGs, batch {batch}, {threads} threads | "

@@ -5,6 +5,8 @@ place with ``status="error"``, the reason in ``error`` and a NaN embedding; it n
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -43,22 +45,17 @@ class Embedder:
     """Embedding actor: the backbone is built once per actor from weights shared via Ray's object store."""
 
     def __init__(self, spec: BackboneSpec, weights, device: str = "auto", threads: int | None = None,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, cache=None):
         import ray
 
-        state = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
+        get = lambda r: ray.get(r) if isinstance(r, ray.ObjectRef) else r  # noqa: E731
+        state = get(weights)
+        self.cache = get(cache)
         self.extractor = FeatureExtractor(spec, state, device=device, threads=threads)
         self.preprocess = preprocess_fn(spec)
         self.dim: int | None = None
         self.max_pixels = max_pixels
         self._fs: dict = {}
-
-    def _tensor(self, path, data) -> torch.Tensor:
-        if data is None and path is not None:
-            data = read_bytes(str(path), self._fs)
-        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
-        img = decode_image(data, **kwargs)
-        return self.preprocess(img)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = batch["id"]
@@ -67,10 +64,23 @@ class Embedder:
         images = batch.get("image", [None] * n)
         status = np.full(n, "ok", dtype=object)
         error = np.full(n, None, dtype=object)
+        hashes = np.full(n, None, dtype=object)
+        cached = np.zeros(n, dtype=bool)
+        hits: dict[int, np.ndarray] = {}
         tensors, ok = [], []
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
         for i in range(n):
             try:
-                tensors.append(self._tensor(paths[i], images[i]))
+                data = images[i]
+                if data is None and paths[i] is not None:
+                    data = read_bytes(str(paths[i]), self._fs)
+                if self.cache is not None and data:
+                    hashes[i] = hashlib.sha256(data).hexdigest()
+                    hit = self.cache.lookup(hashes[i].encode())
+                    if hit is not None:
+                        hits[i], cached[i] = hit, True
+                        continue
+                tensors.append(self.preprocess(decode_image(data, **kwargs)))
                 ok.append(i)
             except DecodeError as e:
                 status[i], error[i] = "error", str(e)
@@ -82,8 +92,12 @@ class Embedder:
         emb = np.full((n, self.dim), np.nan, dtype=np.float32)
         if feats is not None:
             emb[ok] = feats
+        for i, v in hits.items():
+            emb[i] = v
         out = {"id": pa.array([str(i) for i in ids], pa.string()), "embedding": ArrowTensorArray.from_numpy(emb),
                "status": pa.array(status.tolist(), pa.string()), "error": pa.array(error.tolist(), pa.string())}
+        if self.cache is not None:
+            out["hash"], out["cached"] = pa.array(hashes.tolist(), pa.string()), pa.array(cached)
         out.update({c: pa.array(batch[c].tolist()) for c in PASSTHROUGH if c in batch})
         return pa.table(out)
 

@@ -66,8 +66,8 @@ class Embedded:
     errors: pa.Table  # id, error of unreadable rows
 
 
-def embed(ds, cfg: EmbedConfig, weights_ref, quiet: bool = False):
-    """Materialized dataset: id, embedding, status, error (+ group/label/split)."""
+def embed(ds, cfg: EmbedConfig, weights_ref, cache_ref=None):
+    """Materialized dataset: id, embedding, status, error (+ group/label/split; hash/cached with a cache)."""
     from ray.data import ActorPoolStrategy
 
     from .embed import Embedder
@@ -83,7 +83,7 @@ def embed(ds, cfg: EmbedConfig, weights_ref, quiet: bool = False):
     return ds.map_batches(
         Embedder, batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
-                               "device": "cuda" if use_gpu else "cpu"}, **res,
+                               "device": "cuda" if use_gpu else "cpu", "cache": cache_ref}, **res,
     ).materialize()
 
 

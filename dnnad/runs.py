@@ -44,7 +44,7 @@ def pool_groups(emb: Embedded) -> Embedded:
 
 def _embed_source(src: PreparedSource, role: str, cfg: JobConfig, weights_ref, t: Timings):
     with t.stage(f"embed {role}", cfg.quiet):
-        return embed(read_source(src), cfg.embed, weights_ref, cfg.quiet)
+        return embed(read_source(src), cfg.embed, weights_ref)
 
 
 def _run_record(cfg: JobConfig, kind: str, weights: ResolvedWeights, t: Timings, **fields) -> dict:
