@@ -18,10 +18,10 @@ from .config import ConfigError
 RUN_RECORD = "run.json"
 
 
-def check_out_dir(out: str, overwrite: bool) -> None:
+def check_out_dir(out: str, overwrite: bool, record: str = RUN_RECORD) -> None:
     """Before any work: an output directory holding a finished run needs ``--overwrite``."""
-    if os.path.exists(os.path.join(out, RUN_RECORD)) and not overwrite:
-        raise ConfigError(f"{out} already holds a finished run ({RUN_RECORD}); pass --overwrite or pick a new --out")
+    if os.path.exists(os.path.join(out, record)) and not overwrite:
+        raise ConfigError(f"{out} already holds a finished run ({record}); pass --overwrite or pick a new --out")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} exists and is not a directory")
 
@@ -46,16 +46,23 @@ class Staging:
         os.makedirs(self.path(name), exist_ok=True)
         pq.write_table(table, os.path.join(self.dir, name, "part-00000.parquet"))
 
-    def commit(self, record: dict) -> None:
-        old_record = os.path.join(self.out, RUN_RECORD)
+    def write_text(self, name: str, text: str) -> None:
+        os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
+        with open(os.path.join(self.dir, name), "w") as f:
+            f.write(text)
+
+    def commit(self, record: dict, record_name: str = RUN_RECORD) -> None:
+        old_record = os.path.join(self.out, record_name)
         if os.path.exists(old_record):
             os.remove(old_record)  # an --overwrite: the old run stops being "finished" first
         for name in self.names:
             final = os.path.join(self.out, name)
-            if os.path.exists(final):
+            if os.path.isdir(final):
                 shutil.rmtree(final)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(os.path.join(self.dir, name), final)
-        tmp = os.path.join(self.dir, RUN_RECORD)
+        os.makedirs(os.path.dirname(old_record), exist_ok=True)
+        tmp = os.path.join(self.dir, "record.json.tmp")
         with open(tmp, "w") as f:
             json.dump(record, f, indent=2, default=str)
         os.replace(tmp, old_record)

@@ -168,3 +168,23 @@ def _normalise_columns(table: pa.Table, rename: dict[str, str], group_col: str |
     if group_col:
         cols["group"] = pc.cast(table[group_col], pa.string())
     return pa.table(cols)
+
+
+def fetch_images(source: dict, ids: list[str]) -> dict[str, bytes]:
+    """Encoded bytes of a few rows by id (report thumbnails); unreadable ones are left out."""
+    cfg = SourceConfig(**{k: tuple(map(tuple, v)) if k == "filters" else v for k, v in source.items()})
+    fs, path = resolve(cfg.uri)
+    wanted = list(dict.fromkeys(ids))
+    if not is_parquet(fs, path):
+        out = {}
+        for i in wanted:
+            try:
+                with fs.open_input_stream(posixpath.join(path.rstrip("/"), i)) as f:
+                    out[i] = f.read()
+            except OSError:
+                pass
+        return out
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    t = dataset.to_table(columns=[cfg.id_column, cfg.image_column],
+                         filter=pc.field(cfg.id_column).isin(pa.array(wanted, dataset.schema.field(cfg.id_column).type)))
+    return {str(i): b for i, b in zip(t[cfg.id_column].to_pylist(), t[cfg.image_column].to_pylist()) if b}

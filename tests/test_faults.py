@@ -14,16 +14,21 @@ SLOW = ["--backbone", "resnet18", "--weights", "none", "--image-size", "160", "-
 
 
 def kill_first_actor(class_name: str, stop: threading.Event, delay_s: float) -> list[int]:
-    """SIGKILL the process of the first live actor of ``class_name`` once it has worked ``delay_s``."""
-    from ray.util.state import list_actors
+    """SIGKILL the worker process of the first actor of ``class_name`` once it has worked ``delay_s``.
+
+    Ray titles an actor's process ``ray::<class name>...``; that is how the test finds it.
+    """
+    import psutil
 
     killed = []
     while not stop.is_set() and not killed:
-        alive = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
-        if alive:
-            time.sleep(delay_s)
-            os.kill(alive[0].pid, signal.SIGKILL)
-            killed.append(alive[0].pid)
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if cmd.startswith(f"ray::{class_name}"):
+                time.sleep(delay_s)
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
+                break
         time.sleep(0.05)
     return killed
 
