@@ -19,9 +19,10 @@ from .cache import EmbeddingCache, append_part, cache_dir
 from .config import ConfigError, JobConfig
 from .model_store import is_model_dir, load_model
 from .pipeline import Broadcast, Timings, embed, knn_map, start_ray
-from .report import render
+from .report import run_report
+from .runs import job_weights, model_embed_config, run_record, status_counts
 from .sink import Staging, check_out_dir
-from .sources import fetch_images, prepare_source, read_source
+from .sources import prepare_source, read_source
 
 
 def previous_scores(out: str, run_date: str) -> tuple[str, np.ndarray] | None:
@@ -61,8 +62,6 @@ def summarise(scores: pa.Table, model_meta: dict, threshold: float, top_n: int,
 
 def run_audit(cfg: JobConfig, run_date: str | None = None, cache_root: str | None = None, top_n: int = 20) -> dict:
     """Score ``cfg.query`` with the saved model ``cfg.model_dir``, embedding only images not cached."""
-    from .runs import _model_weights_check, _run_record, _status_counts, _weights
-
     cfg.validate()
     run_date = run_date or dt.date.today().isoformat()
     try:
@@ -76,9 +75,9 @@ def run_audit(cfg: JobConfig, run_date: str | None = None, cache_root: str | Non
     record_name = os.path.join("runs", f"{run_date}.json")
     check_out_dir(cfg.out, cfg.overwrite, record_name)
     model = load_model(cfg.model_dir)
-    cfg = _model_weights_check(model, cfg)
+    cfg = model_embed_config(model, cfg)
     query_src = prepare_source(cfg.query, "query")
-    weights = _weights(cfg)
+    weights = job_weights(cfg)
     if weights.identity != model.meta["weights_identity"]:
         raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta['weights_identity']}")
     cdir = cache_dir(cache_root or os.path.join(cfg.out, "cache"), model.meta["backbone"],
@@ -109,11 +108,11 @@ def run_audit(cfg: JobConfig, run_date: str | None = None, cache_root: str | Non
         scores = pq.read_table(os.path.join(staging.dir, part))
         summary = summarise(scores, model.meta, model.threshold, top_n, previous_scores(cfg.out, run_date))
         summary.update({"embedded": len(hashes), "from_cache": n_cached, "cache_dir": cdir})
-        record = _run_record(cfg, "audit", weights, t, run_date=run_date, k=model.k, threshold=model.threshold,
-                             model_dir=cfg.model_dir, rows=_status_counts(os.path.join(staging.dir, part)),
+        record = run_record(cfg, "audit", weights, t, run_date=run_date, k=model.k, threshold=model.threshold,
+                             model_dir=cfg.model_dir, rows=status_counts(os.path.join(staging.dir, part)),
                              summary=summary, outputs={"scores": os.path.join(cfg.out, part),
                                                        "report": os.path.join(cfg.out, "reports", f"{run_date}.html")})
-        staging.write_text(os.path.join("reports", f"{run_date}.html"), report_html(record, scores, model, cfg, top_n))
+        staging.write_text(os.path.join("reports", f"{run_date}.html"), run_report(record, scores, model, cfg.query, top_n))
         append_part(cdir, hashes, X_new)  # the cache may grow even if the commit below fails: it is content-keyed
         staging.commit(record, record_name)
         if not cfg.quiet:
@@ -122,26 +121,6 @@ def run_audit(cfg: JobConfig, run_date: str | None = None, cache_root: str | Non
     except BaseException:
         staging.abort()
         raise
-
-
-def report_html(record: dict, scores: pa.Table, model, cfg: JobConfig, top_n: int) -> str:
-    ok = scores.filter(pc.field("status") == "ok")
-    top = ok.sort_by([("score", "descending"), ("id", "ascending")]).slice(0, top_n).to_pylist()
-    images = fetch_images(_source_dict(cfg.query), [r["id"] for r in top])
-    normal_src = model.meta.get("normal_source")
-    normal_images = fetch_images(normal_src, [n for r in top for n in r["neighbor_ids"]]) if normal_src else {}
-    labels = None
-    if "label" in ok.column_names and model.meta.get("normal_labels"):
-        normal_labels = set(model.meta["normal_labels"])
-        labels = np.array([int(v not in normal_labels) for v in ok["label"].to_pylist()])
-    return render(record, ok["score"].to_numpy(), model.loo_scores, model.threshold, top, images,
-                  normal_images, labels)
-
-
-def _source_dict(src) -> dict:
-    from dataclasses import asdict
-
-    return asdict(src)
 
 
 def print_summary(record: dict) -> None:

@@ -69,6 +69,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude-duplicates", action="store_true",
                    help="exact duplicates of a row are not its neighbours either")
     _common(r)
+    u = sub.add_parser("audit", help="nightly audit: saved model, embedding cache, dated partition, summary, report")
+    u.add_argument("--query", required=True, help="folder, Parquet file/dataset, or URI of tonight's images")
+    u.add_argument("--query-filter", type=_kv, action="append", default=[], metavar="COL=VALUE")
+    u.add_argument("--date", default=None, help="run date YYYY-MM-DD (default: today)")
+    u.add_argument("--cache", default=None, metavar="DIR", help="embedding cache (default: OUT/cache)")
+    u.add_argument("--top", type=int, default=20, help="anomalies listed in the summary and report")
+    _common(u)
     return ap
 
 
@@ -79,6 +86,8 @@ def config_from_args(a: argparse.Namespace) -> JobConfig:
     if a.command == "score":
         normal = src(a.normal, a.normal_filter, a.group_by, a.normal_sample)
         query = src(a.query, a.query_filter, a.group_by, a.query_sample)
+    elif a.command == "audit":
+        normal, query = None, src(a.query, a.query_filter)
     else:
         normal, query = src(a.data, a.filter, None, a.sample), None
     return JobConfig(
@@ -93,18 +102,23 @@ def config_from_args(a: argparse.Namespace) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    from .audit import run_audit
     from .runs import run_rank, run_score
 
     try:
         cfg = config_from_args(a)
         if a.command == "score":
             record = run_score(cfg)
+        elif a.command == "audit":
+            record = run_audit(cfg, a.date, a.cache, a.top)
         else:
             record = run_rank(cfg, a.drop, a.drop_score, a.rounds)
     except ConfigError as e:
         print(f"dnnad: error: {e}", file=sys.stderr)
         return 2
     summary = {k: record[k] for k in ("kind", "rows", "k", "threshold", "outputs", "timings_s") if k in record}
+    if "summary" in record:
+        summary["summary"] = {k: v for k, v in record["summary"].items() if k != "top"}
     if "warning" in record:
         summary["warning"] = record["warning"]
     if not a.quiet:

@@ -5,7 +5,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -201,6 +201,8 @@ def fit(normal: Embedded, cfg: JobConfig, weights_identity: str) -> tuple[Fitted
         "k_requested": cfg.score.k, "threshold_quantile": q, "threshold_reliable": threshold_reliable(len(loo), q),
         "loo_score_quantiles": {str(p): float(np.quantile(loo, p)) for p in (0.5, 0.9, 0.99)},
         "dim": int(X.shape[1]),
+        "normal_source": asdict(cfg.normal) if cfg.normal is not None else None,
+        "normal_labels": sorted({int(v) for v in normal.extra["label"]}) if "label" in normal.extra else None,
     }
     model = FittedModel(ray.get(bc.shards), ids, k, threshold, meta, None if reduction else loo)
     return model, bc, loo_t

@@ -93,4 +93,27 @@ border:2px solid #ddd}} img.query{{border-color:#d33}} pre{{background:#f6f6f6;p
 <h2>Top {len(top)} anomalies and their nearest normal images</h2>
 {"".join(cards)}
 <h2>Run record</h2><pre id="record">{html.escape(json.dumps(record, indent=2, default=str))}</pre>
+<script>addEventListener("load", () => {{ document.body.dataset.imagesLoaded =
+  [...document.images].filter(i => i.complete && i.naturalWidth > 0).length; }});</script>
 </body></html>"""
+
+
+def run_report(record: dict, scores, model, query_source, top_n: int = 20) -> str:
+    """The report of a scored table (``scores``: the run's output rows) against a fitted model."""
+    from dataclasses import asdict
+
+    import pyarrow.compute as pc
+
+    from .sources import fetch_images
+
+    ok = scores.filter(pc.field("status") == "ok")
+    top = ok.sort_by([("score", "descending"), ("id", "ascending")]).slice(0, top_n).to_pylist()
+    images = fetch_images(asdict(query_source), [r["id"] for r in top])
+    normal_src = model.meta.get("normal_source")
+    normal_images = fetch_images(normal_src, [n for r in top for n in r["neighbor_ids"]]) if normal_src else {}
+    labels = None
+    if "label" in ok.column_names and model.meta.get("normal_labels"):
+        normal_labels = set(model.meta["normal_labels"])
+        labels = np.array([int(v not in normal_labels) for v in ok["label"].to_pylist()])
+    return render(record, ok["score"].to_numpy(), model.loo_scores, model.threshold, top, images,
+                  normal_images, labels)

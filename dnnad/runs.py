@@ -17,12 +17,13 @@ from .config import ConfigError, JobConfig
 from .model_store import FittedModel, is_model_dir, load_model, save_model
 from .pipeline import (Broadcast, Embedded, Timings, cluster_resources, collect, embed, embedded_dataset, fit,
                        knn_map, start_ray)
+from .report import run_report
 from .sink import Staging, check_out_dir
 from .sources import PreparedSource, prepare_source, read_source
 from .weights import ResolvedWeights, WeightsError, resolve_weights
 
 
-def _weights(cfg: JobConfig) -> ResolvedWeights:
+def job_weights(cfg: JobConfig) -> ResolvedWeights:
     try:
         return resolve_weights(get_spec(cfg.embed.backbone, cfg.embed.image_size), cfg.embed.weights)
     except WeightsError as e:
@@ -47,7 +48,7 @@ def _embed_source(src: PreparedSource, role: str, cfg: JobConfig, weights_ref, t
         return embed(read_source(src), cfg.embed, weights_ref)
 
 
-def _run_record(cfg: JobConfig, kind: str, weights: ResolvedWeights, t: Timings, **fields) -> dict:
+def run_record(cfg: JobConfig, kind: str, weights: ResolvedWeights, t: Timings, **fields) -> dict:
     cpus, gpus = cluster_resources()
     record = {
         "dnnad_version": __version__, "kind": kind, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -60,12 +61,12 @@ def _run_record(cfg: JobConfig, kind: str, weights: ResolvedWeights, t: Timings,
     return record
 
 
-def _status_counts(path: str) -> dict:
+def status_counts(path: str) -> dict:
     status = pq.read_table(path, columns=["status"])["status"].to_pylist()
     return {s: status.count(s) for s in sorted(set(status))}
 
 
-def _model_weights_check(model: FittedModel, cfg: JobConfig) -> JobConfig:
+def model_embed_config(model: FittedModel, cfg: JobConfig) -> JobConfig:
     """Scoring with a saved model embeds with the model's backbone and weights, never others."""
     m = model.meta
     return replace(cfg, embed=replace(cfg.embed, backbone=m["backbone"], weights=m["weights"],
@@ -78,7 +79,7 @@ def run_score(cfg: JobConfig) -> dict:
     check_out_dir(cfg.out, cfg.overwrite)
     model = load_model(cfg.model_dir) if is_model_dir(cfg.model_dir) else None
     if model is not None:
-        cfg = _model_weights_check(model, cfg)
+        cfg = model_embed_config(model, cfg)
     elif cfg.normal is None:
         raise ConfigError("--normal is needed unless --model names a saved model")
     if cfg.query is None:
@@ -86,7 +87,7 @@ def run_score(cfg: JobConfig) -> dict:
     grouped = bool(cfg.query.group_by)
     normal_src = prepare_source(cfg.normal, "normal") if model is None else None
     query_src = prepare_source(cfg.query, "query")
-    weights = _weights(cfg)
+    weights = job_weights(cfg)
     if model is not None and weights.identity != model.meta["weights_identity"]:
         raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta['weights_identity']}")
 
@@ -120,12 +121,15 @@ def run_score(cfg: JobConfig) -> dict:
             else:
                 scored = knn_map(query_ds, bc.shards, bc.ids, model.k, model.threshold, cfg.score)
             scored.write_parquet(staging.path("scores"))
-        counts = _status_counts(os.path.join(staging.dir, "scores"))
-        record = _run_record(
+        counts = status_counts(os.path.join(staging.dir, "scores"))
+        record = run_record(
             cfg, "score", weights, t, k=model.k, threshold=model.threshold, model=model.meta,
             model_dir=cfg.model_dir or os.path.join(cfg.out, "model"), rows=counts,
             normal_rows=counts_normal, grouped=grouped,
-            outputs={"scores": os.path.join(cfg.out, "scores")})
+            outputs={"scores": os.path.join(cfg.out, "scores"), "report": os.path.join(cfg.out, "report.html")})
+        if not grouped:
+            scores = pq.read_table(os.path.join(staging.dir, "scores"))
+            staging.write_text("report.html", run_report(record, scores, model, cfg.query))
         staging.commit(record)
         return record
     except BaseException:
@@ -168,7 +172,7 @@ def run_rank(cfg: JobConfig, drop: float | None = None, drop_score: float | None
         raise ConfigError("--data is needed")
     check_out_dir(cfg.out, cfg.overwrite)
     data_src = prepare_source(cfg.normal, "data")
-    weights = _weights(cfg)
+    weights = job_weights(cfg)
 
     start_ray(cfg.quiet)
     import ray
@@ -212,7 +216,7 @@ def run_rank(cfg: JobConfig, drop: float | None = None, drop_score: float | None
         staging.write_table("ranking", ranking)
         staging.write_table("kept", pa.table({"id": pa.array(current.ids.tolist(), pa.string())}))
         staging.write_table("dropped", pa.concat_tables(dropped))
-        record = _run_record(
+        record = run_record(
             cfg, "rank", weights, t, k=model.k, rounds=history, rows={"ok": len(data.X), "error": n_err},
             kept=len(current.ids), dropped=sum(d.num_rows for d in dropped), model=model.meta,
             outputs={n: os.path.join(cfg.out, n) for n in ("ranking", "kept", "dropped")})
