@@ -6,7 +6,7 @@ import warnings
 import faiss
 import numpy as np
 
-from .index import ShardedIndex, as_float32, build_index
+from .index import as_float32, build_index
 from .scoring import duplicate_groups, score_against, self_exclusions
 from .threshold import threshold_from_scores, threshold_reliable
 

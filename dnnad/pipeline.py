@@ -9,17 +9,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .backbones import get_spec
 from .config import ConfigError, EmbedConfig, JobConfig, ScoreConfig
 from .estimator import clamp_k, kmeans_reduce
-from .index import Shard, build_shard, shard_bounds
+from .index import build_shard, shard_bounds
 from .knn_actor import KnnScorer
 from .model_store import FittedModel
 from .scoring import duplicate_groups
 from .threshold import threshold_from_scores, threshold_reliable
-from .weights import resolve_weights
 
 log = logging.getLogger("dnnad")
 

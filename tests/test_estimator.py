@@ -1,5 +1,4 @@
 """The scikit-learn style API: DN2(k).fit(X).score_samples(X), few-shot, ranking, reduction."""
-import warnings
 
 import numpy as np
 import pytest
