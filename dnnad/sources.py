@@ -5,6 +5,7 @@ Local paths and pyarrow-filesystem URIs (s3://, gs://, file://) go through the s
 """
 from __future__ import annotations
 
+import os
 import posixpath
 from dataclasses import dataclass
 
@@ -44,9 +45,14 @@ def list_images(fs: pafs.FileSystem, root: str, scheme: str = "") -> pa.Table:
     """``id`` (path relative to root) and ``path`` (a URI the workers can open) of every file with
     an image extension below ``root``, sorted by id."""
     root = root.rstrip("/")
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    paths = sorted(f.path for f in infos
-                   if f.type != pafs.FileType.Directory and f.path.lower().endswith(IMAGE_EXTENSIONS))
+    if isinstance(fs, pafs.LocalFileSystem):
+        # os.walk also lists broken symlinks, which pyarrow's selector drops: they must become error rows.
+        paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        paths = sorted(f.path for f in infos
+                       if f.type != pafs.FileType.Directory and f.path.lower().endswith(IMAGE_EXTENSIONS))
     uris = [f"{scheme}://{p}" if scheme else p for p in paths]
     return pa.table({"id": [posixpath.relpath(p, root) for p in paths], "path": uris})
 

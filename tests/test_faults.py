@@ -71,3 +71,42 @@ def test_interrupted_run_leaves_no_results_and_rerun_completes_once(undisturbed,
     t = pq.read_table(out / "scores")
     assert t.num_rows == 203 and len(set(t["id"].to_pylist())) == 203
     assert not any(p.name.startswith(".staging-") for p in out.iterdir())
+
+
+def test_every_kind_of_bad_input_is_an_error_row_or_converted(ray_local, corpus, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import cifar_rows, png_bytes, write_folder
+    from tests.test_decode import declared_size_png, jpeg_bytes
+
+    data = tmp_path / "zoo"
+    write_folder(data, cifar_rows("test", None, 100))
+    good_jpeg = next(data.iterdir()).read_bytes()
+    bad = {
+        "bad/truncated.jpg": (good_jpeg[:200], "truncated or corrupt"),
+        "bad/truncated.png": (png_bytes(Image.new("RGB", (64, 64), "red"))[:80], "truncated or corrupt"),
+        "bad/zero.jpg": (b"", "empty file (0 bytes)"),
+        "bad/notes.png": (b"meeting notes, not a picture", "not an image"),
+        "bad/bomb.png": (declared_size_png(20000, 20000), "decompression bomb guard"),
+    }
+    converted = {
+        "odd/one-pixel.png": png_bytes(Image.new("RGB", (1, 1), "white")),
+        "odd/sixteen-bit.png": png_bytes(Image.fromarray(np.full((20, 20), 30000, dtype=np.uint16))),
+        "odd/cmyk.jpg": jpeg_bytes(Image.new("CMYK", (20, 20), (0, 255, 0, 0))),
+        "odd/palette.png": png_bytes(Image.new("P", (20, 20))),
+        "odd/rgba.png": png_bytes(Image.new("RGBA", (20, 20), (9, 9, 9, 100))),
+    }
+    for name, content in [*((n, b) for n, (b, _) in bad.items()), *converted.items()]:
+        (data / name).parent.mkdir(exist_ok=True)
+        (data / name).write_bytes(content)
+    (data / "bad" / "dangling.jpg").symlink_to(tmp_path / "deleted-long-ago.jpg")
+    bad["bad/dangling.jpg"] = (None, "file not found")
+    out = tmp_path / "out"
+    assert main(["score", "--normal", str(corpus["normal"]), "--query", str(data), "--out", str(out), *SLOW]) == 0
+    rows = {r["id"]: r for r in pq.read_table(out / "scores").to_pylist()}
+    assert len(rows) == 100 + len(bad) + len(converted)
+    for name, (_, reason) in bad.items():
+        assert rows[name]["status"] == "error" and reason in rows[name]["error"], (name, rows[name]["error"])
+    for name in converted:
+        assert rows[name]["status"] == "ok" and rows[name]["score"] > 0
