@@ -45,7 +45,7 @@ class Embedder:
     """Embedding actor: the backbone is built once per actor from weights shared via Ray's object store."""
 
     def __init__(self, spec: BackboneSpec, weights, device: str = "auto", threads: int | None = None,
-                 max_pixels: int | None = None, cache=None):
+                 max_pixels: int | None = None, cache=None, batch_size: int = 64):
         import ray
 
         get = lambda r: ray.get(r) if isinstance(r, ray.ObjectRef) else r  # noqa: E731
@@ -54,6 +54,7 @@ class Embedder:
         self.extractor = FeatureExtractor(spec, state, device=device, threads=threads)
         self.preprocess = preprocess_fn(spec)
         self.dim: int | None = None
+        self.batch_size = batch_size
         self.max_pixels = max_pixels
         self._fs: dict = {}
 
@@ -86,7 +87,7 @@ class Embedder:
                 status[i], error[i] = "error", str(e)
             except Exception as e:  # noqa: BLE001 - an unforeseen decoder failure is still one row's error
                 status[i], error[i] = "error", f"decode failed: {type(e).__name__}: {e}"
-        feats = self.extractor(torch.stack(tensors)) if tensors else None
+        feats = self.forward(torch.stack(tensors)) if tensors else None
         if self.dim is None:
             self.dim = feats.shape[1] if feats is not None else self._probe_dim()
         emb = np.full((n, self.dim), np.nan, dtype=np.float32)
@@ -100,6 +101,19 @@ class Embedder:
             out["hash"], out["cached"] = pa.array(hashes.tolist(), pa.string()), pa.array(cached)
         out.update({c: pa.array(batch[c].tolist()) for c in PASSTHROUGH if c in batch})
         return pa.table(out)
+
+    def forward(self, x: torch.Tensor) -> np.ndarray:
+        """Features in fixed-size chunks, the last one zero-padded: every forward pass has the same
+        shape, so an image's embedding is bit-identical however rows were partitioned into batches."""
+        b = self.batch_size
+        out = []
+        for i in range(0, len(x), b):
+            chunk = x[i:i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = torch.cat([chunk, chunk.new_zeros((b - n, *chunk.shape[1:]))])
+            out.append(self.extractor(chunk)[:n])
+        return np.concatenate(out)
 
     def _probe_dim(self) -> int:
         size = self.extractor.spec.image_size

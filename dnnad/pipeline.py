@@ -81,7 +81,8 @@ def embed(ds, cfg: EmbedConfig, weights_ref, cache_ref=None):
     return ds.map_batches(
         Embedder, batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
-                               "device": "cuda" if use_gpu else "cpu", "cache": cache_ref}, **res,
+                               "device": "cuda" if use_gpu else "cpu", "cache": cache_ref,
+                               "batch_size": cfg.batch_size}, **res,
     ).materialize()
 
 

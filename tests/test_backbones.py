@@ -89,3 +89,16 @@ def test_onnx_model_is_an_embedder(tmp_path):
 def test_unknown_backbone_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown backbone 'resnet7'"):
         JobConfig(out="x", query=SourceConfig("y"), embed=EmbedConfig("resnet7")).validate()
+
+
+def test_embeddings_do_not_depend_on_how_rows_are_batched(corpus):
+    from dnnad.embed import Embedder
+
+    spec = get_spec("efficientnet_lite0", 64)
+    emb = Embedder(spec, resolve_weights(spec, "imagenet").state_dict, device="cpu", batch_size=8)
+    ids = sorted(corpus["good"])[:13]
+    batch = {"id": np.array(ids, dtype=object), "path": np.array([str(corpus["query"] / i) for i in ids], dtype=object)}
+    whole = np.stack(emb(batch)["embedding"].to_numpy(zero_copy_only=False))
+    one_by_one = np.stack([np.stack(emb({k: v[i:i + 1] for k, v in batch.items()})["embedding"].to_numpy(
+        zero_copy_only=False))[0] for i in range(len(ids))])
+    np.testing.assert_array_equal(whole, one_by_one)  # bit-identical
