@@ -104,7 +104,7 @@ def test_finished_output_needs_overwrite(one_shard_run, corpus, tmp_path, capsys
     assert read_scores(out).num_rows == 203
 
 
-def test_parquet_source_with_row_filter_and_null_bytes(ray_local, tmp_path):
+def test_parquet_uri_source_with_row_filter_and_null_bytes(ray_local, tmp_path):
     rows = cifar_rows("test", None, 60)
     data = rows.column("image").to_pylist()
     data[7] = None
@@ -112,7 +112,7 @@ def test_parquet_source_with_row_filter_and_null_bytes(ray_local, tmp_path):
     pq.write_table(table, tmp_path / "query.parquet")
     out = tmp_path / "out"
     assert main(["score", "--normal", str(CIFAR), "--normal-filter", "split=train", "--normal-filter", "label=3",
-                 "--normal-sample", "50", "--query", str(tmp_path / "query.parquet"), "--out", str(out), *FAST]) == 0
+                 "--normal-sample", "50", "--query", (tmp_path / "query.parquet").as_uri(), "--out", str(out), *FAST]) == 0
     t = read_scores(out)
     assert sorted(t["id"].to_pylist()) == sorted(rows["id"].to_pylist())
     bad = t.filter(pa.compute.field("status") == "error").to_pylist()
