@@ -72,6 +72,8 @@ def embed(ds, cfg: EmbedConfig, weights_ref, cache_ref=None):
 
     spec = get_spec(cfg.backbone, cfg.image_size)
     cpus, gpus = cluster_resources()
+    if cfg.device == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda, but the Ray cluster has no GPUs")
     use_gpu = gpus > 0 and cfg.device != "cpu"
     if use_gpu:
         actors, threads, res = cfg.actors or gpus, cfg.threads, {"num_gpus": 1}
