@@ -34,6 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per CPU embedding actor")
     p.add_argument("--actors", type=int, default=None, help="embedding actors (default: per GPU / CPUs)")
     p.add_argument("--score-actors", type=int, default=None, help="kNN scoring actors")
+    p.add_argument("--score-batch-size", type=int, default=1024, help="queries per kNN batch")
     p.add_argument("--shards", type=int, default=1, help="index shards, built in parallel")
     p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"], help="flat is exact")
     p.add_argument("--reduce", type=_reduce, default=None, metavar="kmeans:N",
@@ -94,7 +95,7 @@ def config_from_args(a: argparse.Namespace) -> JobConfig:
         out=a.out, normal=normal, query=query, model_dir=a.model,
         embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors),
         index=IndexConfig(a.index, a.shards, a.reduce),
-        score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors,
+        score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors, a.score_batch_size,
                           exclude_duplicates=getattr(a, "exclude_duplicates", False)),
         overwrite=a.overwrite, quiet=a.quiet,
     )

@@ -10,7 +10,8 @@ import pytest
 from dnnad.cli import main
 from tests.conftest import read_scores
 
-SLOW = ["--backbone", "resnet18", "--weights", "none", "--image-size", "160", "--batch-size", "4", "--quiet"]
+SLOW = ["--backbone", "resnet18", "--weights", "none", "--image-size", "160", "--batch-size", "4",
+        "--score-batch-size", "4", "--quiet"]
 
 
 def kill_first_actor(class_name: str, stop: threading.Event, delay_s: float) -> list[int]:
@@ -26,7 +27,10 @@ def kill_first_actor(class_name: str, stop: threading.Event, delay_s: float) -> 
             cmd = " ".join(proc.info["cmdline"] or [])
             if cmd.startswith(f"ray::{class_name}"):
                 time.sleep(delay_s)
-                os.kill(proc.pid, signal.SIGKILL)
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it finished first: look for the next one
+                    break
                 killed.append(proc.pid)
                 break
         time.sleep(0.05)
@@ -45,7 +49,7 @@ def undisturbed(ray_local, corpus, tmp_path_factory):
 def test_killed_actor_is_replaced_and_output_is_identical(undisturbed, corpus, tmp_path, actor):
     out = tmp_path / "killed"
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=lambda: killed.extend(kill_first_actor(actor, stop, 0.5)))
+    killer = threading.Thread(target=lambda: killed.extend(kill_first_actor(actor, stop, 0.2)))
     killer.start()
     try:
         rc = main(["score", "--model", str(undisturbed / "model"), "--query", str(corpus["query"]),
