@@ -5,6 +5,8 @@ Local paths and pyarrow-filesystem URIs (s3://, gs://, file://) go through the s
 """
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import posixpath
 from dataclasses import dataclass
@@ -122,14 +124,9 @@ def prepare_source(cfg: SourceConfig, role: str) -> PreparedSource:
     if cfg.sample is None:
         return PreparedSource(cfg, fs, path, schema=schema)
     # A sample: read its rows here so that it is the same on every run and every cluster.
-    expr = None
-    for name, value in values:
-        term = pc.field(name) == pa.scalar(value, schema.field(name).type)
-        expr = term if expr is None else expr & term
+    expr = _all_of([pc.field(name) == pa.scalar(value, schema.field(name).type) for name, value in values])
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    group_col = cfg.group_by if cfg.group_by and not cfg.group_by.startswith("dir:") else None
-    keep = _keep_columns(cfg, schema)
-    cols = list(dict.fromkeys([*keep, *([group_col] if group_col else [])]))
+    keep, group_col, cols = _columns(cfg, schema)
     picked = dataset.take(sample_positions(dataset.count_rows(filter=expr), cfg.sample), columns=cols, filter=expr)
     table = _normalise_columns(picked, keep, group_col)
     if table.num_rows == 0:
@@ -148,24 +145,27 @@ def read_source(src: PreparedSource):
         return ray.data.from_arrow([t.slice(i, ROWS_PER_BLOCK) for i in range(0, t.num_rows, ROWS_PER_BLOCK)])
     cfg, schema = src.cfg, src.schema
     ds = ray.data.read_parquet(src.path, filesystem=src.fs)
-    expr = None
-    for name, value in filter_values(schema, cfg.filters):
-        term = col(name) == value
-        expr = term if expr is None else expr & term
+    expr = _all_of([col(name) == value for name, value in filter_values(schema, cfg.filters)])
     if expr is not None:
         ds = ds.filter(expr=expr)
-    keep = _keep_columns(cfg, schema)
-    group_col = cfg.group_by if cfg.group_by and not cfg.group_by.startswith("dir:") else None
-    ds = ds.select_columns(list(dict.fromkeys([*keep, *([group_col] if group_col else [])])))
+    keep, group_col, cols = _columns(cfg, schema)
+    ds = ds.select_columns(cols)
     ds = ds.map_batches(_normalise_columns, batch_format="pyarrow",
                         fn_kwargs={"rename": keep, "group_col": group_col})
     return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
 
 
-def _keep_columns(cfg: SourceConfig, schema: pa.Schema) -> dict[str, str]:
+def _all_of(terms: list):
+    """AND of filter terms (pyarrow or Ray expressions); None when there are none."""
+    return functools.reduce(operator.and_, terms) if terms else None
+
+
+def _columns(cfg: SourceConfig, schema: pa.Schema) -> tuple[dict[str, str], str | None, list[str]]:
+    """(source column → output name, the group-by column or None, the columns to read)."""
     keep = {cfg.id_column: "id", cfg.image_column: "image"}
     keep.update({c: c for c in ("label", "split") if c in schema.names and c not in keep})
-    return keep
+    group_col = cfg.group_by if cfg.group_by and not cfg.group_by.startswith("dir:") else None
+    return keep, group_col, list(dict.fromkeys([*keep, *([group_col] if group_col else [])]))
 
 
 def _normalise_columns(table: pa.Table, rename: dict[str, str], group_col: str | None) -> pa.Table:
