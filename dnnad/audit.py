@@ -20,7 +20,7 @@ from .config import ConfigError, JobConfig
 from .model_store import is_model_dir, load_model
 from .pipeline import Broadcast, Timings, embed, knn_map, start_ray
 from .report import run_report
-from .runs import job_weights, model_embed_config, run_record, status_counts
+from .runs import model_embed_config, model_weights, run_record, status_counts
 from .sink import Staging, check_out_dir
 from .sources import prepare_source, read_source
 
@@ -77,9 +77,7 @@ def run_audit(cfg: JobConfig, run_date: str | None = None, cache_root: str | Non
     model = load_model(cfg.model_dir)
     cfg = model_embed_config(model, cfg)
     query_src = prepare_source(cfg.query, "query")
-    weights = job_weights(cfg)
-    if weights.identity != model.meta["weights_identity"]:
-        raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta['weights_identity']}")
+    weights = model_weights(model, cfg)
     cdir = cache_dir(cache_root or os.path.join(cfg.out, "cache"), model.meta["backbone"],
                      model.meta["image_size"], weights.identity)
 

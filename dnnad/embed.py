@@ -21,11 +21,11 @@ PASSTHROUGH = ("group", "label", "split")
 
 def read_bytes(uri: str, cache: dict) -> bytes:
     """File bytes from a local path or a pyarrow-filesystem URI; read errors become DecodeError."""
-    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    scheme, sep, rest = uri.partition("://")
+    scheme, path = (scheme, rest) if sep else ("", uri)  # pyarrow's path of s3://b/k is b/k
     try:
-        if scheme not in cache:
+        if scheme not in cache:  # one filesystem per scheme and actor, not one per file
             cache[scheme] = pafs.FileSystem.from_uri(uri)[0] if scheme else pafs.LocalFileSystem()
-        path = pafs.FileSystem.from_uri(uri)[1] if scheme else uri
         with cache[scheme].open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError:

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from .backbones import get_spec
 from .config import ConfigError, EmbedConfig, JobConfig, ScoreConfig
+from .embed import PASSTHROUGH
 from .estimator import clamp_k, kmeans_reduce
 from .index import build_shard, shard_bounds
 from .knn_actor import KnnScorer
@@ -92,7 +93,7 @@ def collect(emb_ds) -> Embedded:
     ids, embs, status, errors, extra = [], [], [], [], {}
     for b in emb_ds.iter_batches(batch_size=4096, batch_format="numpy"):
         ids.append(b["id"]), embs.append(b["embedding"]), status.append(b["status"]), errors.append(b["error"])
-        for c in ("group", "label", "split"):
+        for c in PASSTHROUGH:
             if c in b:
                 extra.setdefault(c, []).append(b[c])
     ids, X = np.concatenate(ids).astype(object), np.concatenate(embs).astype(np.float32)

@@ -73,6 +73,14 @@ def model_embed_config(model: FittedModel, cfg: JobConfig) -> JobConfig:
                                       image_size=m["image_size"]))
 
 
+def model_weights(model: FittedModel, cfg: JobConfig) -> ResolvedWeights:
+    """The model's weights, resolved again; refuses files that changed since the model was fitted."""
+    weights = job_weights(cfg)
+    if weights.identity != model.meta["weights_identity"]:
+        raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta['weights_identity']}")
+    return weights
+
+
 def run_score(cfg: JobConfig) -> dict:
     """Fit on ``cfg.normal`` (or load ``cfg.model_dir``) and score ``cfg.query``; returns the run record."""
     cfg.validate()
@@ -87,9 +95,7 @@ def run_score(cfg: JobConfig) -> dict:
     grouped = bool(cfg.query.group_by)
     normal_src = prepare_source(cfg.normal, "normal") if model is None else None
     query_src = prepare_source(cfg.query, "query")
-    weights = job_weights(cfg)
-    if model is not None and weights.identity != model.meta["weights_identity"]:
-        raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta['weights_identity']}")
+    weights = job_weights(cfg) if model is None else model_weights(model, cfg)
 
     start_ray(cfg.quiet)
     import ray
