@@ -8,7 +8,7 @@ import numpy as np
 
 from .index import as_float32, build_index
 from .scoring import duplicate_groups, score_against, self_exclusions
-from .threshold import threshold_from_scores, threshold_reliable
+from .threshold import effective_quantile, threshold_from_scores, threshold_reliable
 
 
 def clamp_k(k: int, n_normal: int) -> int:
@@ -64,7 +64,7 @@ class DN2:
         self.n_normal_ = len(X)
         self.loo_scores_ = self.loo_score(X)
         self.threshold_ = threshold_from_scores(self.loo_scores_, self.quantile, self.contamination)
-        q = 1.0 - self.contamination if self.contamination is not None else self.quantile
+        q = effective_quantile(self.quantile, self.contamination)
         self.threshold_reliable_ = threshold_reliable(len(X), q)
         return self
 

@@ -18,7 +18,7 @@ from .index import build_shard, shard_bounds
 from .knn_actor import KnnScorer
 from .model_store import FittedModel
 from .scoring import duplicate_groups
-from .threshold import threshold_from_scores, threshold_reliable
+from .threshold import effective_quantile, threshold_from_scores, threshold_reliable
 
 log = logging.getLogger("dnnad")
 
@@ -193,7 +193,7 @@ def fit(normal: Embedded, cfg: JobConfig, weights_identity: str) -> tuple[Fitted
         loo_t = by_position(knn_map(embedded_dataset(ids, X, cpus), bc.shards, bc.ids, k, None, cfg.score,
                                     exclude=exclude, groups_ref=groups_ref))
     loo = loo_t["score"].to_numpy()
-    q = 1.0 - cfg.score.contamination if cfg.score.contamination is not None else cfg.score.quantile
+    q = effective_quantile(cfg.score.quantile, cfg.score.contamination)
     threshold = threshold_from_scores(loo, cfg.score.quantile, cfg.score.contamination)
     spec = get_spec(cfg.embed.backbone, cfg.embed.image_size)
     meta = {

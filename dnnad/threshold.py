@@ -4,6 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def effective_quantile(quantile: float | None, contamination: float | None) -> float | None:
+    """The quantile a threshold is taken at: ``1 - contamination`` when a rate is given."""
+    return 1.0 - contamination if contamination is not None else quantile
+
+
 def threshold_from_scores(loo_scores: np.ndarray, quantile: float | None = 0.99,
                           contamination: float | None = None) -> float:
     """Score above which a point is flagged.
@@ -14,7 +19,7 @@ def threshold_from_scores(loo_scores: np.ndarray, quantile: float | None = 0.99,
     s = np.asarray(loo_scores, dtype=np.float64)
     if s.size == 0:
         raise ValueError("no leave-one-out scores to set a threshold from")
-    q = 1.0 - contamination if contamination is not None else quantile
+    q = effective_quantile(quantile, contamination)
     if q is None or not 0.0 < q <= 1.0:
         raise ValueError(f"threshold quantile must be in (0, 1], got {q}")
     return float(np.quantile(s, q, method="higher"))
