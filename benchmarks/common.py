@@ -48,11 +48,11 @@ def cached_embeddings(dataset: str, ids: list[str], backbone: str, weights: str,
                       batch_size: int = 64) -> np.ndarray:
     """Embeddings of ``ids`` in order; only ids missing from the cache are embedded (by the Ray pipeline)."""
     import ray
-
     from dnnad.backbones import get_spec
-    from dnnad.config import EmbedConfig
     from dnnad.pipeline import collect, embed, start_ray
     from dnnad.weights import resolve_weights
+
+    from dnnad.config import EmbedConfig
 
     spec = get_spec(backbone, image_size)
     w = resolve_weights(spec, weights)

@@ -17,10 +17,9 @@ import time
 import warnings
 
 import numpy as np
+from common import ROOT, cached_embeddings, git_rev, machine, raw_pixels, subsample
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
-
-from common import ROOT, cached_embeddings, git_rev, machine, raw_pixels, subsample
 
 from dnnad import DN2, rank_outliers
 

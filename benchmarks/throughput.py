@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from common import DATASETS, ROOT, git_rev, machine
 
 
@@ -33,12 +32,12 @@ def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int, acto
     """Images/s, decode included: the Ray actor pool vs a plain torch loop with the same model and threads."""
     import ray
     import torch
-
     from dnnad.backbones import FeatureExtractor, get_spec, preprocess_fn
-    from dnnad.config import EmbedConfig
     from dnnad.decode import decode_image
     from dnnad.pipeline import embed, start_ray
     from dnnad.weights import resolve_weights
+
+    from dnnad.config import EmbedConfig
 
     table = cifar_bytes(n)
     spec = get_spec(backbone, size)
@@ -78,13 +77,13 @@ def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int, acto
 def knn_bench(n: int, d: int, nq: int, k: int) -> list[str]:
     """kNN queries/s: Ray scoring actors vs raw FAISS in one process vs scikit-learn NearestNeighbors."""
     import faiss
+    import ray
+    from dnnad.index import build_index
+    from dnnad.pipeline import Broadcast, knn_map, start_ray
     from ray.data.extensions import ArrowTensorArray
     from sklearn.neighbors import NearestNeighbors
 
-    import ray
     from dnnad.config import ScoreConfig
-    from dnnad.index import build_index
-    from dnnad.pipeline import Broadcast, knn_map, start_ray
 
     rng = np.random.default_rng(0)
     Xb, Xq = rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(nq, d)).astype(np.float32)
@@ -121,7 +120,6 @@ def rss_of(pids) -> list[tuple[float, float]]:
 def scale_bench(n: int, d: int, nq: int, k: int, kinds: list[str]) -> list[str]:
     """Build time, query throughput and recall of flat / IVF / HNSW; actor memory with 1 and 2 actors."""
     import psutil
-
     import ray
     from dnnad.index import build_index
     from dnnad.knn_actor import KnnScorer

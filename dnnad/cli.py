@@ -1,12 +1,26 @@
-"""``dnnad score|rank``: the command line over the library; ``jobs/*.py`` call these."""
+"""``dnnad score|rank|audit``: flags → one validated ``JobConfig`` → the job. ``jobs/*.py`` call this.
+
+Imports nothing heavy at module level: ``dnnad --help`` loads neither torch, faiss nor Ray.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from .backbones import DEFAULT_BACKBONE, backbone_names
-from .config import ConfigError, EmbedConfig, IndexConfig, JobConfig, ScoreConfig, SourceConfig
+from .config import (
+    DEFAULT_MAX_FILE_BYTES,
+    INDEX_KINDS,
+    AuditConfig,
+    ConfigError,
+    EmbedConfig,
+    IndexConfig,
+    JobConfig,
+    RankConfig,
+    ScoreConfig,
+    SourceConfig,
+)
+from .vision.specs import DEFAULT_BACKBONE, backbone_names
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -36,7 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-actors", type=int, default=None, help="kNN scoring actors")
     p.add_argument("--score-batch-size", type=int, default=1024, help="queries per kNN batch")
     p.add_argument("--shards", type=int, default=1, help="index shards, built in parallel")
-    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"], help="flat is exact")
+    p.add_argument("--index", default="flat", choices=INDEX_KINDS, help="flat is exact")
     p.add_argument("--reduce", type=_reduce, default=None, metavar="kmeans:N",
                    help="replace the normal set by N k-means centroids")
     p.add_argument("--quantile", type=float, default=0.99, help="threshold quantile of normal LOO scores")
@@ -44,8 +58,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR", help="saved model: loaded if it exists, else written")
     p.add_argument("--id-column", default="id")
     p.add_argument("--image-column", default="image")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+                   help="larger image files become error rows without being read")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished dnnad run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines (cron)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs and per-operator progress")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,9 +97,11 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def config_from_args(a: argparse.Namespace) -> JobConfig:
+def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> JobConfig:
     def src(uri, filters, group=None, sample=None):
-        return SourceConfig(uri, tuple(filters), a.id_column, a.image_column, group, sample) if uri else None
+        if not uri:
+            return None
+        return SourceConfig(uri, tuple(filters), a.id_column, a.image_column, group, sample, a.max_file_bytes)
 
     if a.command == "score":
         normal = src(a.normal, a.normal_filter, a.group_by, a.normal_sample)
@@ -92,28 +111,32 @@ def config_from_args(a: argparse.Namespace) -> JobConfig:
     else:
         normal, query = src(a.data, a.filter, None, a.sample), None
     return JobConfig(
-        out=a.out, normal=normal, query=query, model_dir=a.model,
+        kind=a.command, out=a.out, normal=normal, query=query, model_dir=a.model,
         embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors),
         index=IndexConfig(a.index, a.shards, a.reduce),
         score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors, a.score_batch_size,
                           exclude_duplicates=getattr(a, "exclude_duplicates", False)),
-        overwrite=a.overwrite, quiet=a.quiet,
+        rank=RankConfig(getattr(a, "drop", None), getattr(a, "drop_score", None), getattr(a, "rounds", 1)),
+        audit=AuditConfig(getattr(a, "date", None), getattr(a, "cache", None), getattr(a, "top", 20)),
+        overwrite=a.overwrite, quiet=a.quiet, verbose=a.verbose, explicit=explicit,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
-    from .audit import run_audit
-    from .runs import run_rank, run_score
+def explicit_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[str, ...]:
+    """Settings whose value is not the default: those the user chose."""
+    sub = ap._subparsers._group_actions[0].choices[a.command]  # noqa: SLF001 - argparse keeps them there
+    return tuple(sorted(k for k, v in vars(a).items() if k != "command" and v != sub.get_default(k)))
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    a = ap.parse_args(argv)
+    explicit = explicit_settings(ap, a)
     try:
-        cfg = config_from_args(a)
-        if a.command == "score":
-            record = run_score(cfg)
-        elif a.command == "audit":
-            record = run_audit(cfg, a.date, a.cache, a.top)
-        else:
-            record = run_rank(cfg, a.drop, a.drop_score, a.rounds)
+        cfg = config_from_args(a, explicit).validate()
+        from .jobs import JOBS
+
+        record = JOBS[cfg.kind](cfg).run()
     except ConfigError as e:
         print(f"dnnad: error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,19 @@
-"""One typed configuration object per run, validated at the edge before any work starts."""
+"""One typed configuration object per run, validated in one place before any work (and before Ray) starts.
+
+Pure Python: importing it (and so ``dnnad --help``) loads neither torch nor faiss nor Ray.
+"""
 from __future__ import annotations
 
+import datetime as dt
 import os
 from dataclasses import asdict, dataclass, field
 
-from .backbones import DEFAULT_BACKBONE, get_spec
-from .index import INDEX_KINDS
+from .vision.specs import DEFAULT_BACKBONE, get_spec
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+JOB_KINDS = ("score", "rank", "audit")
+MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -22,6 +30,7 @@ class SourceConfig:
     image_column: str = "image"
     group_by: str | None = None  # column name, or "dir:N" for the N-th folder level
     sample: int | None = None  # a fixed-seed random sample of N rows (after filtering), in source order
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files become error rows, never read
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,7 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    kind: str = "flat"  # flat (exact) | ivf | hnsw
+    kind: str = "flat"  # one of INDEX_KINDS; flat is exact
     shards: int = 1
     reduce: int | None = None  # k-means centroids replacing the normal set
 
@@ -53,24 +62,51 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
-class JobConfig:
-    """Everything one fit / score / rank run needs."""
+class RankConfig:
+    """The unsupervised setting: drop a fraction (or every row above a score) per round, then refit."""
 
+    drop: float | None = None
+    drop_score: float | None = None
+    rounds: int = 1
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    date: str | None = None  # YYYY-MM-DD, default today
+    cache: str | None = None  # embedding cache root, default OUT/cache
+    top: int = 20
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one score / rank / audit run needs."""
+
+    kind: str
     out: str
-    normal: SourceConfig | None = None
+    normal: SourceConfig | None = None  # the normal set (score) or the set to rank (rank)
     query: SourceConfig | None = None
     model_dir: str | None = None
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     overwrite: bool = False
     quiet: bool = False
+    verbose: bool = False
+    explicit: tuple[str, ...] = ()  # settings the user gave (not defaults): a saved model may not contradict them
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self) -> "JobConfig":
-        """Raise ConfigError on anything that would fail later; returns self."""
+    @property
+    def run_date(self) -> str:
+        return self.audit.date or dt.date.today().isoformat()
+
+    def validate(self) -> JobConfig:
+        """Raise ConfigError on anything that would fail later; returns self. Reads no data."""
+        if self.kind not in JOB_KINDS:
+            raise ConfigError(f"unknown job kind {self.kind!r}")
         try:
             get_spec(self.embed.backbone, self.embed.image_size)
         except ValueError as e:
@@ -78,21 +114,61 @@ class JobConfig:
         w = self.embed.weights
         if w not in ("imagenet", "none") and not self.embed.backbone.startswith("onnx:") and not os.path.isfile(w):
             raise ConfigError(f"--weights must be imagenet, none or an existing file; not found: {w}")
-        if self.score.k < 1:
-            raise ConfigError(f"--k must be >= 1, got {self.score.k}")
+        _in_range("--image-size", self.embed.image_size, 8, MAX_IMAGE_SIZE)
+        _in_range("--batch-size", self.embed.batch_size, 1, 65536)
+        _in_range("--threads", self.embed.threads, 1, 1024)
+        _in_range("--actors", self.embed.actors, 1, 100_000)
+        if self.embed.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.embed.device!r}")
+        _in_range("--k", self.score.k, 1, 10_000)
         if not 0.0 < self.score.quantile <= 1.0:
             raise ConfigError(f"--quantile must be in (0, 1], got {self.score.quantile}")
         if self.score.contamination is not None and not 0.0 <= self.score.contamination < 1.0:
             raise ConfigError(f"--contamination must be in [0, 1), got {self.score.contamination}")
+        _in_range("--score-actors", self.score.actors, 1, 100_000)
+        _in_range("--score-batch-size", self.score.batch_size, 1, 1 << 20)
         if self.index.kind not in INDEX_KINDS:
-            raise ConfigError(f"--index must be one of {INDEX_KINDS}, got {self.index.kind!r}")
-        if self.index.shards < 1:
-            raise ConfigError(f"--shards must be >= 1, got {self.index.shards}")
-        if self.index.reduce is not None and self.index.reduce < 2:
-            raise ConfigError(f"--reduce kmeans:N needs N >= 2, got {self.index.reduce}")
-        for src in (self.normal, self.query):
-            if src is not None and src.sample is not None and src.sample < 1:
-                raise ConfigError(f"sample sizes must be >= 1, got {src.sample}")
-        if self.embed.batch_size < 1 or self.score.batch_size < 1:
-            raise ConfigError("batch sizes must be >= 1")
+            raise ConfigError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {self.index.kind!r}")
+        _in_range("--shards", self.index.shards, 1, 100_000)
+        _in_range("--reduce kmeans:N", self.index.reduce, 2, 1 << 31)
+        for role, src in (("normal", self.normal), ("query", self.query)):
+            if src is None:
+                continue
+            _in_range(f"--{role}-sample", src.sample, 1, 1 << 40)
+            _in_range("--max-file-bytes", src.max_file_bytes, 1, 1 << 40)
+            if src.group_by and src.group_by.startswith("dir:"):
+                level = src.group_by[4:]
+                if not level.isdigit() or int(level) < 1:
+                    raise ConfigError(f"--group-by dir:N needs a folder level N >= 1, got {src.group_by!r}")
+        self._validate_kind()
         return self
+
+    def _validate_kind(self) -> None:
+        if self.kind == "score":
+            if self.query is None:
+                raise ConfigError("--query is needed")
+        elif self.kind == "rank":
+            if self.normal is None:
+                raise ConfigError("--data is needed")
+            r = self.rank
+            if r.drop is not None and not 0.0 <= r.drop < 1.0:
+                raise ConfigError(f"--drop must be in [0, 1), got {r.drop}")
+            if r.drop is not None and r.drop_score is not None:
+                raise ConfigError("give --drop or --drop-score, not both")
+            _in_range("--rounds", r.rounds, 1, 1000)
+        elif self.kind == "audit":
+            if self.query is None:
+                raise ConfigError("--query is needed")
+            if not self.model_dir:
+                raise ConfigError("the audit needs --model DIR holding a saved model "
+                                  "(fit one with jobs/score.py --model DIR)")
+            try:
+                dt.date.fromisoformat(self.run_date)
+            except ValueError:
+                raise ConfigError(f"--date must be YYYY-MM-DD, got {self.audit.date!r}") from None
+            _in_range("--top", self.audit.top, 0, 100_000)
+
+
+def _in_range(flag: str, value: int | None, lo: int, hi: int) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise ConfigError(f"{flag} must be between {lo} and {hi}, got {value}")

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
 from dnnad.cli import main
-from tests.conftest import CIFAR
+from tests.helpers import CIFAR
 
 
 def test_one_class_cifar10_automobile_auroc(ray_local, tmp_path):

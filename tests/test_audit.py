@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnnad.cli import main
-from tests.conftest import FAST, cifar_rows, write_folder
+from tests.helpers import FAST, cifar_rows, write_folder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dnnad.backbones import FeatureExtractor, build_classifier, get_spec, preprocess_fn
 from dnnad.config import ConfigError, EmbedConfig, JobConfig, SourceConfig
-from dnnad.weights import WeightsError, resolve_weights
+from dnnad.vision.backbones import FeatureExtractor, build_classifier, preprocess_fn
+from dnnad.vision.specs import get_spec
+from dnnad.vision.weights import WeightsError, resolve_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -88,11 +89,11 @@ def test_onnx_model_is_an_embedder(tmp_path):
 
 def test_unknown_backbone_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown backbone 'resnet7'"):
-        JobConfig(out="x", query=SourceConfig("y"), embed=EmbedConfig("resnet7")).validate()
+        JobConfig(kind="score", out="x", query=SourceConfig("y"), embed=EmbedConfig("resnet7")).validate()
 
 
 def test_embeddings_do_not_depend_on_how_rows_are_batched(corpus):
-    from dnnad.embed import Embedder
+    from dnnad.stages.embed import Embedder
 
     spec = get_spec("efficientnet_lite0", 64)
     emb = Embedder(spec, resolve_weights(spec, "imagenet").state_dict, device="cpu", batch_size=8)

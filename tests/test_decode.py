@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dnnad.decode import DecodeError, decode_image
-from tests.conftest import png_bytes
+from dnnad.vision.decode import DecodeError, decode_image
+from tests.helpers import png_bytes
 
 
 def declared_size_png(width: int, height: int) -> bytes:

@@ -1,5 +1,8 @@
 """Fault injection: killed workers are replaced, re-runs never duplicate, interrupted runs leave no results."""
+import json
 import os
+import subprocess
+import sys
 import signal
 import threading
 import time
@@ -8,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnnad.cli import main
-from tests.conftest import read_scores
+from tests.helpers import read_scores
 
 SLOW = ["--backbone", "resnet18", "--weights", "none", "--image-size", "160", "--batch-size", "4",
         "--score-batch-size", "4", "--quiet"]
@@ -67,21 +70,26 @@ def test_interrupted_run_leaves_no_results_and_rerun_completes_once(undisturbed,
     out = tmp_path / "crash"
     out.mkdir()
     stale = out / ".staging-deadbeef" / "scores"
-    stale.mkdir(parents=True)  # what a run killed mid-write leaves behind
+    stale.mkdir(parents=True)  # what a run killed mid-write leaves behind: its owner is a dead process
     (stale / "part-0.parquet").write_bytes(b"half a file")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".staging-deadbeef" / "owner.json").write_text(json.dumps(
+        {"host": os.uname().nodename, "pid": dead.pid, "proc_start": "0", "started": "earlier"}))
+    (out / ".staging-unknown").mkdir()  # no owner file: not provably dnnad's, so never deleted
     assert not (out / "run.json").exists() and not (out / "scores").exists()  # readers see no result
     assert main(["score", "--model", str(undisturbed / "model"), "--query", str(corpus["query"]),
                  "--out", str(out), *SLOW]) == 0
     t = pq.read_table(out / "scores")
     assert t.num_rows == 203 and len(set(t["id"].to_pylist())) == 203
-    assert not any(p.name.startswith(".staging-") for p in out.iterdir())
+    assert [p.name for p in out.iterdir() if p.name.startswith(".staging-")] == [".staging-unknown"]
 
 
 def test_every_kind_of_bad_input_is_an_error_row_or_converted(ray_local, corpus, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tests.conftest import cifar_rows, png_bytes, write_folder
+    from tests.helpers import cifar_rows, png_bytes, write_folder
     from tests.test_decode import declared_size_png, jpeg_bytes
 
     data = tmp_path / "zoo"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dnnad.index import build_index
+from dnnad.core.index import build_index
 
 
 def brute_force(Xq, Xb, k, exclude_self=False):

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnnad import DN2
-from dnnad.backbones import get_spec
 from dnnad.cli import main
-from dnnad.embed import Embedder
-from dnnad.model_store import load_model
-from dnnad.weights import resolve_weights
-from tests.conftest import CIFAR, FAST, cifar_rows, read_scores
+from dnnad.core.model import load_model
+from dnnad.stages.embed import Embedder
+from dnnad.vision.specs import get_spec
+from dnnad.vision.weights import resolve_weights
+from tests.helpers import CIFAR, FAST, cifar_rows, read_scores
 
 
 def local_embeddings(root, ids):
@@ -52,7 +52,7 @@ def test_every_file_gets_exactly_one_row_and_corrupt_files_are_error_rows(one_sh
     record = json.loads((one_shard_run / "run.json").read_text())
     assert record["rows"] == {"ok": 200, "error": 3}
     assert record["weights"] == "none" and "RANDOM-INIT" in record["warning"]
-    assert {"embed normal", "embed query", "score"} <= set(record["timings_s"])
+    assert {"embed normal", "fit index + threshold", "embed + score query"} <= set(record["timings_s"])
 
 
 def test_four_shards_equal_one_shard_equal_brute_force_and_library_api(one_shard_run, corpus, tmp_path):
@@ -63,7 +63,7 @@ def test_four_shards_equal_one_shard_equal_brute_force_and_library_api(one_shard
     assert t1["id"].to_pylist() == t4["id"].to_pylist()
     assert t1["neighbor_ids"].to_pylist() == t4["neighbor_ids"].to_pylist()
     np.testing.assert_array_equal(t1["score"].to_numpy(zero_copy_only=False), t4["score"].to_numpy(zero_copy_only=False))
-    assert load_model(str(out4 / "model")).meta["n_shards"] == 4
+    assert load_model(str(out4 / "model")).meta.n_shards == 4
 
     model = load_model(str(one_shard_run / "model"))
     Xn = np.concatenate([s.vectors for s in model.shards])
@@ -78,7 +78,7 @@ def test_four_shards_equal_one_shard_equal_brute_force_and_library_api(one_shard
     api = DN2(k=2).fit(Xn, ids=model.ids)
     np.testing.assert_allclose(api.score_samples(Xq), job_scores, rtol=1e-4)
     assert api.ids_[api.kneighbors(Xq)[1]].tolist() == ok["neighbor_ids"].to_pylist()
-    np.testing.assert_array_equal(api.loo_scores_, model.loo_scores)  # same core, bit for bit
+    np.testing.assert_array_equal(np.sort(api.loo_scores_), model.calibration_scores)  # same core, bit for bit
     assert api.threshold_ == model.threshold
 
 
@@ -124,7 +124,7 @@ def test_parquet_uri_source_with_row_filter_and_null_bytes(ray_local, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--normal-filter", "colour=red"], "filter column 'colour' not in the Parquet schema"),
-    (["--k", "0"], "--k must be >= 1"),
+    (["--k", "0"], "--k must be between 1"),
     (["--backbone", "vgg11"], "unknown backbone"),
 ])
 def test_bad_configuration_fails_before_any_work(ray_local, tmp_path, capsys, extra, message):
@@ -141,7 +141,7 @@ def test_missing_path_is_a_config_error(tmp_path, capsys):
 
 
 def test_group_scores_equal_mean_pooled_computation_by_hand(ray_local, tmp_path):
-    from tests.conftest import write_folder
+    from tests.helpers import write_folder
 
     normal, query = tmp_path / "normal", tmp_path / "query"
     for g in range(6):
@@ -161,3 +161,14 @@ def test_group_scores_equal_mean_pooled_computation_by_hand(ray_local, tmp_path)
 
     expected = DN2(k=2).fit(pooled(normal)).score_samples(pooled(query))
     np.testing.assert_allclose(t["score"].to_numpy(), expected, rtol=1e-4)
+
+
+def test_job_and_library_agree_on_the_threshold_of_a_reduced_fit(ray_local, corpus, tmp_path):
+    out = tmp_path / "reduced"
+    assert main(["score", "--normal", str(corpus["normal"]), "--query", str(corpus["normal"]), "--out", str(out),
+                 "--reduce", "kmeans:20", *FAST]) == 0
+    model = load_model(str(out / "model"))
+    ids = sorted(p.name for p in corpus["normal"].iterdir())
+    api = DN2(k=2, reduce=20).fit(local_embeddings(corpus["normal"], ids), ids=np.array(ids, dtype=object))
+    assert api.threshold_ == model.threshold and api.ids_.tolist() == model.ids.tolist()
+    np.testing.assert_array_equal(np.sort(api.loo_scores_), model.calibration_scores)

@@ -5,7 +5,7 @@ import shutil
 import pyarrow.parquet as pq
 
 from dnnad.cli import main
-from tests.conftest import FAST, cifar_rows, write_folder
+from tests.helpers import FAST, cifar_rows, write_folder
 
 
 def test_rank_drop_refit_partitions_the_input(ray_local, tmp_path, corpus):

@@ -1,7 +1,8 @@
-"""Ray Data ``map_batches`` callable: rows (id, path | image bytes) → (id, embedding, status, error).
+"""Embed stage: rows (id, path | image bytes) → (id, embedding, status, error) on a Ray actor pool.
 
-Reading and decoding happen here, in the workers. A row that cannot be read or decoded keeps its
-place with ``status="error"``, the reason in ``error`` and a NaN embedding; it never fails the batch.
+``Embedder`` is the ``map_batches`` callable (the backbone is built once per actor); ``embed`` wires it.
+Reading and decoding happen in the workers. A row that cannot be read or decoded keeps its place with
+``status="error"``, the reason in ``error`` and a NaN embedding; it never fails the batch.
 """
 from __future__ import annotations
 
@@ -9,43 +10,23 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import torch
 from ray.data.extensions import ArrowTensorArray
 
-from .backbones import BackboneSpec, FeatureExtractor, preprocess_fn
-from .decode import DecodeError, decode_image
-
-PASSTHROUGH = ("group", "label", "split")
-
-
-def read_bytes(uri: str, cache: dict) -> bytes:
-    """File bytes from a local path or a pyarrow-filesystem URI; read errors become DecodeError."""
-    scheme, sep, rest = uri.partition("://")
-    scheme, path = (scheme, rest) if sep else ("", uri)  # pyarrow's path of s3://b/k is b/k
-    try:
-        if scheme not in cache:  # one filesystem per scheme and actor, not one per file
-            cache[scheme] = pafs.FileSystem.from_uri(uri)[0] if scheme else pafs.LocalFileSystem()
-        with cache[scheme].open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DecodeError("file not found (missing or a broken link)") from None
-    except PermissionError:
-        raise DecodeError("permission denied") from None
-    except OSError as e:
-        msg = str(e)
-        if "ermission denied" in msg:
-            raise DecodeError("permission denied") from None
-        if "No such file" in msg or "not found" in msg.lower():
-            raise DecodeError("file not found (missing or a broken link)") from None
-        raise DecodeError(f"read error: {msg}") from None
+from ..config import DEFAULT_MAX_FILE_BYTES, ConfigError, EmbedConfig
+from ..runtime import cluster_resources, embed_pool
+from ..vision.backbones import FeatureExtractor, preprocess_fn
+from ..vision.decode import DecodeError, decode_image
+from ..vision.specs import BackboneSpec, get_spec
+from .read import NULL_ID, PASSTHROUGH, read_bytes
 
 
 class Embedder:
     """Embedding actor: the backbone is built once per actor from weights shared via Ray's object store."""
 
     def __init__(self, spec: BackboneSpec, weights, device: str = "auto", threads: int | None = None,
-                 max_pixels: int | None = None, cache=None, batch_size: int = 64):
+                 max_pixels: int | None = None, cache=None, batch_size: int = 64,
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         import ray
 
         get = lambda r: ray.get(r) if isinstance(r, ray.ObjectRef) else r  # noqa: E731
@@ -56,6 +37,7 @@ class Embedder:
         self.dim: int | None = None
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.max_file_bytes = max_file_bytes
         self._fs: dict = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -72,9 +54,11 @@ class Embedder:
         kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
         for i in range(n):
             try:
+                if ids[i] is None:
+                    raise DecodeError(NULL_ID)
                 data = images[i]
                 if data is None and paths[i] is not None:
-                    data = read_bytes(str(paths[i]), self._fs)
+                    data = read_bytes(str(paths[i]), self._fs, self.max_file_bytes)
                 if self.cache is not None and data:
                     hashes[i] = hashlib.sha256(data).hexdigest()
                     hit = self.cache.lookup(hashes[i].encode())
@@ -95,7 +79,8 @@ class Embedder:
             emb[ok] = feats
         for i, v in hits.items():
             emb[i] = v
-        out = {"id": pa.array([str(i) for i in ids], pa.string()), "embedding": ArrowTensorArray.from_numpy(emb),
+        out = {"id": pa.array([None if i is None else str(i) for i in ids], pa.string()),
+               "embedding": ArrowTensorArray.from_numpy(emb),
                "status": pa.array(status.tolist(), pa.string()), "error": pa.array(error.tolist(), pa.string())}
         if self.cache is not None:
             out["hash"], out["cached"] = pa.array(hashes.tolist(), pa.string()), pa.array(cached)
@@ -118,3 +103,25 @@ class Embedder:
     def _probe_dim(self) -> int:
         size = self.extractor.spec.image_size
         return int(self.extractor(torch.zeros(1, 3, size, size)).shape[1])
+
+
+def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None, score_actors: int | None = None):
+    """Embedded dataset (lazy): id, embedding, status, error (+ passthrough; hash/cached with a cache)."""
+    from ray.data import ActorPoolStrategy
+
+    spec = get_spec(cfg.backbone, cfg.image_size)
+    cpus, gpus = cluster_resources()
+    if cfg.device == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda, but the Ray cluster has no GPUs")
+    use_gpu = gpus > 0 and cfg.device != "cpu"
+    if use_gpu:
+        actors, threads, res = cfg.actors or gpus, cfg.threads, {"num_gpus": 1}
+    else:
+        actors, threads, logical = embed_pool(cpus, cfg.actors, cfg.threads, score_actors)
+        res = {"num_cpus": logical}
+    return ds.map_batches(
+        Embedder, batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
+        fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
+                               "device": "cuda" if use_gpu else "cpu", "cache": cache_ref,
+                               "batch_size": cfg.batch_size, "max_file_bytes": max_file_bytes}, **res,
+    )

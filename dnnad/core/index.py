@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+from ..config import INDEX_KINDS
 
 
 @dataclass(frozen=True)

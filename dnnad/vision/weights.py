@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbones import BackboneSpec, build_classifier
+from .backbones import build_classifier
+from .specs import BackboneSpec
 
 
 class WeightsError(ValueError):

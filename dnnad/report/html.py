@@ -11,7 +11,7 @@ import numpy as np
 
 
 def thumbnail_uri(data: bytes | None, size: int = 96) -> str | None:
-    from .decode import DecodeError, decode_image
+    from ..vision.decode import DecodeError, decode_image
 
     try:
         img = decode_image(data)
@@ -26,11 +26,11 @@ def thumbnail_uri(data: bytes | None, size: int = 96) -> str | None:
 
 def svg_histogram(scores: np.ndarray, normal: np.ndarray | None, threshold: float, w: int = 640, h: int = 220) -> str:
     """Histogram of this run's scores (blue) and the normal set's leave-one-out scores (grey)."""
-    allv = np.concatenate([scores, normal if normal is not None else []])
+    allv = np.concatenate([scores, normal if normal is not None else [], [threshold]])
     lo, hi = float(allv.min()), float(max(allv.max(), threshold)) * 1.02
     edges = np.linspace(lo, hi, 41)
     parts = []
-    series = [("#999", normal, 0.5), ("#2a6fdb", scores, 0.7)] if normal is not None else [("#2a6fdb", scores, 0.7)]
+    series = [(c, v, a) for c, v, a in (("#999", normal, 0.5), ("#2a6fdb", scores, 0.7)) if v is not None and len(v)]
     peak = max(np.histogram(v, edges)[0].max() / len(v) for _, v, _ in series)
     for colour, values, alpha in series:
         counts = np.histogram(values, edges)[0] / len(values)
@@ -59,6 +59,10 @@ def svg_roc(y: np.ndarray, scores: np.ndarray, size: int = 260) -> tuple[str, fl
             f'<text x="30" y="{size - 28}" font-size="12">ROC AUC {auc:.4f}</text></svg>'), auc
 
 
+def percentile_note(p: float | None) -> str:
+    return "" if p is None else f"<br>above {p:.1f}% of normal"
+
+
 def render(record: dict, scores: np.ndarray, normal_scores: np.ndarray | None, threshold: float,
            top: list[dict], images: dict[str, bytes], normal_images: dict[str, bytes],
            labels_anomalous: np.ndarray | None = None) -> str:
@@ -71,7 +75,7 @@ def render(record: dict, scores: np.ndarray, normal_scores: np.ndarray | None, t
     for r in top:
         thumbs = [f'<figure><img class="query" src="{thumbnail_uri(images.get(r["id"])) or ""}" '
                   f'alt="{html.escape(r["id"])}"><figcaption>{html.escape(r["id"])}<br>score {r["score"]:.3f}'
-                  f'</figcaption></figure>']
+                  f'{percentile_note(r.get("normal_percentile"))}</figcaption></figure>']
         for nid, nd in zip(r["neighbor_ids"], r["neighbor_dists"]):
             uri = thumbnail_uri(normal_images.get(nid)) or ""
             thumbs.append(f'<figure><img class="neighbor" src="{uri}" alt="{html.escape(nid)}">'
@@ -85,7 +89,8 @@ border:2px solid #ddd}} img.query{{border-color:#d33}} pre{{background:#f6f6f6;p
 </style></head><body>
 <h1>dnnad run report</h1>
 <p>{html.escape(str(record.get("kind", "")))} run finished {html.escape(str(record.get("finished_at", "")))}:
-{", ".join(f"{v} {k}" for k, v in rows.items())}; k={record.get("k")}; threshold {threshold:.4g};
+{html.escape(", ".join(f"{v} {k}" for k, v in rows.items()))}; k={html.escape(str(record.get("k")))};
+threshold {threshold:.4g};
 {int(np.sum(scores > threshold))} of {len(scores)} scored rows flagged.</p>
 <h2>Score distribution</h2><p>blue: this run; grey: the normal set's leave-one-out scores; red: threshold</p>
 {svg_histogram(scores, normal_scores, threshold)}
@@ -98,22 +103,28 @@ border:2px solid #ddd}} img.query{{border-color:#d33}} pre{{background:#f6f6f6;p
 </body></html>"""
 
 
-def run_report(record: dict, scores, model, query_source, top_n: int = 20) -> str:
-    """The report of a scored table (``scores``: the run's output rows) against a fitted model."""
-    from dataclasses import asdict
-
+def run_report(record: dict, scores_path: str, model, query_source, top_n: int = 20) -> str:
+    """The report of a written scores table against a fitted model; reads only the columns it plots and
+    fetches thumbnails for the rows it shows, from this run's query source and the model's normal source."""
     import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
 
-    from .sources import fetch_images
+    from .images import fetch_images
 
-    ok = scores.filter(pc.field("status") == "ok")
-    top = ok.sort_by([("score", "descending"), ("id", "ascending")]).slice(0, top_n).to_pylist()
-    images = fetch_images(asdict(query_source), [r["id"] for r in top])
-    normal_src = model.meta.get("normal_source")
+    names = pads.dataset(scores_path, format="parquet").schema.names
+    cols = ["id", "score", "status"] + (["label"] if "label" in names else [])
+    ok = pq.read_table(scores_path, columns=cols).filter(pc.field("status") == "ok")
+    top_ids = ok.sort_by([("score", "descending"), ("id", "ascending")]).slice(0, top_n)["id"]
+    top = pq.read_table(scores_path, columns=["id", "score", "normal_percentile", "neighbor_ids", "neighbor_dists"],
+                        filters=pc.field("id").isin(top_ids)).sort_by([("score", "descending"), ("id", "ascending")])
+    top = top.to_pylist()
+    images = fetch_images(query_source, [r["id"] for r in top])
+    normal_src = model.meta.normal_source
     normal_images = fetch_images(normal_src, [n for r in top for n in r["neighbor_ids"]]) if normal_src else {}
     labels = None
-    if "label" in ok.column_names and model.meta.get("normal_labels"):
-        normal_labels = set(model.meta["normal_labels"])
-        labels = np.array([int(v not in normal_labels) for v in ok["label"].to_pylist()])
-    return render(record, ok["score"].to_numpy(), model.loo_scores, model.threshold, top, images,
+    if "label" in ok.column_names and model.meta.normal_labels:
+        normal_labels = set(model.meta.normal_labels)
+        labels = np.array([int(v is not None and str(v) not in normal_labels) for v in ok["label"].to_pylist()])
+    return render(record, ok["score"].to_numpy(), model.calibration_scores, model.threshold, top, images,
                   normal_images, labels)

@@ -1,0 +1,172 @@
+"""The DN2 numeric core: scores, exclusions, and the one fit routine the estimator and the Ray job share.
+
+``fit_reference`` does reduce → clamp k → build index → calibration scores → threshold. Where the index
+lives and where the kNN queries run is a ``SearchBackend``: in this process (``LocalBackend``, used by
+the ``DN2`` estimator) or on Ray actors (``dnnad.stages.fit.RayBackend``, used by the jobs). The steps
+and their rules exist once, here.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+
+from .index import ShardedIndex, as_float32, build_index
+from .threshold import effective_quantile, threshold_from_scores, threshold_reliable
+
+
+def knn_score(dist: np.ndarray) -> np.ndarray:
+    """DN2 score: mean Euclidean distance to the k nearest reference rows, shape (nq,)."""
+    return np.asarray(dist, dtype=np.float64).mean(axis=1)
+
+
+def self_exclusions(positions: np.ndarray, duplicate_groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """Reference positions each query may not use: itself, and its exact duplicates when given.
+
+    ``duplicate_groups[p]`` is a group label per reference row (rows with equal labels hold
+    identical vectors).
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if duplicate_groups is None:
+        return [np.array([p]) for p in positions]
+    members: dict[int, np.ndarray] = {}
+    out = []
+    for p in positions:
+        g = int(duplicate_groups[p])
+        if g not in members:
+            members[g] = np.flatnonzero(duplicate_groups == g)
+        out.append(members[g])
+    return out
+
+
+def duplicate_groups(X: np.ndarray) -> np.ndarray:
+    """Label per row such that rows with byte-identical vectors share a label."""
+    X = np.ascontiguousarray(X)
+    _, labels = np.unique(X.view(np.dtype((np.void, X.dtype.itemsize * X.shape[1]))).ravel(),
+                          return_inverse=True)
+    return labels.astype(np.int64).ravel()
+
+
+def score_against(index: ShardedIndex, X: np.ndarray, k: int,
+                  exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores (nq,), neighbour distances (nq, k), neighbour positions (nq, k))."""
+    dist, pos = index.search(X, k, exclude=exclude)
+    return knn_score(dist), dist, pos
+
+
+def clamp_k(k: int, n_reference: int, leave_one_out: bool = True) -> int:
+    """k usable with ``n_reference`` rows (one fewer when each row leaves itself out); warns when it shrinks."""
+    usable = n_reference - 1 if leave_one_out else n_reference
+    if usable < 1:
+        raise ValueError(f"DN2 needs at least 2 normal samples, got {n_reference}")
+    if k > usable:
+        warnings.warn(f"k={k} needs {k + int(leave_one_out)} reference rows; using k={usable}", stacklevel=3)
+        return usable
+    return k
+
+
+def kmeans_reduce(X: np.ndarray, n_centroids: int, seed: int = 1234) -> np.ndarray:
+    """Replace the reference set by ``n_centroids`` FAISS k-means centroids (the paper's speed-up)."""
+    X = as_float32(X)
+    n_centroids = int(min(n_centroids, len(X)))
+    km = faiss.Kmeans(X.shape[1], n_centroids, niter=20, seed=seed, verbose=False)
+    km.train(X)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def centroid_ids(n: int) -> np.ndarray:
+    return np.array([f"centroid-{i:06d}" for i in range(n)], dtype=object)
+
+
+@dataclass(frozen=True)
+class FitParams:
+    """What a fit needs besides the data; the estimator's parameters and the job's flags map onto it."""
+
+    k: int = 2
+    quantile: float = 0.99
+    contamination: float | None = None
+    n_shards: int = 1
+    index: str = "flat"
+    reduce: int | None = None  # N k-means centroids replace the normal set
+    exclude_duplicates: bool = False  # exact duplicates of a row are not its leave-one-out neighbours
+
+
+class SearchBackend(Protocol):
+    """Where the index is built and queried. ``search`` with ``positions`` leaves each query's own
+    reference row out (and, with ``groups``, every row of its duplicate group)."""
+
+    def build(self, X: np.ndarray, n_shards: int, kind: str) -> Any: ...
+
+    def search(self, handle: Any, Xq: np.ndarray, k: int, positions: np.ndarray | None = None,
+               groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+class LocalBackend:
+    """Index built and searched in this process."""
+
+    def build(self, X: np.ndarray, n_shards: int, kind: str) -> ShardedIndex:
+        return build_index(X, n_shards, kind)
+
+    def search(self, handle: ShardedIndex, Xq: np.ndarray, k: int, positions: np.ndarray | None = None,
+               groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        exclude = self_exclusions(positions, groups) if positions is not None else None
+        return score_against(handle, Xq, k, exclude=exclude)
+
+
+@dataclass
+class Fit:
+    """A fitted reference set: the index handle and everything the threshold was set from.
+
+    ``calibration_*`` hold one row per normal row: its leave-one-out score against the rest of the
+    reference set or, when the set was reduced to centroids, its score against the centroids.
+    ``calibration_pos`` are neighbour positions in the reference set.
+    """
+
+    handle: Any
+    reference: np.ndarray  # (n_reference, d) float32: the normal rows, or the centroids
+    ids: np.ndarray  # reference ids
+    k: int
+    threshold: float
+    threshold_quantile: float
+    threshold_reliable: bool
+    calibration_scores: np.ndarray
+    calibration_dist: np.ndarray
+    calibration_pos: np.ndarray
+    reduction: str | None
+    n_normal: int
+
+
+def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
+                  backend: SearchBackend | None = None) -> Fit:
+    """Index the normal embeddings ``X`` and set the threshold from their calibration scores.
+
+    Plain fits calibrate with leave-one-out scores (each row against the others). Reduced fits
+    (``params.reduce``) score every *normal row* against the centroids: centroids are not samples,
+    and queries are scored against the same centroids, so this is the distribution a query's score
+    is compared with.
+    """
+    backend = backend or LocalBackend()
+    X = as_float32(X)
+    if len(X) < 2:
+        raise ValueError(f"DN2 needs at least 2 normal samples, got {len(X)}")
+    ids = np.asarray(ids if ids is not None else np.arange(len(X)).astype(str), dtype=object)
+    if len(ids) != len(X):
+        raise ValueError(f"{len(ids)} ids for {len(X)} rows")
+    reference, ref_ids, reduction = X, ids, None
+    if params.reduce:
+        reference = kmeans_reduce(X, params.reduce)
+        ref_ids = centroid_ids(len(reference))
+        reduction = f"kmeans:{len(reference)} (from {len(X)} normal rows)"
+    k = clamp_k(params.k, len(reference), leave_one_out=reduction is None)
+    handle = backend.build(reference, params.n_shards, params.index)
+    if reduction:
+        scores, dist, pos = backend.search(handle, X, k)
+    else:
+        groups = duplicate_groups(reference) if params.exclude_duplicates else None
+        scores, dist, pos = backend.search(handle, reference, k, np.arange(len(reference)), groups)
+    q = effective_quantile(params.quantile, params.contamination)
+    return Fit(handle, reference, ref_ids, k, threshold_from_scores(scores, q), q,
+               threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X))

@@ -1,0 +1,156 @@
+"""The nightly audit job: a saved model, an embedding cache, a dated Parquet partition, a summary and a report.
+
+    OUT/scores/run_date=YYYY-MM-DD/*.parquet   one row per image (hive-partitioned: pandas, DuckDB, Spark)
+    OUT/runs/YYYY-MM-DD.json                   run record with the summary (its presence: the night finished)
+    OUT/reports/YYYY-MM-DD.html                static report
+    OUT/cache/...                              embeddings by content hash (or --cache DIR)
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..config import ConfigError
+from ..stages.read import prepare_source, read_source
+from ..stages.write import read_record
+from .base import (
+    Job,
+    Run,
+    apply_model,
+    check_model_weights,
+    load_saved_model,
+    output_path,
+    resolve_job_weights,
+    status_counts,
+)
+
+
+def previous_scores(out: str, run_date: str) -> tuple[str, np.ndarray] | None:
+    """The latest earlier finished night's ok scores, if any (reads two columns)."""
+    runs = os.path.join(out, "runs")
+    if not os.path.isdir(runs):
+        return None
+    dates = sorted(f[:-5] for f in os.listdir(runs)
+                   if f.endswith(".json") and f[:-5] < run_date and read_record(os.path.join(runs, f)))
+    part = os.path.join(out, "scores", f"run_date={dates[-1]}") if dates else None
+    if part is None or not os.path.isdir(part):
+        return None
+    t = pq.read_table(part, columns=["score", "status"])
+    return dates[-1], t.filter(pc.field("status") == "ok")["score"].to_numpy()
+
+
+def summarise(scores_path: str, model, top_n: int, previous: tuple[str, np.ndarray] | None) -> dict:
+    """Counts, quantiles against the normal set's, top-N and drift, reading only the columns needed."""
+    from scipy.stats import ks_2samp
+
+    t = pq.read_table(scores_path, columns=["id", "score", "status"])
+    ok = t.filter(pc.field("status") == "ok")
+    s = ok["score"].to_numpy()
+    top_ids = ok.sort_by([("score", "descending"), ("id", "ascending")]).slice(0, top_n)["id"]
+    top = pq.read_table(scores_path, columns=["id", "score", "normal_percentile", "neighbor_ids"],
+                        filters=pc.field("id").isin(top_ids)).sort_by([("score", "descending"), ("id", "ascending")])
+    qs = (0.5, 0.9, 0.99)
+    flagged = s > model.threshold
+    summary = {
+        "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()) if len(s) else 0.0,
+        "score_quantiles": {str(q): float(np.quantile(s, q)) for q in qs} if len(s) else {},
+        "normal_loo_quantiles": model.meta.loo_score_quantiles,
+        "top": top.to_pylist(),
+    }
+    if previous is not None and len(s) and len(previous[1]):
+        ks = ks_2samp(s, previous[1])
+        summary["drift"] = {"previous_run_date": previous[0], "ks_statistic": float(ks.statistic),
+                            "ks_pvalue": float(ks.pvalue),
+                            "median_shift": float(np.median(s) - np.median(previous[1]))}
+    return summary
+
+
+class AuditJob(Job):
+    kind = "audit"
+
+    @property
+    def record_name(self) -> str:
+        return os.path.join("runs", f"{self.cfg.run_date}.json")
+
+    def outputs(self) -> list[str]:
+        d = self.cfg.run_date
+        return [f"scores/run_date={d}", f"reports/{d}.html"]
+
+    def prepare(self) -> None:
+        from ..core.model import is_model_dir
+        from ..stages.cache import cache_dir, check_cache_root
+
+        cfg = self.cfg
+        if not is_model_dir(cfg.model_dir):
+            raise ConfigError(f"--model {cfg.model_dir} holds no saved dnnad model "
+                              f"(fit one with jobs/score.py --model DIR)")
+        self.model = load_saved_model(cfg.model_dir)
+        self.cfg = cfg = apply_model(cfg, self.model, frozenset(cfg.explicit))
+        self.query_src = prepare_source(cfg.query, "query")
+        self.weights = resolve_job_weights(cfg)
+        check_model_weights(self.model, self.weights)
+        root = cfg.audit.cache or os.path.join(cfg.out, "cache")
+        try:
+            check_cache_root(root)
+        except ValueError as e:
+            raise ConfigError(f"--cache {e}") from None
+        m = self.model.meta
+        self.cache_dir = cache_dir(root, m.backbone, m.image_size, self.weights.identity)
+
+    def work(self, run: Run) -> None:
+        import ray
+        from ray.data.expressions import col
+
+        from ..stages.cache import EmbeddingCache, append_part
+        from ..stages.embed import embed
+        from ..stages.score import Scorer
+
+        cfg, t, d = self.cfg, run.timings, self.cfg.run_date
+        part = f"scores/run_date={d}"
+        with t.stage("embed (cache-aware) + score"):
+            cache = EmbeddingCache.load(self.cache_dir)
+            emb = embed(read_source(self.query_src), cfg.embed, run.weights_ref, cfg.query.max_file_bytes,
+                        cache_ref=ray.put(cache)).materialize()
+            scored = Scorer.of(self.model, cfg.score).map(emb.drop_columns(["hash", "cached"]))
+            scored.write_parquet(run.staging.path(part))
+        new = emb.filter(expr=(col("cached") == False) & (col("status") == "ok"))  # noqa: E712
+        batches = list(new.select_columns(["hash", "embedding"]).iter_batches(batch_size=None, batch_format="numpy"))
+        hashes = [h for b in batches for h in b["hash"].tolist()]
+        X_new = np.concatenate([b["embedding"] for b in batches]) if batches else np.empty((0, 0))
+        n_cached = int(emb.filter(expr=col("cached") == True).count())  # noqa: E712
+        path = os.path.join(run.staging.dir, part)
+        summary = summarise(path, self.model, cfg.audit.top, previous_scores(cfg.out, d))
+        summary.update({"embedded": len(hashes), "from_cache": n_cached, "cache_dir": self.cache_dir})
+        append_part(self.cache_dir, hashes, X_new)  # content-keyed: growing it is safe even if the commit fails
+        run.fields.update(run_date=d, k=self.model.k, threshold=self.model.threshold, model_dir=cfg.model_dir,
+                          rows=status_counts(path), summary=summary,
+                          outputs={"scores": output_path(cfg, part), "report": output_path(cfg, f"reports/{d}.html")})
+
+    def report(self, run: Run, record: dict) -> None:
+        from ..report.html import run_report
+
+        d = self.cfg.run_date
+        run.staging.write_text(f"reports/{d}.html", run_report(
+            record, os.path.join(run.staging.dir, f"scores/run_date={d}"), self.model, self.cfg.query,
+            self.cfg.audit.top))
+        if not self.cfg.quiet:
+            print_summary(record)
+
+
+def print_summary(record: dict) -> None:
+    s = record["summary"]
+    print(f"[dnnad] audit {record['run_date']}: rows {record['rows']}, embedded {s['embedded']}, "
+          f"from cache {s['from_cache']}, flagged {s['flagged']} ({s['flagged_fraction']:.2%})")
+    if "drift" in s:
+        d = s["drift"]
+        print(f"[dnnad] drift vs {d['previous_run_date']}: KS {d['ks_statistic']:.3f} (p={d['ks_pvalue']:.3g}), "
+              f"median shift {d['median_shift']:+.4f}")
+    for r in s["top"][:10]:
+        print(f"[dnnad]   {r['score']:.4f}  {r['id']}  nearest normal: {', '.join(r['neighbor_ids'])}")
+
+
+def run_audit(cfg) -> dict:
+    return AuditJob(cfg).run()

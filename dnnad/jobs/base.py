@@ -1,0 +1,150 @@
+"""The one job skeleton: validate → check the output → prepare (driver-side checks) → start Ray → stage →
+work → record → commit, or abort and leave nothing. Score, rank and audit fill in only what is theirs."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from dataclasses import dataclass, field, replace
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import __version__
+from ..config import ConfigError, JobConfig
+from ..runtime import Timings, cluster_resources, start_ray
+from ..stages.write import RUN_RECORD, OutDir, Staging
+
+# Flags a saved model decides; giving one that differs from the model is an error, never silently ignored.
+MODEL_FLAGS = {"k": "--k", "shards": "--shards", "index": "--index", "reduce": "--reduce",
+               "quantile": "--quantile", "contamination": "--contamination", "backbone": "--backbone",
+               "weights": "--weights", "image_size": "--image-size", "normal": "--normal",
+               "exclude_duplicates": "--exclude-duplicates"}
+
+
+@dataclass
+class Run:
+    """What a job's work sees: its configuration, the staging directory, stage timings and the weights."""
+
+    cfg: JobConfig
+    staging: Staging
+    timings: Timings
+    weights_ref: object = None
+    fields: dict = field(default_factory=dict)  # what the job adds to its run record
+
+
+class Job:
+    """Subclasses set ``kind`` and implement ``outputs``, ``prepare`` and ``work``; ``report`` is optional."""
+
+    kind = ""
+    record_name = RUN_RECORD
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.weights = None  # vision.weights.ResolvedWeights, set by prepare
+
+    def outputs(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Driver-side checks and resolution before Ray starts; raise ConfigError on anything wrong."""
+
+    def work(self, run: Run) -> None:
+        raise NotImplementedError
+
+    def report(self, run: Run, record: dict) -> None:
+        """Write what needs the finished record (the HTML report) into the staging directory."""
+
+    def run(self) -> dict:
+        cfg = self.cfg.validate()
+        out = OutDir(cfg.out, self.outputs(), cfg.overwrite, self.record_name)
+        out.check()
+        self.prepare()
+        self.cfg.validate()  # prepare may have taken settings from a saved model
+        start_ray(cfg.quiet, cfg.verbose)
+        import ray
+
+        timings = Timings(cfg.quiet)
+        staging = out.open()
+        try:
+            run = Run(self.cfg, staging, timings)
+            if self.weights is not None:
+                run.weights_ref = ray.put(self.weights.state_dict)
+            self.work(run)
+            record = self.record(run)
+            self.report(run, record)
+            staging.commit(record)
+            return record
+        except BaseException:
+            staging.abort()
+            raise
+
+    def record(self, run: Run) -> dict:
+        cpus, gpus = cluster_resources()
+        w = self.weights
+        record = {
+            "dnnad_version": __version__, "kind": self.kind,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), "config": self.cfg.to_dict(),
+            "backbone": self.cfg.embed.backbone, "weights": w.source if w else None,
+            "weights_identity": w.identity if w else None,
+            "cluster": {"cpus": cpus, "gpus": gpus, "host": platform.node()},
+            **run.fields, "timings_s": dict(run.timings),
+        }
+        if w is not None and w.source == "none":
+            record["warning"] = "RANDOM-INIT WEIGHTS (--weights none): scores are not meaningful; for tests only"
+        return record
+
+
+def resolve_job_weights(cfg: JobConfig):
+    """The embedding weights, resolved once on the driver (then broadcast)."""
+    from ..vision.specs import get_spec
+    from ..vision.weights import WeightsError, resolve_weights
+
+    try:
+        return resolve_weights(get_spec(cfg.embed.backbone, cfg.embed.image_size), cfg.embed.weights)
+    except WeightsError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_saved_model(path: str):
+    from ..core.model import ModelError, load_model
+
+    try:
+        return load_model(path)
+    except ModelError as e:
+        raise ConfigError(f"--model: {e}") from None
+
+
+def apply_model(cfg: JobConfig, model, explicit: frozenset[str]) -> JobConfig:
+    """A saved model decides the embedding and index settings: refuse flags that contradict it, and
+    embed with the model's backbone, weights and image size."""
+    m = model.meta
+    decided = {"k": m.k_requested, "shards": m.n_shards, "index": m.index_kind, "backbone": m.backbone,
+               "weights": m.weights, "image_size": m.image_size}
+    current = {"k": cfg.score.k, "shards": cfg.index.shards, "index": cfg.index.kind,
+               "backbone": cfg.embed.backbone, "weights": cfg.embed.weights, "image_size": cfg.embed.image_size}
+    for name in sorted(explicit & set(MODEL_FLAGS)):
+        if name in decided and current[name] == decided[name]:
+            continue
+        model_value = f" (the model has {decided[name]})" if name in decided else ""
+        raise ConfigError(f"{MODEL_FLAGS[name]} conflicts with the saved model in --model{model_value}: "
+                          f"drop the flag, or fit a new model into a new --model directory")
+    if m.backbone is None:
+        raise ConfigError("--model holds a model fitted on embeddings (library API); it cannot embed images")
+    return replace(cfg, embed=replace(cfg.embed, backbone=m.backbone, weights=m.weights, image_size=m.image_size))
+
+
+def check_model_weights(model, weights) -> None:
+    """Refuse weights whose file changed since the model was fitted."""
+    if weights.identity != model.meta.weights_identity:
+        raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta.weights_identity}")
+
+
+def status_counts(path: str) -> dict:
+    """Rows per status of a written table, reading only its status column."""
+    counts = pc.value_counts(pq.read_table(path, columns=["status"])["status"]).to_pylist()
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+
+
+def output_path(cfg: JobConfig, name: str) -> str:
+    return os.path.join(cfg.out, name)

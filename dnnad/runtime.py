@@ -1,0 +1,121 @@
+"""Ray start-up, cluster resources and the console: dnnad's stage lines and one progress bar per stage;
+Ray's own logs go to its log files unless ``--verbose``."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+
+def start_ray(quiet: bool = False, verbose: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start Ray in-process.
+
+    Unless ``verbose``, Ray's own console output (its Python and C++ logs, which include an ERROR line
+    that Ray Data's restartable actor pools always trigger, ray-project/ray#53727) goes to a log file;
+    dnnad's stage lines, progress bars and errors stay on the console.
+    """
+    import ray
+
+    if not verbose:
+        quiet_ray_data_console()
+    if not ray.is_initialized():
+        if not verbose:
+            log = send_ray_console_to_file()
+            if not quiet:
+                print(f"[dnnad] Ray's logs: {log}", file=sys.stderr, flush=True)
+        remote = bool(os.environ.get("RAY_ADDRESS"))
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose,
+                 include_dashboard=None if remote else False,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.enable_operator_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    ctx.enable_auto_log_stats = verbose
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's logging configuration with its console handler at ERROR: its INFO/WARNING lines still
+    reach ray-data.log in the session's log folder. Ray Data re-reads RAY_DATA_LOGGING_CONFIG per dataset."""
+    if "RAY_DATA_LOGGING_CONFIG" in os.environ:
+        return  # the user's own configuration wins
+    try:
+        from ray.data._internal.logging import DEFAULT_CONFIG
+    except ImportError:
+        return
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config.get("handlers", {}).get("console", {})["level"] = "ERROR"
+    path = os.path.join(tempfile.gettempdir(), "dnnad-logs", "ray-data-logging.json")  # JSON is YAML
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f)
+    os.replace(path + ".tmp", path)
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = path
+
+
+def send_ray_console_to_file() -> str:
+    """Point file descriptor 2 (where Ray's C++ and early Python logs go) at a log file, and keep
+    ``sys.stderr`` (dnnad's lines, progress bars, tracebacks) on the console. Returns the log path."""
+    path = os.path.join(tempfile.gettempdir(), "dnnad-logs", f"ray-driver-{os.getpid()}.log")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stderr.flush()
+    console = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = os.fdopen(console, "w", buffering=1)
+    return path
+
+
+def cluster_resources() -> tuple[int, int]:
+    """(CPUs, GPUs) of the running cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    return max(1, int(res.get("CPU", 1))), int(res.get("GPU", 0))
+
+
+# The query path streams read → embed → score at once, so Ray's logical CPUs are planned here, in one place:
+# Ray Data's file listing and read tasks ask for 1 CPU each and must stay schedulable beside the actor pools,
+# so the pools leave READ_RESERVE_CPUS free; each actor sets its own thread count for the real work.
+READ_RESERVE_CPUS = 1.0
+SCORE_ACTOR_CPUS = 0.25
+
+
+def score_pool(cpus: int, actors: int | None) -> tuple[int, int]:
+    """(scoring actors, FAISS threads per actor)."""
+    n = actors or max(1, min(4, cpus // 2))
+    return n, max(1, cpus // n)
+
+
+def embed_pool(cpus: int, actors: int | None, threads: int | None, score_actors: int | None = None
+               ) -> tuple[int, int, float]:
+    """(CPU embedding actors, torch threads per actor, logical CPUs per actor)."""
+    threads = threads or min(4, cpus)
+    n = actors or max(1, cpus // threads)
+    free = cpus - READ_RESERVE_CPUS - SCORE_ACTOR_CPUS * score_pool(cpus, score_actors)[0]
+    return n, threads, max(0.25, min(float(threads), free / n))
+
+
+class Timings(dict):
+    """Seconds per stage, in the order the stages ran; prints one line per stage unless quiet."""
+
+    def __init__(self, quiet: bool = False):
+        super().__init__()
+        self.quiet = quiet
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self[name] = round(time.perf_counter() - t0, 3)
+        self.say(f"{name}: {self[name]:.1f}s")
+
+    def say(self, line: str) -> None:
+        if not self.quiet:
+            print(f"[dnnad] {line}", file=sys.stderr, flush=True)

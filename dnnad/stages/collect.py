@@ -1,0 +1,69 @@
+"""Embeddings brought to the driver (the normal set, the set to rank) and put back as a Ray Dataset."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from .read import PASSTHROUGH
+
+
+@dataclass
+class Embedded:
+    """Embeddings of a source's readable rows, sorted by (id, vector) for run-to-run determinism."""
+
+    ids: np.ndarray
+    X: np.ndarray  # (n, d) float32
+    extra: dict  # passthrough columns (group, label, split, n_members) aligned with ids
+    errors: pa.Table  # id, error of unreadable rows
+
+    def take(self, rows: np.ndarray) -> Embedded:
+        return Embedded(self.ids[rows], self.X[rows], {c: v[rows] for c, v in self.extra.items()}, self.errors)
+
+
+def collect(emb_ds) -> Embedded:
+    """Materialise an embedded dataset on the driver: ok rows sorted by (id, vector), error rows apart."""
+    ids, embs, status, errors, extra = [], [], [], [], {}
+    for b in emb_ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        ids.append(b["id"]), embs.append(b["embedding"]), status.append(b["status"]), errors.append(b["error"])
+        for c in PASSTHROUGH:
+            if c in b:
+                extra.setdefault(c, []).append(b[c])
+    ids, X = np.concatenate(ids).astype(object), np.concatenate(embs).astype(np.float32)
+    status, errors = np.concatenate(status), np.concatenate(errors)
+    extra = {c: np.concatenate(v) for c, v in extra.items()}
+    ok = status == "ok"
+    order = sorted(np.flatnonzero(ok), key=lambda i: (ids[i], X[i].tobytes()))
+    bad = np.flatnonzero(~ok)
+    return Embedded(ids[order], np.ascontiguousarray(X[order]), {c: v[order] for c, v in extra.items()},
+                    pa.table({"id": pa.array(ids[bad].tolist(), pa.string()),
+                              "error": pa.array(errors[bad].tolist(), pa.string())}))
+
+
+def as_dataset(ids: np.ndarray, X: np.ndarray, blocks: int, extra: dict | None = None):
+    """In-memory embeddings as a Ray Dataset of ok rows; ``_pos`` is each row's position in ``X``
+    (the reference position when ``X`` is the indexed set, used for self-exclusion)."""
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(ids)
+    table = pa.table({
+        "id": pa.array(ids.tolist(), pa.string()), "embedding": ArrowTensorArray.from_numpy(X),
+        "status": pa.array(["ok"] * n, pa.string()), "error": pa.nulls(n, pa.string()),
+        "_pos": pa.array(np.arange(n)),
+        **{c: pa.array(np.asarray(v).tolist()) for c, v in (extra or {}).items()},
+    })
+    step = max(1, -(-n // blocks))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, n, step)])
+
+
+def pool_groups(emb: Embedded) -> Embedded:
+    """Group anomaly detection: one mean embedding per group key, with its member count."""
+    keys = emb.extra["group"].astype(str)
+    uniq, inv = np.unique(keys, return_inverse=True)
+    X = np.zeros((len(uniq), emb.X.shape[1]), dtype=np.float64)
+    np.add.at(X, inv, emb.X)
+    counts = np.bincount(inv, minlength=len(uniq))
+    X = (X / counts[:, None]).astype(np.float32)
+    return Embedded(uniq.astype(object), X, {"n_members": counts}, emb.errors)

@@ -1,0 +1,65 @@
+"""Fit stage: the core fit routine (``core.dn2.fit_reference``) with its index built by parallel Ray tasks
+and its calibration queries run by the scoring actors (``RayBackend``)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import JobConfig, ScoreConfig
+from ..core.dn2 import Fit, FitParams, fit_reference
+from ..core.index import build_shard, shard_bounds
+from ..core.model import FittedModel, model_from_fit
+from ..runtime import cluster_resources
+from ..vision.specs import get_spec
+from .collect import Embedded, as_dataset
+from .score import Scorer
+
+
+class RayBackend:
+    """Shards built as parallel Ray tasks and kept in the object store; searches on the scoring actors."""
+
+    def __init__(self, cfg: ScoreConfig):
+        self.cfg = cfg
+
+    def build(self, X: np.ndarray, n_shards: int, kind: str) -> list:
+        import ray
+
+        task = ray.remote(build_shard)
+        return [task.remote(X[a:b], a, kind) for a, b in shard_bounds(len(X), n_shards)]
+
+    def search(self, handle: list, Xq: np.ndarray, k: int, positions: np.ndarray | None = None,
+               groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import ray
+
+        cpus, _ = cluster_resources()
+        scorer = Scorer(handle, None, k, None, self.cfg)
+        ds = as_dataset(np.arange(len(Xq)).astype(str).astype(object), Xq, cpus)
+        exclude = None if positions is None else "duplicates" if groups is not None else "self"
+        scored = scorer.map(ds, exclude=exclude, groups_ref=ray.put(groups) if groups is not None else None,
+                            positions=True)
+        t = pa.concat_tables(list(scored.iter_batches(batch_size=None, batch_format="pyarrow"))).sort_by("_pos")
+        flat = lambda c: t[c].combine_chunks().flatten().to_numpy().reshape(len(Xq), k)  # noqa: E731
+        return t["score"].to_numpy(), flat("neighbor_dists").astype(np.float64), flat("_nbr_pos").astype(np.int64)
+
+
+def fit_params(cfg: JobConfig) -> FitParams:
+    return FitParams(cfg.score.k, cfg.score.quantile, cfg.score.contamination, cfg.index.shards, cfg.index.kind,
+                     cfg.index.reduce, cfg.score.exclude_duplicates)
+
+
+def fit_model(normal: Embedded, cfg: JobConfig, weights_identity: str) -> tuple[FittedModel, Fit]:
+    """Fit on the collected normal embeddings; the model records how its embeddings were made."""
+    import ray
+
+    params = fit_params(cfg)
+    fit = fit_reference(normal.X, normal.ids, params, RayBackend(cfg.score))
+    labels = normal.extra.get("label")
+    model = model_from_fit(
+        fit, ray.get(fit.handle), params, backbone=cfg.embed.backbone,
+        image_size=get_spec(cfg.embed.backbone, cfg.embed.image_size).image_size,
+        weights=cfg.embed.weights, weights_identity=weights_identity,
+        normal_source=asdict(cfg.normal) if cfg.normal is not None else None,
+        normal_labels=sorted({str(v) for v in labels if v is not None}) if labels is not None else None)
+    return model, fit

@@ -1,0 +1,278 @@
+"""Read stage: image sources as Ray Datasets with ``id`` and either ``path`` or ``image`` (bytes).
+
+Every source is checked on the driver before Ray starts (``prepare_source``): path, format, columns and
+their types, that the selection holds at least one row, that ids are unique. Folders are listed (not
+read) on the driver; bytes are read by the embedding workers (``read_bytes``), regular files only and up
+to a size cap, so a FIFO or a device never blocks a job. Local paths and pyarrow-filesystem URIs (s3://,
+gs://, file://) go through the same code.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+import os
+import posixpath
+import stat
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from ..config import ConfigError, SourceConfig
+from ..vision.decode import IMAGE_EXTENSIONS, DecodeError
+
+ROWS_PER_BLOCK = 256
+# Logical CPUs of a read task: the embedding and scoring actors hold theirs for the whole streaming run, and
+# reads must still be schedulable beside them on a small node (they are I/O, not compute).
+READ_CPUS = 0.25
+PASSTHROUGH = ("group", "label", "split")  # source columns carried unchanged to every output row
+NULL_ID = "null id"
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError):
+        return pafs.LocalFileSystem(), uri
+
+
+def is_parquet(fs: pafs.FileSystem, path: str) -> bool:
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return path.endswith(".parquet")
+    files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.type == pafs.FileType.File]
+    return bool(files) and all(f.path.endswith(".parquet") or posixpath.basename(f.path).startswith(("_", "."))
+                               for f in files)
+
+
+def scheme_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri and not uri.startswith("file://") else ""
+
+
+def list_images(fs: pafs.FileSystem, root: str, scheme: str = "") -> pa.Table:
+    """``id`` (path relative to root) and ``path`` (a URI the workers can open) of every entry with an
+    image extension below ``root``, sorted by id. Entries are listed, not opened: special files and
+    broken links are listed too and become error rows when read."""
+    root = root.rstrip("/")
+    if isinstance(fs, pafs.LocalFileSystem):
+        paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        paths = sorted(f.path for f in infos
+                       if f.type != pafs.FileType.Directory and f.path.lower().endswith(IMAGE_EXTENSIONS))
+    uris = [f"{scheme}://{p}" if scheme else p for p in paths]
+    return pa.table({"id": pa.array([posixpath.relpath(p, root) for p in paths], pa.string()),
+                     "path": pa.array(uris, pa.string())})
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def read_bytes(uri: str, fs_cache: dict, max_bytes: int) -> bytes:
+    """Bytes of a regular file (local path or pyarrow URI) of at most ``max_bytes``; anything else is a
+    DecodeError whose message is the row's reason. Never opens a special file, so it never blocks."""
+    scheme, sep, rest = uri.partition("://")
+    scheme, path = (scheme, rest) if sep else ("", uri)  # pyarrow's path of s3://b/k is b/k
+    try:
+        if scheme in ("", "file"):
+            st = os.stat(path)  # follows links: a link to /dev/zero is a character device
+            for test, what in _SPECIAL:
+                if test(st.st_mode):
+                    raise DecodeError(f"not a regular file ({what})")
+            size = st.st_size
+            opener = lambda: open(path, "rb")  # noqa: E731
+        else:
+            if scheme not in fs_cache:  # one filesystem per scheme and actor, not one per file
+                fs_cache[scheme] = pafs.FileSystem.from_uri(uri)[0]
+            info = fs_cache[scheme].get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise FileNotFoundError(path)
+            if info.type != pafs.FileType.File:
+                raise DecodeError("not a regular file")
+            size = info.size or 0
+            opener = lambda: fs_cache[scheme].open_input_stream(path)  # noqa: E731
+        if size > max_bytes:
+            raise DecodeError(f"file too large ({size} bytes > --max-file-bytes {max_bytes})")
+        with opener() as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise DecodeError(f"file too large (> --max-file-bytes {max_bytes})")
+        return data
+    except FileNotFoundError:
+        raise DecodeError("file not found (missing or a broken link)") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except OSError as e:
+        msg = str(e)
+        if "ermission denied" in msg:
+            raise DecodeError("permission denied") from None
+        if "No such file" in msg or "not found" in msg.lower():
+            raise DecodeError("file not found (missing or a broken link)") from None
+        raise DecodeError(f"read error: {msg}") from None
+
+
+def filter_values(schema: pa.Schema, filters: tuple[tuple[str, str], ...]) -> list[tuple[str, object]]:
+    """Each ``column=value`` filter with the value cast to its column's type; unknown columns raise."""
+    out = []
+    for col, value in filters:
+        if col not in schema.names:
+            raise ConfigError(f"filter column {col!r} not in the Parquet schema ({', '.join(schema.names)})")
+        try:
+            out.append((col, pa.scalar(value).cast(schema.field(col).type).as_py()))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise ConfigError(f"filter value {value!r} does not fit column {col!r} of type "
+                              f"{schema.field(col).type}") from None
+    return out
+
+
+def sample_positions(n: int, size: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted positions of a fixed-seed random sample of ``size`` out of ``n`` rows (all when None or >= n)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def group_key(ids: list[str], level: int) -> list[str]:
+    """Folder-level group key: the ``level``-th directory component of each relative id."""
+    parts = [i.split("/") for i in ids]
+    return ["/".join(p[:level]) if len(p) > level else "" for p in parts]
+
+
+@dataclass(frozen=True)
+class PreparedSource:
+    """A source checked before any work: Parquet schema and row count, or the folder listing."""
+
+    cfg: SourceConfig
+    fs: pafs.FileSystem
+    path: str
+    rows: int
+    schema: pa.Schema | None = None
+    listing: pa.Table | None = None  # folder listing or a Parquet sample, read on the driver
+
+
+def prepare_source(cfg: SourceConfig, role: str) -> PreparedSource:
+    """Fail before any work, with one line naming the flag, on anything that would fail later."""
+    fs, path = resolve(cfg.uri)
+    flag = f"--{role}"
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise ConfigError(f"{flag} cannot be read: {cfg.uri}: {e}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"{flag} path not found: {cfg.uri}")
+    if info.type == pafs.FileType.File and not path.endswith(".parquet"):
+        raise ConfigError(f"{flag} must be a folder of images or a Parquet file/dataset: {cfg.uri}")
+    if not is_parquet(fs, path):
+        return _prepare_folder(cfg, fs, path, flag)
+    return _prepare_parquet(cfg, fs, path, flag)
+
+
+def _prepare_folder(cfg: SourceConfig, fs, path: str, flag: str) -> PreparedSource:
+    if cfg.filters:
+        raise ConfigError(f"{flag}: row filters apply to Parquet sources only")
+    if cfg.group_by and not cfg.group_by.startswith("dir:"):
+        raise ConfigError("--group-by for a folder must be dir:N (the N-th folder level)")
+    table = list_images(fs, path, scheme_of(cfg.uri))
+    if table.num_rows == 0:
+        raise ConfigError(f"{flag} folder holds no images ({', '.join(IMAGE_EXTENSIONS)}): {cfg.uri}")
+    if cfg.group_by:
+        table = table.append_column("group", pa.array(group_key(table["id"].to_pylist(), int(cfg.group_by[4:]))))
+    table = table.take(sample_positions(table.num_rows, cfg.sample))
+    return PreparedSource(cfg, fs, path, table.num_rows, listing=table)
+
+
+def _prepare_parquet(cfg: SourceConfig, fs, path: str, flag: str) -> PreparedSource:
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        schema = dataset.schema
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{flag} is not a readable Parquet file/dataset: {cfg.uri}: {e}") from None
+    for col, opt in ((cfg.id_column, "--id-column"), (cfg.image_column, "--image-column")):
+        if col not in schema.names:
+            raise ConfigError(f"column {col!r} not in {cfg.uri} (columns: {', '.join(schema.names)}); set {opt}")
+    img_type = schema.field(cfg.image_column).type
+    if not (pa.types.is_binary(img_type) or pa.types.is_large_binary(img_type)):
+        raise ConfigError(f"--image-column {cfg.image_column!r} must hold encoded image bytes (binary), "
+                          f"not {img_type}")
+    try:
+        pc.cast(pa.array([], schema.field(cfg.id_column).type), pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise ConfigError(f"--id-column {cfg.id_column!r} of type {schema.field(cfg.id_column).type} "
+                          f"has no string form") from None
+    if cfg.group_by and not cfg.group_by.startswith("dir:") and cfg.group_by not in schema.names:
+        raise ConfigError(f"--group-by column {cfg.group_by!r} not in {cfg.uri}")
+    values = filter_values(schema, cfg.filters)
+    expr = _all_of([pc.field(name) == pa.scalar(value, schema.field(name).type) for name, value in values])
+    try:
+        ids = dataset.to_table(columns=[cfg.id_column], filter=expr)[cfg.id_column]
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{flag} cannot be read: {cfg.uri}: {e}") from None
+    positions = sample_positions(len(ids), cfg.sample)
+    if len(positions) == 0:
+        what = f" with {' and '.join(f'{c}={v}' for c, v in cfg.filters)}" if cfg.filters else ""
+        raise ConfigError(f"{flag} selects no rows: {cfg.uri}{what}")
+    check_unique_ids(ids.take(pa.array(positions)) if cfg.sample is not None else ids, flag)
+    if cfg.sample is None:
+        return PreparedSource(cfg, fs, path, len(ids), schema=schema)
+    # A sample: read its rows here so that it is the same on every run and every cluster.
+    keep, group_col, cols = _columns(cfg, schema)
+    picked = dataset.take(positions, columns=cols, filter=expr)
+    return PreparedSource(cfg, fs, path, picked.num_rows, schema=schema,
+                          listing=_normalise_columns(picked, keep, group_col))
+
+
+def check_unique_ids(ids: pa.ChunkedArray, flag: str) -> None:
+    """Refuse duplicate (non-null) ids: neighbour ids, kept and dropped would be ambiguous."""
+    counts = pc.value_counts(pc.drop_null(ids))
+    dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if len(dup):
+        shown = ", ".join(repr(v) for v in dup.slice(0, 3).to_pylist())
+        raise ConfigError(f"{flag} has {len(dup)} duplicate ids (e.g. {shown}); ids must be unique: "
+                          f"choose another --id-column")
+
+
+def read_source(src: PreparedSource):
+    """A Ray Dataset with ``id`` (string, null ids kept as nulls) and ``path`` (folders) or ``image``
+    bytes (Parquet), plus ``group`` when grouping and the ``label``/``split`` columns a source has."""
+    import ray.data
+    from ray.data.expressions import col
+
+    if src.listing is not None:
+        t = src.listing
+        return ray.data.from_arrow([t.slice(i, ROWS_PER_BLOCK) for i in range(0, t.num_rows, ROWS_PER_BLOCK)])
+    cfg, schema = src.cfg, src.schema
+    ds = ray.data.read_parquet(src.path, filesystem=src.fs, num_cpus=READ_CPUS)
+    expr = _all_of([col(name) == value for name, value in filter_values(schema, cfg.filters)])
+    if expr is not None:
+        ds = ds.filter(expr=expr)
+    keep, group_col, cols = _columns(cfg, schema)
+    ds = ds.select_columns(cols)
+    ds = ds.map_batches(_normalise_columns, batch_format="pyarrow", num_cpus=READ_CPUS,
+                        fn_kwargs={"rename": keep, "group_col": group_col})
+    return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+
+
+def _all_of(terms: list):
+    """AND of filter terms (pyarrow or Ray expressions); None when there are none."""
+    return functools.reduce(operator.and_, terms) if terms else None
+
+
+def _columns(cfg: SourceConfig, schema: pa.Schema) -> tuple[dict[str, str], str | None, list[str]]:
+    """(source column → output name, the group-by column or None, the columns to read)."""
+    keep = {cfg.id_column: "id", cfg.image_column: "image"}
+    keep.update({c: c for c in PASSTHROUGH if c in schema.names and c not in keep and c != "group"})
+    group_col = cfg.group_by if cfg.group_by and not cfg.group_by.startswith("dir:") else None
+    return keep, group_col, list(dict.fromkeys([*keep, *([group_col] if group_col else [])]))
+
+
+def _normalise_columns(table: pa.Table, rename: dict[str, str], group_col: str | None) -> pa.Table:
+    cols = {new: table[old] for old, new in rename.items()}
+    cols["id"] = pc.cast(cols["id"], pa.string())
+    if group_col:
+        cols["group"] = pc.cast(table[group_col], pa.string())
+    return pa.table(cols)

@@ -1,0 +1,84 @@
+"""Shared test helpers: real CIFAR rows from ../shared/data, image folders and Parquet files on disk."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+SHARED_DATA = Path(os.environ.get("DNNAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CIFAR = SHARED_DATA / "cifar10-jpeg.parquet"
+
+# Fast mechanics runs: random-init ResNet-18 on 32 px crops. Accuracy tests use the pretrained Lite2.
+FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--quiet"]
+
+
+def need_shared_data() -> None:
+    if not CIFAR.is_file():
+        pytest.skip(f"benchmark data not found at {SHARED_DATA} (set DNNAD_SHARED_DATA)")
+
+
+def cifar_rows(split: str, label: int | None, n: int, offset: int = 0) -> pa.Table:
+    need_shared_data()
+    t = pq.read_table(CIFAR)
+    mask = pc.field("split") == split
+    if label is not None:
+        mask = mask & (pc.field("label") == label)
+    return t.filter(mask).slice(offset, n)
+
+
+def write_folder(root: Path, table: pa.Table, sub: str = "") -> list[str]:
+    """Write the rows' JPEG bytes as files; returns their ids relative to ``root``."""
+    ids = []
+    for r in table.to_pylist():
+        rel = os.path.join(sub, r["id"].replace("/", "_") + ".jpg") if sub else r["id"].replace("/", "_") + ".jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(r["image"])
+        ids.append(rel)
+    return ids
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_scores(out: Path, name: str = "scores") -> pa.Table:
+    return pq.read_table(out / name).sort_by("id")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file below ``root`` (links and special files by their kind) and its sha256: to prove a run
+    changed nothing it does not own."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(d) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "link:" + os.readlink(p)
+            elif p.is_file():
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = "special"
+    return out
+
+
+def planted(n_normal: int = 380, n_anom: int = 20, d: int = 16, seed: int = 0):
+    """Embeddings with a planted structure: a tight normal cloud and far-away anomalies."""
+    rng = np.random.default_rng(seed)
+    Xn = rng.normal(0, 1, size=(n_normal, d))
+    Xa = rng.normal(0, 1, size=(n_anom, d)) + rng.choice([-6, 6], size=(n_anom, d))
+    X = np.vstack([Xn, Xa]).astype(np.float32)
+    y = np.r_[np.zeros(n_normal), np.ones(n_anom)]
+    perm = rng.permutation(len(X))
+    return X[perm], y[perm]

@@ -1,0 +1,41 @@
+"""One fit routine: the library (in-process backend) and the job (Ray backend) give the same threshold,
+calibration scores and reference ids in every fit mode."""
+import numpy as np
+import pytest
+
+from dnnad import DN2
+from dnnad.config import ScoreConfig
+from dnnad.core.dn2 import FitParams, LocalBackend, fit_reference
+from dnnad.stages.fit import RayBackend
+from tests.helpers import planted
+
+
+def data_with_duplicates():
+    X, _ = planted(n_normal=300, n_anom=10, d=8, seed=4)
+    return np.vstack([X, X[:6]]), np.array([f"row-{i:04d}" for i in range(len(X) + 6)], dtype=object)
+
+
+@pytest.mark.parametrize("params", [
+    FitParams(k=2), FitParams(k=3, n_shards=3), FitParams(k=2, reduce=25), FitParams(k=2, exclude_duplicates=True),
+    FitParams(k=2, index="hnsw", n_shards=2), FitParams(k=2, contamination=0.05),
+], ids=["plain", "3-shards", "kmeans", "exclude-duplicates", "hnsw", "contamination"])
+def test_library_and_ray_backend_fit_identically(ray_local, params):
+    X, ids = data_with_duplicates()
+    local = fit_reference(X, ids, params, LocalBackend())
+    remote = fit_reference(X, ids, params, RayBackend(ScoreConfig(batch_size=64)))
+    assert local.threshold == remote.threshold and local.k == remote.k
+    np.testing.assert_array_equal(local.calibration_scores, remote.calibration_scores)
+    np.testing.assert_array_equal(local.calibration_pos, remote.calibration_pos)
+    assert local.ids.tolist() == remote.ids.tolist() and local.reduction == remote.reduction
+    est = DN2(k=params.k, n_shards=params.n_shards, index=params.index, reduce=params.reduce,
+              exclude_duplicates=params.exclude_duplicates, contamination=params.contamination).fit(X, ids=ids)
+    assert est.threshold_ == remote.threshold
+    np.testing.assert_array_equal(est.loo_scores_, remote.calibration_scores)
+
+
+def test_reduced_fit_calibrates_normal_rows_against_the_centroids():
+    X, ids = data_with_duplicates()
+    fit = fit_reference(X, ids, FitParams(k=2, reduce=25))
+    assert len(fit.ids) == 25 and len(fit.calibration_scores) == len(X) and fit.n_normal == len(X)
+    d = np.sqrt(((X[:, None, :].astype(np.float64) - fit.reference[None].astype(np.float64)) ** 2).sum(-1))
+    np.testing.assert_allclose(fit.calibration_scores, np.sort(d, axis=1)[:, :2].mean(1), rtol=1e-6)
