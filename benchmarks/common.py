@@ -48,11 +48,13 @@ def cached_embeddings(dataset: str, ids: list[str], backbone: str, weights: str,
                       batch_size: int = 64) -> np.ndarray:
     """Embeddings of ``ids`` in order; only ids missing from the cache are embedded (by the Ray pipeline)."""
     import ray
-    from dnnad.backbones import get_spec
-    from dnnad.pipeline import collect, embed, start_ray
-    from dnnad.weights import resolve_weights
 
-    from dnnad.config import EmbedConfig
+    from dnnad.config import DEFAULT_MAX_FILE_BYTES, EmbedConfig
+    from dnnad.runtime import start_ray
+    from dnnad.stages.collect import collect
+    from dnnad.stages.embed import embed
+    from dnnad.vision.specs import get_spec
+    from dnnad.vision.weights import resolve_weights
 
     spec = get_spec(backbone, image_size)
     w = resolve_weights(spec, weights)
@@ -66,7 +68,8 @@ def cached_embeddings(dataset: str, ids: list[str], backbone: str, weights: str,
         t = pq.read_table(DATASETS[dataset], columns=["id", "image"])
         t = t.filter(pc.is_in(t["id"], value_set=pa.array(missing)))
         ds = ray.data.from_arrow([t.slice(i, 256) for i in range(0, t.num_rows, 256)])
-        e = collect(embed(ds, EmbedConfig(backbone, weights, image_size, batch_size), ray.put(w.state_dict)))
+        e = collect(embed(ds, EmbedConfig(backbone, weights, image_size, batch_size), ray.put(w.state_dict),
+                          DEFAULT_MAX_FILE_BYTES))
         assert e.errors.num_rows == 0, e.errors
         new = pa.table({"id": pa.array(e.ids.tolist(), pa.string()),
                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e.X.ravel()), e.X.shape[1])})
