@@ -58,6 +58,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR", help="saved model: loaded if it exists, else written")
     p.add_argument("--id-column", default="id")
     p.add_argument("--image-column", default="image")
+    p.add_argument("--embedding-column", default=None, metavar="COL",
+                   help="Parquet sources hold precomputed vectors in COL (fixed-size list or list of numbers): "
+                        "no backbone runs")
     p.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
                    help="larger image files become error rows without being read")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dnnad run in --out")
@@ -101,7 +104,8 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
     def src(uri, filters, group=None, sample=None):
         if not uri:
             return None
-        return SourceConfig(uri, tuple(filters), a.id_column, a.image_column, group, sample, a.max_file_bytes)
+        return SourceConfig(uri, tuple(filters), a.id_column, a.image_column, group, sample, a.max_file_bytes,
+                            a.embedding_column)
 
     if a.command == "score":
         normal = src(a.normal, a.normal_filter, a.group_by, a.normal_sample)

@@ -31,6 +31,7 @@ class SourceConfig:
     group_by: str | None = None  # column name, or "dir:N" for the N-th folder level
     sample: int | None = None  # a fixed-seed random sample of N rows (after filtering), in source order
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files become error rows, never read
+    embedding_column: str | None = None  # Parquet only: precomputed vectors instead of image bytes
 
 
 @dataclass(frozen=True)

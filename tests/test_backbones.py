@@ -60,6 +60,7 @@ def test_weights_file_with_code_is_refused(tmp_path):
 
 def test_imagenet_weights_offline_fail_fast_naming_the_alternatives(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "b.png")
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "empty-cache"),
            "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
     out = subprocess.run([sys.executable, "jobs/score.py", "--normal", str(tmp_path), "--query", str(tmp_path),

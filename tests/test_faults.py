@@ -1,9 +1,9 @@
 """Fault injection: killed workers are replaced, re-runs never duplicate, interrupted runs leave no results."""
 import json
 import os
+import signal
 import subprocess
 import sys
-import signal
 import threading
 import time
 

@@ -135,7 +135,8 @@ def parquet_table(rows: pa.Table, ids: list, labels: list | None = None) -> pa.T
 
 
 def test_integer_ids_and_string_labels_run_to_the_report(ray_local, tmp_path):
-    normal, query = cifar_rows("train", 1, 12), cifar_rows("test", None, 10)
+    normal = cifar_rows("train", 1, 12)
+    query = pa.concat_tables([cifar_rows("test", 1, 4), cifar_rows("test", 3, 6)])
     pq.write_table(parquet_table(normal, list(range(12)), ["car"] * 12), tmp_path / "normal.parquet")
     labels = ["car" if v == 1 else "other" for v in query["label"].to_pylist()]
     pq.write_table(parquet_table(query, list(range(100, 110)), labels), tmp_path / "query.parquet")
@@ -202,7 +203,7 @@ def test_bad_configuration_is_one_line_before_any_work(small, bad_inputs, tmp_pa
         if flag not in given:
             given = [flag, base[flag], *given]
     t0 = time.perf_counter()
-    proc = run_cli("score", *given, "--out", str(tmp_path / "out"), *FAST)
+    proc = run_cli("score", *FAST, *given, "--out", str(tmp_path / "out"))
     one_line_error(proc, *needles)
     assert time.perf_counter() - t0 < 30, case  # never reached Ray: no workers, no embedding
     assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ is validated when loaded, and a directory that is not a dnnad model is never del
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,8 +16,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .. import storage
 from .index import Shard
 
 FORMAT = "dnnad-model"
@@ -67,54 +70,76 @@ class FittedModel:
         return 100.0 * np.searchsorted(self.calibration_scores, s, side="left") / len(self.calibration_scores)
 
 
-def is_model_dir(path: str | None) -> bool:
-    """Whether ``path`` holds a model that dnnad wrote (its ``model.json`` names the format)."""
-    if not path or not os.path.isfile(os.path.join(path, MODEL_FILE)):
+def is_model_dir(uri: str | None) -> bool:
+    """Whether ``uri`` holds a model that dnnad wrote (its ``model.json`` names the format)."""
+    if not uri:
         return False
-    try:
-        with open(os.path.join(path, MODEL_FILE)) as f:
-            return json.load(f).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    fs, path = storage.resolve(uri)
+    doc = storage.read_json(fs, storage.join(path, MODEL_FILE))
+    return doc is not None and doc.get("format") == FORMAT
 
 
-def check_model_target(path: str, replace: bool) -> None:
-    """Raise ModelError unless a model may be written at ``path``: new, an empty directory, or (with
+def check_model_target(uri: str, replace: bool) -> None:
+    """Raise ModelError unless a model may be written at ``uri``: new, an empty directory, or (with
     ``replace``) a dnnad model. Nothing else is ever deleted."""
-    if not os.path.lexists(path):
+    fs, path = storage.resolve(uri)
+    if storage.is_local(fs) and os.path.islink(path):
+        raise ModelError(f"{uri} is a symbolic link; name a directory")
+    t = storage.kind(fs, path)
+    if t == pafs.FileType.NotFound:
         return
-    if not os.path.isdir(path) or os.path.islink(path):
-        raise ModelError(f"{path} exists and is not a directory")
-    if not os.listdir(path):
+    if t != pafs.FileType.Directory:
+        raise ModelError(f"{uri} exists and is not a directory")
+    if storage.is_empty_dir(fs, path):
         return
-    if not is_model_dir(path):
-        raise ModelError(f"{path} is not empty and holds no dnnad model ({MODEL_FILE}); "
+    if not is_model_dir(uri):
+        raise ModelError(f"{uri} is not empty and holds no dnnad model ({MODEL_FILE}); "
                          f"name a new or empty directory")
     if not replace:
-        raise ModelError(f"{path} already holds a dnnad model; pass --overwrite to replace it")
+        raise ModelError(f"{uri} already holds a dnnad model; pass --overwrite to replace it")
 
 
-def save_model(model: FittedModel, path: str, replace: bool = False) -> None:
-    """Write ``model`` to ``path`` atomically (a sibling directory renamed into place)."""
-    check_model_target(path, replace)
+def _model_files(model: FittedModel) -> dict[str, bytes]:
+    """Every file of the saved model, ``model.json`` (the marker) last."""
+    files, shard_meta = {}, []
+    for i, s in enumerate(model.shards):
+        buf = io.BytesIO()
+        np.save(buf, s.vectors, allow_pickle=False)
+        files[f"shard-{i:03d}.npy"] = buf.getvalue()
+        if s.faiss_bytes is not None:
+            files[f"shard-{i:03d}.faiss"] = s.faiss_bytes.tobytes()
+        shard_meta.append({"offset": s.offset, "rows": len(s.vectors), "faiss": s.faiss_bytes is not None})
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": pa.array(model.ids.tolist(), pa.string())}), buf)
+    files["normal.parquet"] = buf.getvalue()
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(model.calibration_scores, np.float64), allow_pickle=False)
+    files["calibration.npy"] = buf.getvalue()
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "k": model.k, "threshold": model.threshold,
+           "shards": shard_meta, "meta": asdict(model.meta)}
+    files[MODEL_FILE] = json.dumps(doc, indent=2, default=str).encode()
+    return files
+
+
+def save_model(model: FittedModel, uri: str, replace: bool = False) -> None:
+    """Write ``model`` to ``uri``: on a local disk atomically (a sibling directory renamed into place), on an
+    object store file by file with ``model.json`` last, so a partial model is never taken for one."""
+    check_model_target(uri, replace)
+    fs, path = storage.resolve(uri)
+    files = _model_files(model)
+    if not storage.is_local(fs):
+        if storage.exists(fs, path):
+            storage.delete(fs, path)  # a dnnad model, checked above
+        for name, data in files.items():
+            storage.write_bytes(fs, storage.join(path, name), data)
+        return
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".model-", dir=parent)
     try:
-        shard_meta = []
-        for i, s in enumerate(model.shards):
-            np.save(os.path.join(tmp, f"shard-{i:03d}.npy"), s.vectors, allow_pickle=False)
-            if s.faiss_bytes is not None:
-                s.faiss_bytes.tofile(os.path.join(tmp, f"shard-{i:03d}.faiss"))
-            shard_meta.append({"offset": s.offset, "rows": len(s.vectors), "faiss": s.faiss_bytes is not None})
-        pq.write_table(pa.table({"id": pa.array(model.ids.tolist(), pa.string())}),
-                       os.path.join(tmp, "normal.parquet"))
-        np.save(os.path.join(tmp, "calibration.npy"), np.asarray(model.calibration_scores, np.float64),
-                allow_pickle=False)
-        doc = {"format": FORMAT, "version": FORMAT_VERSION, "k": model.k, "threshold": model.threshold,
-               "shards": shard_meta, "meta": asdict(model.meta)}
-        with open(os.path.join(tmp, MODEL_FILE), "w") as f:
-            json.dump(doc, f, indent=2, default=str)
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
         old = None
         if os.path.isdir(path):  # empty, or a dnnad model with replace: checked above
             old = tempfile.mkdtemp(prefix=".model-old-", dir=parent)
@@ -132,13 +157,13 @@ def _check(cond: bool, path: str, what: str) -> None:
         raise ModelError(f"damaged model {path}: {what}")
 
 
-def load_model(path: str) -> FittedModel:
+def load_model(uri: str) -> FittedModel:
     """Read and validate a saved model; any inconsistency is a one-line ModelError."""
+    fs, path = storage.resolve(uri)
     try:
-        with open(os.path.join(path, MODEL_FILE)) as f:
-            doc = json.load(f)
+        doc = json.loads(storage.read_bytes(fs, storage.join(path, MODEL_FILE)))
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read {os.path.join(path, MODEL_FILE)}: {e}") from None
+        raise ModelError(f"cannot read {storage.join(uri, MODEL_FILE)}: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ModelError(f"{path} is not a dnnad model")
     if doc.get("version") != FORMAT_VERSION:
@@ -150,14 +175,16 @@ def load_model(path: str) -> FittedModel:
         k, threshold, shard_docs = doc["k"], doc["threshold"], doc["shards"]
         shards = []
         for i, sm in enumerate(shard_docs):
-            vec = np.load(os.path.join(path, f"shard-{i:03d}.npy"), allow_pickle=False)
-            fb = np.fromfile(os.path.join(path, f"shard-{i:03d}.faiss"), dtype=np.uint8) if sm["faiss"] else None
+            vec = storage.load_npy(fs, storage.join(path, f"shard-{i:03d}.npy"))
+            fb = (np.frombuffer(storage.read_bytes(fs, storage.join(path, f"shard-{i:03d}.faiss")), dtype=np.uint8)
+                  if sm["faiss"] else None)
             _check(vec.dtype == np.float32 and vec.ndim == 2 and vec.shape == (sm["rows"], meta.dim), path,
                    f"shard {i} holds {vec.dtype} {vec.shape}, expected float32 ({sm['rows']}, {meta.dim})")
             _check(bool(np.isfinite(vec).all()), path, f"shard {i} holds NaN or inf")
             shards.append(Shard(int(sm["offset"]), np.ascontiguousarray(vec), fb))
-        ids = np.asarray(pq.read_table(os.path.join(path, "normal.parquet"))["id"].to_pylist(), dtype=object)
-        calib = np.load(os.path.join(path, "calibration.npy"), allow_pickle=False)
+        ids = np.asarray(pq.read_table(io.BytesIO(storage.read_bytes(fs, storage.join(path, "normal.parquet"))))
+                         ["id"].to_pylist(), dtype=object)
+        calib = storage.load_npy(fs, storage.join(path, "calibration.npy"))
     except (OSError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, ModelError):
             raise

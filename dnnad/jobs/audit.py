@@ -13,14 +13,16 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .. import storage
 from ..config import ConfigError
-from ..stages.read import prepare_source, read_source
+from ..stages.read import prepare_source
 from ..stages.write import read_record
 from .base import (
     Job,
     Run,
     apply_model,
     check_model_weights,
+    embed_rows,
     load_saved_model,
     output_path,
     resolve_job_weights,
@@ -30,27 +32,26 @@ from .base import (
 
 def previous_scores(out: str, run_date: str) -> tuple[str, np.ndarray] | None:
     """The latest earlier finished night's ok scores, if any (reads two columns)."""
-    runs = os.path.join(out, "runs")
-    if not os.path.isdir(runs):
+    fs, root = storage.resolve(out)
+    runs = storage.join(root, "runs")
+    dates = sorted(f[:-5] for f in storage.listdir(fs, runs)
+                   if f.endswith(".json") and f[:-5] < run_date and read_record(fs, storage.join(runs, f)))
+    part = storage.join(root, "scores", f"run_date={dates[-1]}") if dates else None
+    if part is None or not storage.exists(fs, part):
         return None
-    dates = sorted(f[:-5] for f in os.listdir(runs)
-                   if f.endswith(".json") and f[:-5] < run_date and read_record(os.path.join(runs, f)))
-    part = os.path.join(out, "scores", f"run_date={dates[-1]}") if dates else None
-    if part is None or not os.path.isdir(part):
-        return None
-    t = pq.read_table(part, columns=["score", "status"])
+    t = pq.read_table(part, columns=["score", "status"], filesystem=fs)
     return dates[-1], t.filter(pc.field("status") == "ok")["score"].to_numpy()
 
 
-def summarise(scores_path: str, model, top_n: int, previous: tuple[str, np.ndarray] | None) -> dict:
+def summarise(fs, scores_path: str, model, top_n: int, previous: tuple[str, np.ndarray] | None) -> dict:
     """Counts, quantiles against the normal set's, top-N and drift, reading only the columns needed."""
     from scipy.stats import ks_2samp
 
-    t = pq.read_table(scores_path, columns=["id", "score", "status"])
+    t = pq.read_table(scores_path, columns=["id", "score", "status"], filesystem=fs)
     ok = t.filter(pc.field("status") == "ok")
     s = ok["score"].to_numpy()
     top_ids = ok.sort_by([("score", "descending"), ("id", "ascending")]).slice(0, top_n)["id"]
-    top = pq.read_table(scores_path, columns=["id", "score", "normal_percentile", "neighbor_ids"],
+    top = pq.read_table(scores_path, columns=["id", "score", "normal_percentile", "neighbor_ids"], filesystem=fs,
                         filters=pc.field("id").isin(top_ids)).sort_by([("score", "descending"), ("id", "ascending")])
     qs = (0.5, 0.9, 0.99)
     flagged = s > model.threshold
@@ -90,8 +91,10 @@ class AuditJob(Job):
         self.model = load_saved_model(cfg.model_dir)
         self.cfg = cfg = apply_model(cfg, self.model, frozenset(cfg.explicit))
         self.query_src = prepare_source(cfg.query, "query")
-        self.weights = resolve_job_weights(cfg)
+        self.weights = resolve_job_weights(cfg, cfg.query)
         check_model_weights(self.model, self.weights)
+        if cfg.audit.cache is None and "://" in cfg.out:
+            raise ConfigError("--out is on an object store: give the embedding cache a local or shared path with --cache")
         root = cfg.audit.cache or os.path.join(cfg.out, "cache")
         try:
             check_cache_root(root)
@@ -102,31 +105,28 @@ class AuditJob(Job):
 
     def work(self, run: Run) -> None:
         import ray
-        from ray.data.expressions import col
 
-        from ..stages.cache import EmbeddingCache, append_part
-        from ..stages.embed import embed
+        from ..stages.cache import EmbeddingCache
         from ..stages.score import Scorer
 
         cfg, t, d = self.cfg, run.timings, self.cfg.run_date
         part = f"scores/run_date={d}"
+        images = self.weights is not None
         with t.stage("embed (cache-aware) + score"):
-            cache = EmbeddingCache.load(self.cache_dir)
-            emb = embed(read_source(self.query_src), cfg.embed, run.weights_ref, cfg.query.max_file_bytes,
-                        cache_ref=ray.put(cache)).materialize()
-            scored = Scorer.of(self.model, cfg.score).map(emb.drop_columns(["hash", "cached"]))
-            scored.write_parquet(run.staging.path(part))
-        new = emb.filter(expr=(col("cached") == False) & (col("status") == "ok"))  # noqa: E712
-        batches = list(new.select_columns(["hash", "embedding"]).iter_batches(batch_size=None, batch_format="numpy"))
-        hashes = [h for b in batches for h in b["hash"].tolist()]
-        X_new = np.concatenate([b["embedding"] for b in batches]) if batches else np.empty((0, 0))
-        n_cached = int(emb.filter(expr=col("cached") == True).count())  # noqa: E712
-        path = os.path.join(run.staging.dir, part)
-        summary = summarise(path, self.model, cfg.audit.top, previous_scores(cfg.out, d))
-        summary.update({"embedded": len(hashes), "from_cache": n_cached, "cache_dir": self.cache_dir})
-        append_part(self.cache_dir, hashes, X_new)  # content-keyed: growing it is safe even if the commit fails
+            cache = ray.put(EmbeddingCache.load(self.cache_dir)) if images else None
+            emb = embed_rows(self.query_src, cfg, run.weights_ref, score_actors=cfg.score.actors, cache_ref=cache,
+                             cache_out=self.cache_dir if images else None)
+            Scorer.of(self.model, cfg.score).map(emb).write_parquet(run.staging.path(part), filesystem=run.staging.fs)
+        fs, path = run.staging.fs, run.staging.path(part)
+        summary = summarise(fs, path, self.model, cfg.audit.top, previous_scores(cfg.out, d))
+        if images:
+            t_cached = pq.read_table(path, columns=["status", "cached"], filesystem=fs)
+            ok = pc.equal(t_cached["status"], "ok")
+            n_cached = int(pc.sum(pc.and_(ok, t_cached["cached"])).as_py() or 0)
+            summary.update({"embedded": int(pc.sum(ok).as_py() or 0) - n_cached, "from_cache": n_cached,
+                            "cache_dir": self.cache_dir})
         run.fields.update(run_date=d, k=self.model.k, threshold=self.model.threshold, model_dir=cfg.model_dir,
-                          rows=status_counts(path), summary=summary,
+                          rows=status_counts(fs, path), summary=summary,
                           outputs={"scores": output_path(cfg, part), "report": output_path(cfg, f"reports/{d}.html")})
 
     def report(self, run: Run, record: dict) -> None:
@@ -134,7 +134,7 @@ class AuditJob(Job):
 
         d = self.cfg.run_date
         run.staging.write_text(f"reports/{d}.html", run_report(
-            record, os.path.join(run.staging.dir, f"scores/run_date={d}"), self.model, self.cfg.query,
+            record, run.staging.fs, run.staging.path(f"scores/run_date={d}"), self.model, self.cfg.query,
             self.cfg.audit.top))
         if not self.cfg.quiet:
             print_summary(record)
@@ -142,8 +142,8 @@ class AuditJob(Job):
 
 def print_summary(record: dict) -> None:
     s = record["summary"]
-    print(f"[dnnad] audit {record['run_date']}: rows {record['rows']}, embedded {s['embedded']}, "
-          f"from cache {s['from_cache']}, flagged {s['flagged']} ({s['flagged_fraction']:.2%})")
+    print(f"[dnnad] audit {record['run_date']}: rows {record['rows']}, embedded {s.get('embedded')}, "
+          f"from cache {s.get('from_cache')}, flagged {s['flagged']} ({s['flagged_fraction']:.2%})")
     if "drift" in s:
         d = s["drift"]
         print(f"[dnnad] drift vs {d['previous_run_date']}: KS {d['ks_statistic']:.3f} (p={d['ks_pvalue']:.3g}), "

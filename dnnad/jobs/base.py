@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..config import ConfigError, JobConfig
 from ..runtime import Timings, cluster_resources, start_ray
+from ..stages.read import read_source
 from ..stages.write import RUN_RECORD, OutDir, Staging
 
 # Flags a saved model decides; giving one that differs from the model is an error, never silently ignored.
@@ -85,7 +86,7 @@ class Job:
         record = {
             "dnnad_version": __version__, "kind": self.kind,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), "config": self.cfg.to_dict(),
-            "backbone": self.cfg.embed.backbone, "weights": w.source if w else None,
+            "backbone": self.cfg.embed.backbone if w else None, "weights": w.source if w else None,
             "weights_identity": w.identity if w else None,
             "cluster": {"cpus": cpus, "gpus": gpus, "host": platform.node()},
             **run.fields, "timings_s": dict(run.timings),
@@ -95,10 +96,32 @@ class Job:
         return record
 
 
-def resolve_job_weights(cfg: JobConfig):
-    """The embedding weights, resolved once on the driver (then broadcast)."""
+def embed_rows(src, cfg: JobConfig, weights_ref, score_actors: int | None = None, cache_ref=None,
+               cache_out: str | None = None):
+    """The embed stage for a prepared source (lazy): the backbone on image rows, or checked vectors for an
+    ``--embedding-column`` source."""
+    if src.cfg.embedding_column:
+        from ..stages.vectors import vectors
+
+        return vectors(read_source(src), src.dim)
+    from ..stages.embed import embed
+
+    return embed(read_source(src), cfg.embed, weights_ref, src.cfg.max_file_bytes, cache_ref=cache_ref,
+                 score_actors=score_actors, cache_out=cache_out)
+
+
+def uses_images(*sources) -> bool:
+    return any(s is not None and not s.embedding_column for s in sources)
+
+
+def resolve_job_weights(cfg: JobConfig, *sources):
+    """The embedding weights, resolved once on the driver (then broadcast); None when every source already
+    holds vectors."""
     from ..vision.specs import get_spec
     from ..vision.weights import WeightsError, resolve_weights
+
+    if sources and not uses_images(*sources):
+        return None
 
     try:
         return resolve_weights(get_spec(cfg.embed.backbone, cfg.embed.image_size), cfg.embed.weights)
@@ -130,21 +153,26 @@ def apply_model(cfg: JobConfig, model, explicit: frozenset[str]) -> JobConfig:
         raise ConfigError(f"{MODEL_FLAGS[name]} conflicts with the saved model in --model{model_value}: "
                           f"drop the flag, or fit a new model into a new --model directory")
     if m.backbone is None:
-        raise ConfigError("--model holds a model fitted on embeddings (library API); it cannot embed images")
+        if uses_images(cfg.query):
+            raise ConfigError("--model holds a model fitted on precomputed embeddings; score a source with "
+                              "--embedding-column")
+        return cfg
+    if cfg.query is not None and cfg.query.embedding_column:
+        raise ConfigError("--model was fitted on images; --embedding-column vectors cannot be scored against it")
     return replace(cfg, embed=replace(cfg.embed, backbone=m.backbone, weights=m.weights, image_size=m.image_size))
 
 
 def check_model_weights(model, weights) -> None:
     """Refuse weights whose file changed since the model was fitted."""
-    if weights.identity != model.meta.weights_identity:
+    if weights is not None and weights.identity != model.meta.weights_identity:
         raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta.weights_identity}")
 
 
-def status_counts(path: str) -> dict:
+def status_counts(fs, path: str) -> dict:
     """Rows per status of a written table, reading only its status column."""
-    counts = pc.value_counts(pq.read_table(path, columns=["status"])["status"]).to_pylist()
+    counts = pc.value_counts(pq.read_table(path, columns=["status"], filesystem=fs)["status"]).to_pylist()
     return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
 
 
 def output_path(cfg: JobConfig, name: str) -> str:
-    return os.path.join(cfg.out, name)
+    return cfg.out.rstrip("/") + "/" + name if "://" in cfg.out else os.path.join(cfg.out, name)

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError
-from ..stages.read import prepare_source, read_source
-from .base import Job, Run, output_path, resolve_job_weights
+from ..stages.read import prepare_source
+from .base import Job, Run, embed_rows, output_path, resolve_job_weights
 
 DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("round", pa.int32()),
                             ("score", pa.float64())])
@@ -74,23 +74,22 @@ class RankJob(Job):
         self.data_src = prepare_source(self.cfg.normal, "data")
         if self.data_src.rows < 2:
             raise ConfigError(f"--data selects {self.data_src.rows} image; ranking needs at least 2")
-        self.weights = resolve_job_weights(self.cfg)
+        self.weights = resolve_job_weights(self.cfg, self.cfg.normal)
 
     def work(self, run: Run) -> None:
         from ..core.model import save_model
         from ..stages.collect import collect
-        from ..stages.embed import embed
         from ..stages.fit import fit_model
 
         cfg, t, r = self.cfg, run.timings, self.cfg.rank
         with t.stage("embed data"):
-            data = collect(embed(read_source(self.data_src), cfg.embed, run.weights_ref, cfg.normal.max_file_bytes))
+            data = collect(embed_rows(self.data_src, cfg, run.weights_ref))
         if len(data.X) < 2:
             raise ConfigError(f"ranking needs at least 2 readable images, the data has {len(data.X)}")
         current, dropped, ranking, history = data, [], None, []
         for rnd in range(1, r.rounds + 1):
             with t.stage(f"rank round {rnd}"):
-                model, fit = fit_model(current, cfg, self.weights.identity)
+                model, fit = fit_model(current, cfg, self.weights)
                 scores = fit.calibration_scores
                 if ranking is None:
                     ranking = rank_table(current.ids, scores, fit.ids[fit.calibration_pos], fit.calibration_dist,
@@ -107,8 +106,8 @@ class RankJob(Job):
                                          "score": pa.array(scores[out], pa.float64())}, schema=DROPPED_SCHEMA))
                 current = current.take(np.setdiff1d(np.arange(len(scores)), out))
         with t.stage("refit on kept rows"):
-            model, _ = fit_model(current, cfg, self.weights.identity)
-            save_model(model, cfg.model_dir or run.staging.path("model"), replace=cfg.overwrite)
+            model, _ = fit_model(current, cfg, self.weights)
+            save_model(model, cfg.model_dir or run.staging.uri("model"), replace=cfg.overwrite)
         n_err = data.errors.num_rows
         dropped.append(pa.table({"id": data.errors["id"], "reason": pa.array(["error"] * n_err, pa.string()),
                                  "round": pa.nulls(n_err, pa.int32()), "score": pa.nulls(n_err, pa.float64())},

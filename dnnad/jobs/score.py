@@ -1,15 +1,14 @@
 """The score job: fit on a normal set (or load ``--model``) and score a query set, one row per input row."""
 from __future__ import annotations
 
-import os
-
 from ..config import ConfigError
-from ..stages.read import prepare_source, read_source
+from ..stages.read import prepare_source
 from .base import (
     Job,
     Run,
     apply_model,
     check_model_weights,
+    embed_rows,
     load_saved_model,
     output_path,
     resolve_job_weights,
@@ -42,14 +41,19 @@ class ScoreJob(Job):
             if self.normal_src.rows < 2:
                 raise ConfigError(f"--normal selects {self.normal_src.rows} image; DN2 needs at least 2 normal images")
         self.query_src = prepare_source(cfg.query, "query")
-        self.weights = resolve_job_weights(cfg)
+        if self.model is None and (cfg.normal.embedding_column is None) != (cfg.query.embedding_column is None):
+            raise ConfigError("--embedding-column must name the vectors of both --normal and --query")
+        if self.model is None and self.normal_src.dim != self.query_src.dim:
+            raise ConfigError(f"--normal vectors have {self.normal_src.dim} dimensions, --query {self.query_src.dim}")
+        if self.model is not None and self.query_src.dim not in (None, self.model.meta.dim):
+            raise ConfigError(f"--query vectors have {self.query_src.dim} dimensions, the model {self.model.meta.dim}")
+        self.weights = resolve_job_weights(cfg, cfg.normal if self.model is None else None, cfg.query)
         if self.model is not None:
             check_model_weights(self.model, self.weights)
 
     def work(self, run: Run) -> None:
         from ..core.model import save_model
-        from ..stages.collect import as_dataset, collect, pool_groups
-        from ..stages.embed import embed
+        from ..stages.collect import collect, pool_groups, pool_groups_dataset
         from ..stages.fit import fit_model
         from ..stages.score import Scorer
 
@@ -58,38 +62,30 @@ class ScoreJob(Job):
         model, normal_rows = self.model, None
         if model is None:
             with t.stage("embed normal"):
-                normal = collect(embed(read_source(self.normal_src), cfg.embed, run.weights_ref,
-                                       cfg.normal.max_file_bytes))
+                normal = collect(embed_rows(self.normal_src, cfg, run.weights_ref))
             if len(normal.X) < 2:
                 raise ConfigError(f"the normal set has {len(normal.X)} readable images; DN2 needs at least 2")
             normal_rows = {"ok": len(normal.X), "error": normal.errors.num_rows}
             with t.stage("fit index + threshold"):
-                model, _ = fit_model(pool_groups(normal) if grouped else normal, cfg, self.weights.identity)
-                save_model(model, cfg.model_dir or run.staging.path("model"))
+                model, _ = fit_model(pool_groups(normal) if grouped else normal, cfg, self.weights)
+                save_model(model, cfg.model_dir or run.staging.uri("model"))
         scorer = Scorer.of(model, cfg.score)
         with t.stage("embed + score query"):
-            query = embed(read_source(self.query_src), cfg.embed, run.weights_ref, cfg.query.max_file_bytes,
-                          score_actors=cfg.score.actors)
-            if grouped:
-                from ..runtime import cluster_resources
-
-                q = pool_groups(collect(query))
-                scored = scorer.map(as_dataset(q.ids, q.X, cluster_resources()[0], q.extra)).drop_columns(["_pos"])
-            else:
-                scored = scorer.map(query)
-            scored.write_parquet(run.staging.path("scores"))
+            query = embed_rows(self.query_src, cfg, run.weights_ref, score_actors=cfg.score.actors)
+            scored = scorer.map(pool_groups_dataset(query) if grouped else query)
+            scored.write_parquet(run.staging.path("scores"), filesystem=run.staging.fs)
         self.fitted = model
         run.fields.update(
             k=model.k, threshold=model.threshold, model=vars(model.meta),
             model_dir=cfg.model_dir or output_path(cfg, "model"),
-            rows=status_counts(os.path.join(run.staging.dir, "scores")), normal_rows=normal_rows, grouped=grouped,
+            rows=status_counts(run.staging.fs, run.staging.path("scores")), normal_rows=normal_rows, grouped=grouped,
             outputs={"scores": output_path(cfg, "scores"), "report": output_path(cfg, "report.html")})
 
     def report(self, run: Run, record: dict) -> None:
         from ..report.html import run_report
 
         if not record["grouped"]:
-            run.staging.write_text("report.html", run_report(record, os.path.join(run.staging.dir, "scores"),
+            run.staging.write_text("report.html", run_report(record, run.staging.fs, run.staging.path("scores"),
                                                              self.fitted, self.cfg.query))
 
 

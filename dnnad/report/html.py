@@ -103,7 +103,7 @@ threshold {threshold:.4g};
 </body></html>"""
 
 
-def run_report(record: dict, scores_path: str, model, query_source, top_n: int = 20) -> str:
+def run_report(record: dict, fs, scores_path: str, model, query_source, top_n: int = 20) -> str:
     """The report of a written scores table against a fitted model; reads only the columns it plots and
     fetches thumbnails for the rows it shows, from this run's query source and the model's normal source."""
     import pyarrow.compute as pc
@@ -112,11 +112,12 @@ def run_report(record: dict, scores_path: str, model, query_source, top_n: int =
 
     from .images import fetch_images
 
-    names = pads.dataset(scores_path, format="parquet").schema.names
+    names = pads.dataset(scores_path, format="parquet", filesystem=fs).schema.names
     cols = ["id", "score", "status"] + (["label"] if "label" in names else [])
-    ok = pq.read_table(scores_path, columns=cols).filter(pc.field("status") == "ok")
+    ok = pq.read_table(scores_path, columns=cols, filesystem=fs).filter(pc.field("status") == "ok")
     top_ids = ok.sort_by([("score", "descending"), ("id", "ascending")]).slice(0, top_n)["id"]
     top = pq.read_table(scores_path, columns=["id", "score", "normal_percentile", "neighbor_ids", "neighbor_dists"],
+                        filesystem=fs,
                         filters=pc.field("id").isin(top_ids)).sort_by([("score", "descending"), ("id", "ascending")])
     top = top.to_pylist()
     images = fetch_images(query_source, [r["id"] for r in top])

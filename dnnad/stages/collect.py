@@ -58,12 +58,33 @@ def as_dataset(ids: np.ndarray, X: np.ndarray, blocks: int, extra: dict | None =
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, n, step)])
 
 
+def group_mean(ids: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Mean embedding of a group's members, summed in id order in float64: the same bits wherever it runs."""
+    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+    return X[order].astype(np.float64).mean(axis=0).astype(np.float32)
+
+
 def pool_groups(emb: Embedded) -> Embedded:
-    """Group anomaly detection: one mean embedding per group key, with its member count."""
+    """Group anomaly detection on collected embeddings: one mean embedding per group key, with its size."""
     keys = emb.extra["group"].astype(str)
     uniq, inv = np.unique(keys, return_inverse=True)
-    X = np.zeros((len(uniq), emb.X.shape[1]), dtype=np.float64)
-    np.add.at(X, inv, emb.X)
+    X = np.stack([group_mean(emb.ids[inv == g], emb.X[inv == g]) for g in range(len(uniq))])
     counts = np.bincount(inv, minlength=len(uniq))
-    X = (X / counts[:, None]).astype(np.float32)
     return Embedded(uniq.astype(object), X, {"n_members": counts}, emb.errors)
+
+
+def pool_group_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``map_groups`` function: the rows of one group → one row (its mean embedding over readable members;
+    an error row when none is readable)."""
+    ok = batch["status"] == "ok"
+    d = batch["embedding"].shape[1]
+    emb = group_mean(batch["id"][ok], batch["embedding"][ok]) if ok.any() else np.full(d, np.nan, np.float32)
+    return {"id": np.array([str(batch["group"][0])], dtype=object), "embedding": emb[None, :],
+            "status": np.array(["ok" if ok.any() else "error"], dtype=object),
+            "error": np.array([None if ok.any() else "no readable image in the group"], dtype=object),
+            "n_members": np.array([int(ok.sum())])}
+
+
+def pool_groups_dataset(ds):
+    """Group anomaly detection on a stream: a Ray Data groupby, nothing collected on the driver."""
+    return ds.groupby("group").map_groups(pool_group_rows, batch_format="numpy")

@@ -25,13 +25,14 @@ class Embedder:
     """Embedding actor: the backbone is built once per actor from weights shared via Ray's object store."""
 
     def __init__(self, spec: BackboneSpec, weights, device: str = "auto", threads: int | None = None,
-                 max_pixels: int | None = None, cache=None, batch_size: int = 64,
+                 max_pixels: int | None = None, cache=None, cache_out: str | None = None, batch_size: int = 64,
                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         import ray
 
         get = lambda r: ray.get(r) if isinstance(r, ray.ObjectRef) else r  # noqa: E731
         state = get(weights)
         self.cache = get(cache)
+        self.cache_out = cache_out  # where this actor adds the embeddings it computed (content-keyed parts)
         self.extractor = FeatureExtractor(spec, state, device=device, threads=threads)
         self.preprocess = preprocess_fn(spec)
         self.dim: int | None = None
@@ -83,7 +84,11 @@ class Embedder:
                "embedding": ArrowTensorArray.from_numpy(emb),
                "status": pa.array(status.tolist(), pa.string()), "error": pa.array(error.tolist(), pa.string())}
         if self.cache is not None:
-            out["hash"], out["cached"] = pa.array(hashes.tolist(), pa.string()), pa.array(cached)
+            out["cached"] = pa.array(cached)
+            if self.cache_out and feats is not None:
+                from .cache import append_part
+
+                append_part(self.cache_out, hashes[ok].tolist(), feats)
         out.update({c: pa.array(batch[c].tolist()) for c in PASSTHROUGH if c in batch})
         return pa.table(out)
 
@@ -105,8 +110,10 @@ class Embedder:
         return int(self.extractor(torch.zeros(1, 3, size, size)).shape[1])
 
 
-def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None, score_actors: int | None = None):
-    """Embedded dataset (lazy): id, embedding, status, error (+ passthrough; hash/cached with a cache)."""
+def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None, score_actors: int | None = None,
+          cache_out: str | None = None):
+    """Embedded dataset (lazy): id, embedding, status, error (+ passthrough; ``cached`` with a cache, whose
+    new entries the actors write to ``cache_out`` as they go: nothing is collected on the driver)."""
     from ray.data import ActorPoolStrategy
 
     spec = get_spec(cfg.backbone, cfg.image_size)
@@ -122,6 +129,6 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
     return ds.map_batches(
         Embedder, batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
-                               "device": "cuda" if use_gpu else "cpu", "cache": cache_ref,
+                               "device": "cuda" if use_gpu else "cpu", "cache": cache_ref, "cache_out": cache_out,
                                "batch_size": cfg.batch_size, "max_file_bytes": max_file_bytes}, **res,
     )

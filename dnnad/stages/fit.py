@@ -49,17 +49,19 @@ def fit_params(cfg: JobConfig) -> FitParams:
                      cfg.index.reduce, cfg.score.exclude_duplicates)
 
 
-def fit_model(normal: Embedded, cfg: JobConfig, weights_identity: str) -> tuple[FittedModel, Fit]:
-    """Fit on the collected normal embeddings; the model records how its embeddings were made."""
+def fit_model(normal: Embedded, cfg: JobConfig, weights) -> tuple[FittedModel, Fit]:
+    """Fit on the collected normal embeddings; the model records how its embeddings were made (``weights``:
+    the resolved backbone weights, or None for precomputed vectors)."""
     import ray
 
     params = fit_params(cfg)
     fit = fit_reference(normal.X, normal.ids, params, RayBackend(cfg.score))
     labels = normal.extra.get("label")
+    images = weights is not None
     model = model_from_fit(
-        fit, ray.get(fit.handle), params, backbone=cfg.embed.backbone,
-        image_size=get_spec(cfg.embed.backbone, cfg.embed.image_size).image_size,
-        weights=cfg.embed.weights, weights_identity=weights_identity,
+        fit, ray.get(fit.handle), params, backbone=cfg.embed.backbone if images else None,
+        image_size=get_spec(cfg.embed.backbone, cfg.embed.image_size).image_size if images else None,
+        weights=cfg.embed.weights if images else None, weights_identity=weights.identity if images else None,
         normal_source=asdict(cfg.normal) if cfg.normal is not None else None,
         normal_labels=sorted({str(v) for v in labels if v is not None}) if labels is not None else None)
     return model, fit

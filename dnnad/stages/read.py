@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ..config import ConfigError, SourceConfig
+from ..storage import resolve
 from ..vision.decode import IMAGE_EXTENSIONS, DecodeError
 
 ROWS_PER_BLOCK = 256
@@ -30,13 +31,6 @@ ROWS_PER_BLOCK = 256
 READ_CPUS = 0.25
 PASSTHROUGH = ("group", "label", "split")  # source columns carried unchanged to every output row
 NULL_ID = "null id"
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, ValueError):
-        return pafs.LocalFileSystem(), uri
 
 
 def is_parquet(fs: pafs.FileSystem, path: str) -> bool:
@@ -153,6 +147,7 @@ class PreparedSource:
     rows: int
     schema: pa.Schema | None = None
     listing: pa.Table | None = None  # folder listing or a Parquet sample, read on the driver
+    dim: int | None = None  # vector dimension of an --embedding-column source
 
 
 def prepare_source(cfg: SourceConfig, role: str) -> PreparedSource:
@@ -168,6 +163,8 @@ def prepare_source(cfg: SourceConfig, role: str) -> PreparedSource:
     if info.type == pafs.FileType.File and not path.endswith(".parquet"):
         raise ConfigError(f"{flag} must be a folder of images or a Parquet file/dataset: {cfg.uri}")
     if not is_parquet(fs, path):
+        if cfg.embedding_column:
+            raise ConfigError(f"--embedding-column needs a Parquet source; {cfg.uri} is a folder")
         return _prepare_folder(cfg, fs, path, flag)
     return _prepare_parquet(cfg, fs, path, flag)
 
@@ -192,13 +189,21 @@ def _prepare_parquet(cfg: SourceConfig, fs, path: str, flag: str) -> PreparedSou
         schema = dataset.schema
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{flag} is not a readable Parquet file/dataset: {cfg.uri}: {e}") from None
-    for col, opt in ((cfg.id_column, "--id-column"), (cfg.image_column, "--image-column")):
+    data_col, data_opt = ((cfg.embedding_column, "--embedding-column") if cfg.embedding_column
+                          else (cfg.image_column, "--image-column"))
+    for col, opt in ((cfg.id_column, "--id-column"), (data_col, data_opt)):
         if col not in schema.names:
             raise ConfigError(f"column {col!r} not in {cfg.uri} (columns: {', '.join(schema.names)}); set {opt}")
-    img_type = schema.field(cfg.image_column).type
-    if not (pa.types.is_binary(img_type) or pa.types.is_large_binary(img_type)):
-        raise ConfigError(f"--image-column {cfg.image_column!r} must hold encoded image bytes (binary), "
-                          f"not {img_type}")
+    data_type = schema.field(data_col).type
+    dim = None
+    if cfg.embedding_column:
+        if not (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)
+                or pa.types.is_fixed_size_list(data_type)) or not (
+                pa.types.is_floating(data_type.value_type) or pa.types.is_integer(data_type.value_type)):
+            raise ConfigError(f"--embedding-column {data_col!r} must be a list of numbers, not {data_type}")
+        dim = data_type.list_size if pa.types.is_fixed_size_list(data_type) else _first_length(dataset, data_col)
+    elif not (pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type)):
+        raise ConfigError(f"--image-column {data_col!r} must hold encoded image bytes (binary), not {data_type}")
     try:
         pc.cast(pa.array([], schema.field(cfg.id_column).type), pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -218,12 +223,21 @@ def _prepare_parquet(cfg: SourceConfig, fs, path: str, flag: str) -> PreparedSou
         raise ConfigError(f"{flag} selects no rows: {cfg.uri}{what}")
     check_unique_ids(ids.take(pa.array(positions)) if cfg.sample is not None else ids, flag)
     if cfg.sample is None:
-        return PreparedSource(cfg, fs, path, len(ids), schema=schema)
+        return PreparedSource(cfg, fs, path, len(ids), schema=schema, dim=dim)
     # A sample: read its rows here so that it is the same on every run and every cluster.
     keep, group_col, cols = _columns(cfg, schema)
     picked = dataset.take(positions, columns=cols, filter=expr)
-    return PreparedSource(cfg, fs, path, picked.num_rows, schema=schema,
+    return PreparedSource(cfg, fs, path, picked.num_rows, schema=schema, dim=dim,
                           listing=_normalise_columns(picked, keep, group_col))
+
+
+def _first_length(dataset: pads.Dataset, column: str) -> int:
+    """Length of the first non-null vector of a list column: the dimension every row must have."""
+    for batch in dataset.to_batches(columns=[column]):
+        lengths = pc.drop_null(pc.list_value_length(batch.column(0)))
+        if len(lengths):
+            return int(lengths[0].as_py())
+    raise ConfigError(f"--embedding-column {column!r} holds no vectors")
 
 
 def check_unique_ids(ids: pa.ChunkedArray, flag: str) -> None:
@@ -264,7 +278,8 @@ def _all_of(terms: list):
 
 def _columns(cfg: SourceConfig, schema: pa.Schema) -> tuple[dict[str, str], str | None, list[str]]:
     """(source column → output name, the group-by column or None, the columns to read)."""
-    keep = {cfg.id_column: "id", cfg.image_column: "image"}
+    keep = {cfg.id_column: "id"}
+    keep.update({cfg.embedding_column: "vector"} if cfg.embedding_column else {cfg.image_column: "image"})
     keep.update({c: c for c in PASSTHROUGH if c in schema.names and c not in keep and c != "group"})
     group_col = cfg.group_by if cfg.group_by and not cfg.group_by.startswith("dir:") else None
     return keep, group_col, list(dict.fromkeys([*keep, *([group_col] if group_col else [])]))

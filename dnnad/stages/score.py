@@ -20,7 +20,7 @@ SCORE_COLUMNS = pa.schema([
     ("normal_percentile", pa.float64()), ("neighbor_ids", pa.list_(pa.string())),
     ("neighbor_dists", pa.list_(pa.float64())), ("status", pa.string()), ("error", pa.string()),
 ])  # then the passthrough columns a source has (group, label, split, n_members)
-CARRIED = ("group", "label", "split", "n_members", "_pos")
+CARRIED = ("group", "label", "split", "n_members", "cached", "_pos")
 
 
 def _list_column(values: pa.Array, ok: np.ndarray, k: int, type_: pa.DataType) -> pa.Array:

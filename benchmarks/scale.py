@@ -1,0 +1,147 @@
+"""Scaling curve of the streaming query path (issue 11): rows/s and driver peak RSS against the number of
+query rows, with a plain single-process baseline (the same FAISS search and Parquet write) in the same run.
+
+    python benchmarks/scale.py --sizes 10000 100000 300000 --normal 20000 --dim 512 [--s3]
+
+Vectors come from an ``--embedding-column`` source (no backbone), so the curve measures the pipeline itself.
+dnnad runs with a model fitted beforehand (``--model``), so both sides do only the query path; dnnad's time
+includes starting Ray in-process. ``--s3`` repeats the largest size writing to a local S3 server (moto).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vectors(n: int, dim: int, seed: int, prefix: str) -> pa.Table:
+    X = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return pa.table({"id": pa.array([f"{prefix}{i:09d}" for i in range(n)]),
+                     "vec": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), dim)})
+
+
+def write_vectors(path: Path, n: int, dim: int, seed: int, prefix: str, chunk: int = 100_000) -> None:
+    with pq.ParquetWriter(path, vectors(1, dim, 0, prefix).schema) as w:
+        for i in range(0, n, chunk):
+            t = vectors(min(chunk, n - i), dim, seed + i, prefix)
+            w.write_table(t.set_column(0, "id", pa.array([f"{prefix}{j:09d}" for j in range(i, i + t.num_rows)])))
+
+
+def baseline(normal: Path, query: Path, out: Path, k: int = 2, batch: int = 8192) -> float:
+    """One process: read the query in batches, faiss.knn against the normal vectors, write Parquet."""
+    import faiss
+
+    t0 = time.perf_counter()
+    nt = pq.read_table(normal)
+    Xn = nt["vec"].combine_chunks().flatten().to_numpy().reshape(nt.num_rows, -1)
+    writer = None
+    for b in pq.ParquetFile(query).iter_batches(batch_size=batch):
+        Xq = b.column(1).flatten().to_numpy(zero_copy_only=False).reshape(b.num_rows, -1)
+        D, I = faiss.knn(Xq, Xn, k)
+        t = pa.table({"id": b.column(0), "score": np.sqrt(np.maximum(D, 0)).mean(1)})
+        writer = writer or pq.ParquetWriter(out, t.schema)
+        writer.write_table(t)
+    writer.close()
+    return time.perf_counter() - t0
+
+
+def run_dnnad(args: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(seconds, driver peak RSS in MiB) of one dnnad run as its own process."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dnnad.cli", *args, "--quiet"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def watch():
+        p = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak[0] = max(peak[0], p.memory_info().rss)
+            except psutil.Error:
+                break
+            time.sleep(0.1)
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(err[-3000:])
+    return seconds, peak[0] / 2**20
+
+
+def moto(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000])
+    ap.add_argument("--normal", type=int, default=20_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--s3", action="store_true")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dnnad-scale-"))
+    normal = work / "normal.parquet"
+    write_vectors(normal, a.normal, a.dim, 1, "n")
+    model = work / "model"
+    common = ["--embedding-column", "vec"]
+    run_dnnad(["score", "--normal", str(normal), "--query", str(normal), "--out", str(work / "fit"),
+               "--model", str(model), *common])
+    rows = []
+    for n in a.sizes:
+        query = work / f"query-{n}.parquet"
+        write_vectors(query, n, a.dim, 7, "q")
+        base_s = baseline(normal, query, work / f"base-{n}.parquet")
+        s, rss = run_dnnad(["score", "--model", str(model), "--query", str(query), "--out", str(work / f"out-{n}"),
+                            *common])
+        rows.append({"rows": n, "baseline_s": base_s, "dnnad_s": s, "baseline_rows_per_s": n / base_s,
+                     "dnnad_rows_per_s": n / s, "ratio": base_s / s, "driver_peak_rss_mib": rss})
+        print(json.dumps(rows[-1]), flush=True)
+    if a.s3:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = moto(port)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+        try:
+            import pyarrow.fs as pafs
+
+            time.sleep(3)
+            pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="x", secret_key="x",
+                              region="us-east-1").create_dir("bench")
+            n = a.sizes[-1]
+            s3_s, rss = run_dnnad(["score", "--model", str(model), "--query", str(work / f"query-{n}.parquet"),
+                                   "--out", f"s3://bench/out?endpoint_override=127.0.0.1:{port}&scheme=http", *common],
+                                  env)
+            local = next(r for r in rows if r["rows"] == n)
+            print(json.dumps({"rows": n, "s3_s": s3_s, "local_s": local["dnnad_s"], "s3_vs_local": local["dnnad_s"] / s3_s,
+                              "driver_peak_rss_mib": rss}), flush=True)
+        finally:
+            server.terminate()
+            server.wait()
+    print("| query rows | baseline rows/s | dnnad rows/s | dnnad / baseline | driver peak RSS |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['rows']:,} | {r['baseline_rows_per_s']:,.0f} | {r['dnnad_rows_per_s']:,.0f} | {r['ratio']:.2f}x | "
+              f"{r['driver_peak_rss_mib']:.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Many nodes: a real two-node Ray cluster on this machine, the job submitted with ``ray job submit`` (the
+README's cluster commands, token auth included); embedding and scoring run on both nodes and the output
+equals a single-node run."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dnnad.cli import main
+from tests.helpers import FAST, cifar_rows, write_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+JOB_ARGS = ["--actors", "2", "--threads", "1", "--score-actors", "2", "--score-batch-size", "16",
+            "--batch-size", "16", *FAST]
+
+pytestmark = pytest.mark.ray
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def node_args(ports: list[int], workers_from: int) -> list[str]:
+    """Ports of one node's processes, so that two nodes (and the test session's own Ray) share one host."""
+    names = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
+    args = [x for name, port in zip(names, ports) for x in (name, str(port))]
+    return [*args, "--min-worker-port", str(workers_from), "--max-worker-port", str(workers_from + 99),
+            "--num-cpus", "2", "--object-store-memory", str(400 * 1024 * 1024), "--disable-usage-stats"]
+
+
+def wait_for_nodes(address: str, n: int, env: dict, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "json"],
+                             capture_output=True, text=True, env=env)
+        if out.returncode == 0 and sum(n_["state"] == "ALIVE" for n_ in json.loads(out.stdout or "[]")) >= n:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"cluster did not reach {n} nodes")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """``ray start --head`` and ``ray start --address`` as this test's own processes (stopped by pid)."""
+    gcs, dash, client, *rest = free_ports(3 + 2 * 6)
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths must stay short
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--port", str(gcs), "--dashboard-port", str(dash),
+                             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+                             "--ray-client-server-port", str(client), "--temp-dir", temp,
+                             *node_args(rest[:6], 23100)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = [head]
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        wait_for_nodes(address, 1, env)
+        worker = subprocess.Popen([RAY, "start", "--block", "--address", f"127.0.0.1:{gcs}", *node_args(rest[6:], 23300)],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.insert(0, worker)
+        wait_for_nodes(address, 2, env)
+        yield address, env
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster-data")
+    write_folder(root / "normal", cifar_rows("train", 1, 40))
+    write_folder(root / "query", cifar_rows("test", None, 120))
+    (root / "query" / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    return root
+
+
+def test_ray_job_submit_runs_on_both_nodes_and_matches_a_single_node_run(cluster, data, tmp_path, ray_local):
+    address, env = cluster
+    out = tmp_path / "cluster-out"
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+              sys.executable, "jobs/score.py", "--normal", str(data / "normal"), "--query", str(data / "query"),
+              "--out", str(out), *JOB_ARGS]
+    proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    actors = json.loads(subprocess.run([RAY, "list", "actors", "--address", address, "--detail", "--format", "json",
+                                        "--limit", "1000"], capture_output=True, text=True, env=env).stdout)
+    for kind in ("Embedder", "KnnScorer"):
+        nodes = {a["node_id"] for a in actors if kind in (a.get("class_name", "") + a.get("repr_name", ""))}
+        assert len(nodes) == 2, (kind, nodes)
+
+    single = tmp_path / "single-out"
+    assert main(["score", "--normal", str(data / "normal"), "--query", str(data / "query"), "--out", str(single),
+                 *JOB_ARGS]) == 0
+    a, b = (pq.read_table(p / "scores").sort_by("id") for p in (out, single))
+    assert a.num_rows == b.num_rows == 121 and a["id"].to_pylist() == b["id"].to_pylist()
+    assert a["status"].to_pylist() == b["status"].to_pylist()
+    np.testing.assert_array_equal(a["score"].to_numpy(zero_copy_only=False), b["score"].to_numpy(zero_copy_only=False))
+    assert a["neighbor_ids"].to_pylist() == b["neighbor_ids"].to_pylist()
+    assert json.loads((out / "run.json").read_text())["cluster"]["cpus"] == 4
