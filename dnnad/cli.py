@@ -49,6 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=None, help="embedding actors (default: per GPU / CPUs)")
     p.add_argument("--score-actors", type=int, default=None, help="kNN scoring actors")
     p.add_argument("--score-batch-size", type=int, default=1024, help="queries per kNN batch")
+    p.add_argument("--partition-rows", type=int, default=100_000,
+                   help="query rows per partition: a killed run restarts from the partitions it committed")
     p.add_argument("--shards", type=int, default=1, help="index shards, built in parallel")
     p.add_argument("--index", default="flat", choices=INDEX_KINDS, help="flat is exact")
     p.add_argument("--reduce", type=_reduce, default=None, metavar="kmeans:N",
@@ -119,7 +121,8 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
         embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors),
         index=IndexConfig(a.index, a.shards, a.reduce),
         score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors, a.score_batch_size,
-                          exclude_duplicates=getattr(a, "exclude_duplicates", False)),
+                          exclude_duplicates=getattr(a, "exclude_duplicates", False),
+                          partition_rows=a.partition_rows),
         rank=RankConfig(getattr(a, "drop", None), getattr(a, "drop_score", None), getattr(a, "rounds", 1)),
         audit=AuditConfig(getattr(a, "date", None), getattr(a, "cache", None), getattr(a, "top", 20)),
         overwrite=a.overwrite, quiet=a.quiet, verbose=a.verbose, explicit=explicit,

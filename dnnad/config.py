@@ -5,6 +5,8 @@ Pure Python: importing it (and so ``dnnad --help``) loads neither torch nor fais
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -60,6 +62,7 @@ class ScoreConfig:
     actors: int | None = None
     batch_size: int = 1024
     exclude_duplicates: bool = False
+    partition_rows: int = 100_000  # query rows per partition: the unit a killed run resumes from
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,12 @@ class JobConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def fingerprint(self) -> str:
+        """Identity of what a run computes (not how it reports or whether it may overwrite): a killed run
+        with the same fingerprint is resumed."""
+        doc = {k: v for k, v in self.to_dict().items() if k not in ("overwrite", "quiet", "verbose", "explicit")}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     @property
     def run_date(self) -> str:
         return self.audit.date or dt.date.today().isoformat()
@@ -128,6 +137,7 @@ class JobConfig:
             raise ConfigError(f"--contamination must be in [0, 1), got {self.score.contamination}")
         _in_range("--score-actors", self.score.actors, 1, 100_000)
         _in_range("--score-batch-size", self.score.batch_size, 1, 1 << 20)
+        _in_range("--partition-rows", self.score.partition_rows, 1, 1 << 40)
         if self.index.kind not in INDEX_KINDS:
             raise ConfigError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {self.index.kind!r}")
         _in_range("--shards", self.index.shards, 1, 100_000)

@@ -58,7 +58,7 @@ class Job:
 
     def run(self) -> dict:
         cfg = self.cfg.validate()
-        out = OutDir(cfg.out, self.outputs(), cfg.overwrite, self.record_name)
+        out = OutDir(cfg.out, self.outputs(), cfg.overwrite, self.record_name, fingerprint=cfg.fingerprint())
         out.check()
         self.prepare()
         self.cfg.validate()  # prepare may have taken settings from a saved model
@@ -71,6 +71,8 @@ class Job:
             run = Run(self.cfg, staging, timings)
             if self.weights is not None:
                 run.weights_ref = ray.put(self.weights.state_dict)
+            if staging.resumed:
+                timings.say("resuming a killed run of the same configuration from its committed partitions")
             self.work(run)
             record = self.record(run)
             self.report(run, record)
@@ -166,6 +168,39 @@ def check_model_weights(model, weights) -> None:
     """Refuse weights whose file changed since the model was fitted."""
     if weights is not None and weights.identity != model.meta.weights_identity:
         raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta.weights_identity}")
+
+
+class PartNames:
+    """Ray Data file names under a partition's prefix, so a partition's files can be found and replaced."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def get_filename_for_block(self, block, write_uuid: str, task_index: int, block_index: int) -> str:
+        return f"{self.prefix}{write_uuid}_{task_index:06d}_{block_index:06d}.parquet"
+
+    def get_filename_for_row(self, row, write_uuid: str, task_index: int, block_index: int, row_index: int) -> str:
+        return f"{self.prefix}{write_uuid}_{task_index:06d}_{block_index:06d}_{row_index:06d}.parquet"
+
+
+def write_partitioned(run: Run, name: str, src, scored_of) -> dict:
+    """Write output ``name`` partition by partition of ``src`` (``scored_of(part)`` is the lazy scored
+    dataset of one partition), each committed by a marker; partitions a killed run committed are kept."""
+    from ..stages.read import partitions
+
+    parts = partitions(src, run.cfg.score.partition_rows)
+    log = run.staging.partitions(name)
+    skipped = 0
+    for i, part in enumerate(parts):
+        if log.done(i):
+            skipped += 1
+            continue
+        prefix = log.start(i)
+        scored_of(part).write_parquet(run.staging.path(name), filesystem=run.staging.fs,
+                                      filename_provider=PartNames(prefix))
+        log.finish(i)
+    log.clear_markers()
+    return {"partitions": len(parts), "partitions_resumed": skipped}
 
 
 def status_counts(fs, path: str) -> dict:

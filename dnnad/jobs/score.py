@@ -13,6 +13,7 @@ from .base import (
     output_path,
     resolve_job_weights,
     status_counts,
+    write_partitioned,
 )
 
 
@@ -52,7 +53,7 @@ class ScoreJob(Job):
             check_model_weights(self.model, self.weights)
 
     def work(self, run: Run) -> None:
-        from ..core.model import save_model
+        from ..core.model import is_model_dir, load_model, save_model
         from ..stages.collect import collect, pool_groups, pool_groups_dataset
         from ..stages.fit import fit_model
         from ..stages.score import Scorer
@@ -60,6 +61,9 @@ class ScoreJob(Job):
         cfg, t = self.cfg, run.timings
         grouped = bool(cfg.query.group_by)
         model, normal_rows = self.model, None
+        staged = run.staging.uri("model") if not cfg.model_dir else None
+        if model is None and staged and run.staging.resumed and is_model_dir(staged):
+            model = load_model(staged)  # fitted and saved by the killed run we resume
         if model is None:
             with t.stage("embed normal"):
                 normal = collect(embed_rows(self.normal_src, cfg, run.weights_ref))
@@ -71,14 +75,20 @@ class ScoreJob(Job):
                 save_model(model, cfg.model_dir or run.staging.uri("model"))
         scorer = Scorer.of(model, cfg.score)
         with t.stage("embed + score query"):
-            query = embed_rows(self.query_src, cfg, run.weights_ref, score_actors=cfg.score.actors)
-            scored = scorer.map(pool_groups_dataset(query) if grouped else query)
-            scored.write_parquet(run.staging.path("scores"), filesystem=run.staging.fs)
+            if grouped:  # a group may span partitions: one pass
+                query = embed_rows(self.query_src, cfg, run.weights_ref, score_actors=cfg.score.actors)
+                scorer.map(pool_groups_dataset(query)).write_parquet(run.staging.path("scores"),
+                                                                     filesystem=run.staging.fs)
+                parts = {}
+            else:
+                parts = write_partitioned(run, "scores", self.query_src, lambda part: scorer.map(
+                    embed_rows(part, cfg, run.weights_ref, score_actors=cfg.score.actors)))
         self.fitted = model
         run.fields.update(
             k=model.k, threshold=model.threshold, model=vars(model.meta),
             model_dir=cfg.model_dir or output_path(cfg, "model"),
             rows=status_counts(run.staging.fs, run.staging.path("scores")), normal_rows=normal_rows, grouped=grouped,
+            **parts,
             outputs={"scores": output_path(cfg, "scores"), "report": output_path(cfg, "report.html")})
 
     def report(self, run: Run, record: dict) -> None:

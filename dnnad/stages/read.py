@@ -13,7 +13,7 @@ import operator
 import os
 import posixpath
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -148,6 +148,7 @@ class PreparedSource:
     schema: pa.Schema | None = None
     listing: pa.Table | None = None  # folder listing or a Parquet sample, read on the driver
     dim: int | None = None  # vector dimension of an --embedding-column source
+    files: tuple[str, ...] | None = None  # a partition of a Parquet dataset: these files only
 
 
 def prepare_source(cfg: SourceConfig, role: str) -> PreparedSource:
@@ -260,7 +261,7 @@ def read_source(src: PreparedSource):
         t = src.listing
         return ray.data.from_arrow([t.slice(i, ROWS_PER_BLOCK) for i in range(0, t.num_rows, ROWS_PER_BLOCK)])
     cfg, schema = src.cfg, src.schema
-    ds = ray.data.read_parquet(src.path, filesystem=src.fs, num_cpus=READ_CPUS)
+    ds = ray.data.read_parquet(list(src.files) if src.files else src.path, filesystem=src.fs, num_cpus=READ_CPUS)
     expr = _all_of([col(name) == value for name, value in filter_values(schema, cfg.filters)])
     if expr is not None:
         ds = ds.filter(expr=expr)
@@ -269,6 +270,25 @@ def read_source(src: PreparedSource):
     ds = ds.map_batches(_normalise_columns, batch_format="pyarrow", num_cpus=READ_CPUS,
                         fn_kwargs={"rename": keep, "group_col": group_col})
     return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+
+
+def partitions(src: PreparedSource, rows: int) -> list[PreparedSource]:
+    """The source split into deterministic partitions of about ``rows`` rows, the unit a killed run resumes
+    from: slices of a folder listing or sample, or groups of whole files of a Parquet dataset."""
+    if src.listing is not None:
+        n = src.listing.num_rows
+        return [replace(src, listing=src.listing.slice(i, rows), rows=min(rows, n - i)) for i in range(0, n, rows)]
+    dataset = pads.dataset(src.path, filesystem=src.fs, format="parquet")
+    groups, current, size = [], [], 0
+    for frag in dataset.get_fragments():
+        current.append(frag.path)
+        size += frag.count_rows()
+        if size >= rows:
+            groups.append(tuple(current))
+            current, size = [], 0
+    if current or not groups:
+        groups.append(tuple(current))
+    return [replace(src, files=g) for g in groups]
 
 
 def _all_of(terms: list):

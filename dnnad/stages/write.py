@@ -78,8 +78,10 @@ def new_owner(names: list[str]) -> dict:
 class OutDir:
     """The output location of one run (path or URI) and the names (relative paths) the run will write."""
 
-    def __init__(self, out: str, names: list[str], overwrite: bool, record: str = RUN_RECORD):
+    def __init__(self, out: str, names: list[str], overwrite: bool, record: str = RUN_RECORD,
+                 fingerprint: str | None = None):
         self.out, self.names, self.overwrite, self.record = out, list(names), overwrite, record
+        self.fingerprint = fingerprint  # a killed run's staging with the same fingerprint is resumed
         self.fs, self.path = storage.resolve(out)
         self.local = storage.is_local(self.fs)
         self.own_owner: str | None = None  # our own owner file, once the run started
@@ -126,24 +128,29 @@ class OutDir:
 
     def open(self) -> Staging:
         self.check()
+        resume = None
         for f, owner in self.owners():  # a killed run's leftovers, proved dnnad's by their owner file
             if f.endswith(OWNER_FILE):
+                if resume is None and self.fingerprint and owner.get("fingerprint") == self.fingerprint:
+                    resume = f.rsplit("/", 1)[0]  # the same run, killed: continue from what it committed
+                    continue
                 storage.delete(self.fs, f.rsplit("/", 1)[0])
             else:
                 for name in owner.get("outputs", ()):
                     if name not in self.names:
                         storage.delete(self.fs, self.at(name))
                 storage.delete(self.fs, f)
-        return Staging(self)
+        return Staging(self, resume)
 
 
 class Staging:
-    """Where a run's outputs are written before its record commits them."""
+    """Where a run's outputs are written before its record commits them. ``resumed`` is the staging
+    directory of a killed run of the same configuration, adopted with the partitions it committed."""
 
-    def __init__(self, target: OutDir):
-        self.target, self.fs = target, target.fs
+    def __init__(self, target: OutDir, resume: str | None = None):
+        self.target, self.fs, self.resumed = target, target.fs, resume is not None
         if target.local:
-            self.dir = target.at(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+            self.dir = resume or target.at(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
             target.own_owner = storage.join(self.dir, OWNER_FILE)
         else:  # no rename on object stores: write in place, owned by the in-progress file
             self.dir = target.path
@@ -155,7 +162,7 @@ class Staging:
                         storage.delete(self.fs, target.at(target.record))  # no longer "finished"
                         old = None
                     storage.delete(self.fs, target.at(name))
-        storage.write_json(self.fs, target.own_owner, new_owner(target.names))
+        storage.write_json(self.fs, target.own_owner, {**new_owner(target.names), "fingerprint": target.fingerprint})
 
     def path(self, name: str) -> str:
         """Path (inside ``fs``) where output ``name`` (declared to ``OutDir``) is written before the commit."""
@@ -166,6 +173,9 @@ class Staging:
     def uri(self, name: str) -> str:
         """The same place as a URI (for writers that take one, such as ``save_model``)."""
         return storage.child_uri(self.target.out, self.path(name)) if not self.target.local else self.path(name)
+
+    def partitions(self, name: str) -> Partitions:
+        return Partitions(self.fs, self.path(name))
 
     def write_table(self, name: str, table: pa.Table) -> None:
         buf = io.BytesIO()
@@ -209,3 +219,30 @@ class Staging:
         for name in t.names:
             storage.delete(self.fs, self.path(name))
         storage.delete(self.fs, t.own_owner)
+
+
+class Partitions:
+    """Per-partition commit markers inside one staged output: a killed run resumes from the partitions it
+    finished; a partition without its marker is written again from scratch (never twice, never half)."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+
+    def done(self, i: int) -> bool:
+        return storage.exists(self.fs, storage.join(self.path, f".part-{i:05d}.done"))
+
+    def start(self, i: int) -> str:
+        """The file-name prefix partition ``i`` writes under, its earlier partial files removed."""
+        prefix = f"p{i:05d}-"
+        for name in storage.listdir(self.fs, self.path):
+            if name.startswith(prefix):
+                storage.delete(self.fs, storage.join(self.path, name))
+        return prefix
+
+    def finish(self, i: int) -> None:
+        storage.write_bytes(self.fs, storage.join(self.path, f".part-{i:05d}.done"), b"")
+
+    def clear_markers(self) -> None:
+        for name in storage.listdir(self.fs, self.path):
+            if name.startswith(".part-"):
+                storage.delete(self.fs, storage.join(self.path, name))

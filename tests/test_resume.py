@@ -1,0 +1,52 @@
+"""Resume: a driver killed mid-run restarts from the partitions it committed, never with duplicate or
+missing rows, and gives the same output as an undisturbed run."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.helpers import cifar_rows, write_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "8",
+        "--score-batch-size", "8", "--partition-rows", "40", "--quiet"]
+
+pytestmark = pytest.mark.ray
+
+
+def test_killed_driver_resumes_from_committed_partitions(tmp_path):
+    write_folder(tmp_path / "normal", cifar_rows("train", 1, 30))
+    write_folder(tmp_path / "query", cifar_rows("test", None, 200))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "jobs/score.py", "--normal", str(tmp_path / "normal"), "--query", str(tmp_path / "query"),
+           "--out", str(out), *ARGS]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while not glob.glob(str(out / ".staging-*" / "scores" / ".part-00001.done")):
+        assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started in-process
+    first.wait()
+    assert not (out / "run.json").exists() and not (out / "scores").exists()  # readers see no result
+
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["partitions"] == 5 and record["partitions_resumed"] >= 2
+    t = pq.read_table(out / "scores")
+    ids = t["id"].to_pylist()
+    assert len(ids) == 200 and len(set(ids)) == 200
+
+    clean = tmp_path / "clean"
+    assert subprocess.run([*cmd[:-len(ARGS) - 2], "--out", str(clean), *ARGS], cwd=ROOT, capture_output=True,
+                          timeout=600).returncode == 0
+    a, b = t.sort_by("id"), pq.read_table(clean / "scores").sort_by("id")
+    assert a["score"].to_pylist() == b["score"].to_pylist()
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging-")]
