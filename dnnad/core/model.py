@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from .index import Shard
+from .threshold import normal_percentile
 
 FORMAT = "dnnad-model"
 FORMAT_VERSION = 2
@@ -66,8 +67,7 @@ class FittedModel:
 
     def normal_percentile(self, scores: np.ndarray) -> np.ndarray:
         """Percentage of the normal set's calibration scores strictly below each score (100 = above all)."""
-        s = np.asarray(scores, dtype=np.float64)
-        return 100.0 * np.searchsorted(self.calibration_scores, s, side="left") / len(self.calibration_scores)
+        return normal_percentile(self.calibration_scores, scores)
 
 
 def is_model_dir(uri: str | None) -> bool:

@@ -28,3 +28,10 @@ def threshold_from_scores(loo_scores: np.ndarray, quantile: float | None = 0.99,
 def threshold_reliable(n_normal: int, quantile: float) -> bool:
     """Whether the normal set is large enough that the quantile is not simply its maximum."""
     return n_normal * (1.0 - quantile) >= 1.0
+
+
+def normal_percentile(calibration_sorted: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Percentage of the normal set's calibration scores strictly below each score (100 = above them all):
+    a score a person can read without the normal distribution beside it."""
+    s = np.asarray(scores, dtype=np.float64)
+    return 100.0 * np.searchsorted(calibration_sorted, s, side="left") / len(calibration_sorted)

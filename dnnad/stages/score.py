@@ -13,14 +13,16 @@ import pyarrow as pa
 from ..config import ScoreConfig
 from ..core.dn2 import score_against, self_exclusions
 from ..core.index import ShardedIndex
+from ..core.threshold import normal_percentile
 from ..runtime import SCORE_ACTOR_CPUS, cluster_resources, score_pool
+from .read import PASSTHROUGH
 
 SCORE_COLUMNS = pa.schema([
     ("id", pa.string()), ("score", pa.float64()), ("is_anomaly", pa.bool_()),
     ("normal_percentile", pa.float64()), ("neighbor_ids", pa.list_(pa.string())),
     ("neighbor_dists", pa.list_(pa.float64())), ("status", pa.string()), ("error", pa.string()),
 ])  # then the passthrough columns a source has (group, label, split, n_members)
-CARRIED = ("group", "label", "split", "n_members", "cached", "_pos")
+CARRIED = (*PASSTHROUGH, "n_members", "cached", "_pos")  # group sizes, cache hits, calibration positions
 
 
 def _list_column(values: pa.Array, ok: np.ndarray, k: int, type_: pa.DataType) -> pa.Array:
@@ -70,8 +72,7 @@ class KnnScorer:
             "score": pa.array(score, pa.float64(), mask=~ok),
             "is_anomaly": (pa.array(score > self.threshold, pa.bool_(), mask=~ok) if self.threshold is not None
                            else pa.nulls(n, pa.bool_())),
-            "normal_percentile": (pa.array(100.0 * np.searchsorted(self.calibration, score, side="left")
-                                           / len(self.calibration), pa.float64(), mask=~ok)
+            "normal_percentile": (pa.array(normal_percentile(self.calibration, score), pa.float64(), mask=~ok)
                                   if self.calibration is not None else pa.nulls(n, pa.float64())),
             "neighbor_ids": _list_column(self._names(pos.ravel()), ok, self.k, pa.list_(pa.string())),
             "neighbor_dists": _list_column(pa.array(dist.ravel(), pa.float64()), ok, self.k,
@@ -79,12 +80,14 @@ class KnnScorer:
             "status": pa.array(batch["status"].tolist(), pa.string()),
             "error": pa.array([e if isinstance(e, str) else None for e in batch["error"]], pa.string()),
         }
+        table = pa.table(cols, schema=SCORE_COLUMNS)
         for c in CARRIED:
             if c in batch:
-                cols[c] = pa.array(batch[c].tolist())
+                table = table.append_column(c, pa.array(batch[c].tolist()))
         if self.positions:
-            cols["_nbr_pos"] = _list_column(pa.array(pos.ravel(), pa.int64()), ok, self.k, pa.list_(pa.int64()))
-        return pa.table(cols)
+            table = table.append_column("_nbr_pos", _list_column(pa.array(pos.ravel(), pa.int64()), ok, self.k,
+                                                                 pa.list_(pa.int64())))
+        return table
 
 
 @dataclass
