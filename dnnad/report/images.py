@@ -24,6 +24,8 @@ def fetch_images(source: SourceConfig | dict, ids: list[str]) -> dict[str, bytes
     """Encoded bytes of a few rows by id; unreadable ones, and ids that would leave a folder source's
     root (absolute paths, ``..``), are left out."""
     cfg = source_config(source)
+    if cfg.embedding_column:
+        return {}  # a source of vectors has no images to show
     fs, path = resolve(cfg.uri)
     wanted = [i for i in dict.fromkeys(ids) if isinstance(i, str)]
     if not is_parquet(fs, path):
