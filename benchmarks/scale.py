@@ -125,7 +125,7 @@ def main() -> None:
 
             time.sleep(3)
             pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="x", secret_key="x",
-                              region="us-east-1").create_dir("bench")
+                              region="us-east-1", allow_bucket_creation=True).create_dir("bench")
             n = a.sizes[-1]
             s3_s, rss = run_dnnad(["score", "--model", str(model), "--query", str(work / f"query-{n}.parquet"),
                                    "--out", f"s3://bench/out?endpoint_override=127.0.0.1:{port}&scheme=http", *common],

@@ -30,7 +30,7 @@ def s3():
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     try:
         fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                               access_key="testing", secret_key="testing")
+                               access_key="testing", secret_key="testing", allow_bucket_creation=True)
         deadline = time.time() + 30
         while True:
             try:

@@ -170,19 +170,6 @@ def check_model_weights(model, weights) -> None:
         raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta.weights_identity}")
 
 
-class PartNames:
-    """Ray Data file names under a partition's prefix, so a partition's files can be found and replaced."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def get_filename_for_block(self, block, write_uuid: str, task_index: int, block_index: int) -> str:
-        return f"{self.prefix}{write_uuid}_{task_index:06d}_{block_index:06d}.parquet"
-
-    def get_filename_for_row(self, row, write_uuid: str, task_index: int, block_index: int, row_index: int) -> str:
-        return f"{self.prefix}{write_uuid}_{task_index:06d}_{block_index:06d}_{row_index:06d}.parquet"
-
-
 def write_partitioned(run: Run, name: str, src, scored_of) -> dict:
     """Write output ``name`` partition by partition of ``src`` (``scored_of(part)`` is the lazy scored
     dataset of one partition), each committed by a marker; partitions a killed run committed are kept."""
@@ -195,9 +182,11 @@ def write_partitioned(run: Run, name: str, src, scored_of) -> dict:
         if log.done(i):
             skipped += 1
             continue
+        from ray.data.datasource import FilenameProvider
+
         prefix = log.start(i)
         scored_of(part).write_parquet(run.staging.path(name), filesystem=run.staging.fs,
-                                      filename_provider=PartNames(prefix))
+                                      filename_provider=FilenameProvider(dataset_uuid=prefix, file_format="parquet"))
         log.finish(i)
     log.clear_markers()
     return {"partitions": len(parts), "partitions_resumed": skipped}

@@ -233,9 +233,9 @@ class Partitions:
 
     def start(self, i: int) -> str:
         """The file-name prefix partition ``i`` writes under, its earlier partial files removed."""
-        prefix = f"p{i:05d}-"
+        prefix = f"p{i:05d}"
         for name in storage.listdir(self.fs, self.path):
-            if name.startswith(prefix):
+            if name.startswith(prefix + "_"):
                 storage.delete(self.fs, storage.join(self.path, name))
         return prefix
 
