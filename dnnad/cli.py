@@ -10,6 +10,7 @@ import sys
 
 from .config import (
     DEFAULT_MAX_FILE_BYTES,
+    DUPLICATE_THRESHOLD,
     INDEX_KINDS,
     AuditConfig,
     ConfigError,
@@ -86,6 +87,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rounds", type=int, default=1, help="rank-drop-refit rounds")
     r.add_argument("--exclude-duplicates", action="store_true",
                    help="exact duplicates of a row are not its neighbours either")
+    r.add_argument("--duplicates", action=argparse.BooleanOptionalAction, default=True,
+                   help="write near-duplicate groups to OUT/duplicates (default: on)")
+    r.add_argument("--duplicate-threshold", type=float, default=DUPLICATE_THRESHOLD, metavar="D",
+                   help="largest distance between L2-normalised embeddings of near-duplicates")
+    r.add_argument("--drop-duplicates", action="store_true",
+                   help="keep one image per duplicate group (the others are dropped, reason duplicate)")
     _common(r)
     u = sub.add_parser("audit", help="nightly audit: saved model, embedding cache, dated partition, summary, report")
     u.add_argument("--query", required=True, help="folder, Parquet file/dataset, or URI of tonight's images")
@@ -116,7 +123,9 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
         index=IndexConfig(a.index, a.shards, a.reduce),
         score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors, a.score_batch_size,
                           exclude_duplicates=getattr(a, "exclude_duplicates", False)),
-        rank=RankConfig(getattr(a, "drop", None), getattr(a, "drop_score", None), getattr(a, "rounds", 1)),
+        rank=RankConfig(getattr(a, "drop", None), getattr(a, "drop_score", None), getattr(a, "rounds", 1),
+                        getattr(a, "duplicates", True), getattr(a, "duplicate_threshold", DUPLICATE_THRESHOLD),
+                        getattr(a, "drop_duplicates", False)),
         audit=AuditConfig(getattr(a, "date", None), getattr(a, "cache", None), getattr(a, "top", 20)),
         overwrite=a.overwrite, quiet=a.quiet, verbose=a.verbose, explicit=explicit,
     )
