@@ -77,3 +77,24 @@ def test_extra_neighbours_leave_scores_and_calibration_unchanged():
     assert np.array_equal(more.neighbour_pos[:, :2], more.calibration_pos)
     tiny = fit_reference(X[:4], None, FitParams(k=2, extra_neighbours=EXTRA_NEIGHBOURS))
     assert tiny.neighbour_pos.shape == (4, 3)  # clamped: each of 4 rows has 3 others
+
+
+def rank_cfg(*flags):
+    from dnnad.cli import config_from_args, parser
+
+    return config_from_args(parser().parse_args(["rank", "--data", "d", "--out", "o", *flags]))
+
+
+def test_duplicate_flags():
+    from dnnad.config import DUPLICATE_THRESHOLD, ConfigError
+
+    r = rank_cfg().rank
+    assert r.duplicates and r.duplicate_threshold == DUPLICATE_THRESHOLD and not r.drop_duplicates
+    r = rank_cfg("--no-duplicates").rank
+    assert not r.duplicates
+    assert rank_cfg("--duplicate-threshold", "0.4", "--drop-duplicates").rank.drop_duplicates
+    for flags, msg in ((["--duplicate-threshold", "2.5"], "in \\[0, 2\\]"),
+                       (["--no-duplicates", "--drop-duplicates"], "needs the duplicate groups"),
+                       (["--drop-duplicates", "--reduce", "kmeans:4"], "--reduce")):
+        with pytest.raises(ConfigError, match=msg):
+            rank_cfg(*flags).validate()

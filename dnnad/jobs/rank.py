@@ -73,6 +73,14 @@ def rank_table(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, ne
     return pa.concat_tables([ok.take(order), bad])
 
 
+def dropped_table(ids: np.ndarray, reason: str, rnd: int | None = None, scores: np.ndarray | None = None) -> pa.Table:
+    """Rows of ``dropped``: ids with one reason, the round and score (null for error rows)."""
+    n = len(ids)
+    return pa.table({"id": pa.array(ids.tolist(), pa.string()), "reason": pa.array([reason] * n, pa.string()),
+                     "round": pa.array([rnd] * n, pa.int32()), "score": pa.array(scores, pa.float64())
+                     if scores is not None else pa.nulls(n, pa.float64())}, schema=DROPPED_SCHEMA)
+
+
 def rows_to_drop(scores: np.ndarray, ids: np.ndarray, drop: float | None, drop_score: float | None) -> np.ndarray:
     """Positions dropped in one round: every score above ``drop_score``, or the worst ``drop`` fraction."""
     if drop_score is not None:
@@ -135,11 +143,7 @@ class RankJob(Job):
                     if r.drop_duplicates and dups.n_groups:
                         gone = dups.redundant
                         n_dup = len(gone)
-                        dropped.append(pa.table({"id": pa.array(data.ids[gone].tolist(), pa.string()),
-                                                 "reason": pa.array(["duplicate"] * n_dup, pa.string()),
-                                                 "round": pa.array([rnd] * n_dup, pa.int32()),
-                                                 "score": pa.array(scores[gone], pa.float64())},
-                                                schema=DROPPED_SCHEMA))
+                        dropped.append(dropped_table(data.ids[gone], "duplicate", rnd, scores[gone]))
                         stay = np.setdiff1d(np.arange(len(scores)), gone)
                         current, scores = current.take(stay), scores[stay]
                         if len(stay) < 2:
@@ -153,18 +157,13 @@ class RankJob(Job):
                 if len(out) == 0 or len(scores) - len(out) < 2:
                     history[-1]["dropped"] = n_dup
                     break
-                dropped.append(pa.table({"id": pa.array(current.ids[out].tolist(), pa.string()),
-                                         "reason": pa.array(["outlier"] * len(out), pa.string()),
-                                         "round": pa.array([rnd] * len(out), pa.int32()),
-                                         "score": pa.array(scores[out], pa.float64())}, schema=DROPPED_SCHEMA))
+                dropped.append(dropped_table(current.ids[out], "outlier", rnd, scores[out]))
                 current = current.take(np.setdiff1d(np.arange(len(scores)), out))
         with t.stage("refit on kept rows"):
             model, _ = fit_model(current, cfg, self.weights.identity)
             save_model(model, cfg.model_dir or run.staging.path("model"), replace=cfg.overwrite)
         n_err = data.errors.num_rows
-        dropped.append(pa.table({"id": data.errors["id"], "reason": pa.array(["error"] * n_err, pa.string()),
-                                 "round": pa.nulls(n_err, pa.int32()), "score": pa.nulls(n_err, pa.float64())},
-                                schema=DROPPED_SCHEMA))
+        dropped.append(dropped_table(np.asarray(data.errors["id"].to_pylist(), dtype=object), "error"))
         run.staging.write_table("ranking", ranking)
         run.staging.write_table("kept", pa.table({"id": pa.array(current.ids.tolist(), pa.string())}))
         run.staging.write_table("dropped", pa.concat_tables(dropped))
