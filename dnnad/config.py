@@ -14,7 +14,7 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 JOB_KINDS = ("score", "rank", "audit")
 MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
-DUPLICATE_THRESHOLD = 0.25  # L2-normalised embedding distance; measured in benchmarks/duplicates.py
+DUPLICATE_THRESHOLD = 0.3  # L2-normalised embedding distance; measured in benchmarks/duplicates.py
 
 
 class ConfigError(ValueError):
