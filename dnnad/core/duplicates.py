@@ -50,11 +50,12 @@ def l2_normalise(X: np.ndarray) -> np.ndarray:
     return X / np.where(norm > 0, norm, 1.0)
 
 
-def pair_distances(Xn: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = PAIR_CHUNK) -> np.ndarray:
-    """Euclidean distances between rows ``a[i]`` and ``b[i]`` of ``Xn``, in vectorised chunks."""
+def pair_distances(X: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = PAIR_CHUNK) -> np.ndarray:
+    """Distances between L2-normalised rows ``a[i]`` and ``b[i]`` of ``X``, in vectorised chunks (float64,
+    without a normalised copy of ``X``)."""
     out = np.empty(len(a), dtype=np.float64)
     for s in range(0, len(a), chunk):
-        diff = Xn[a[s:s + chunk]] - Xn[b[s:s + chunk]]
+        diff = l2_normalise(X[a[s:s + chunk]]) - l2_normalise(X[b[s:s + chunk]])
         out[s:s + chunk] = np.sqrt(np.einsum("pd,pd->p", diff, diff))
     return out
 
@@ -75,9 +76,8 @@ def find_duplicates(X: np.ndarray, neighbours: np.ndarray, threshold: float,
     are measured. ``same``: label arrays (n,); rows sharing a label are one group whatever their distance.
     """
     n = len(X)
-    Xn = l2_normalise(X)
     a, b = candidate_pairs(neighbours)
-    close = pair_distances(Xn, a, b) <= threshold
+    close = pair_distances(X, a, b) <= threshold
     a, b = [a[close]], [b[close]]
     for labels in same:
         _, first, inv = np.unique(np.asarray(labels), return_index=True, return_inverse=True)
@@ -93,5 +93,5 @@ def find_duplicates(X: np.ndarray, neighbours: np.ndarray, threshold: float,
     group = number[comp]
     grouped = np.flatnonzero(group >= 0)
     distance = np.full(n, np.nan)
-    distance[grouped] = pair_distances(Xn, grouped, firsts[group[grouped]])
+    distance[grouped] = pair_distances(X, grouped, firsts[group[grouped]])
     return DuplicateGroups(group, distance, firsts.astype(np.int64), sizes[comp[firsts]].astype(np.int64))
