@@ -61,7 +61,7 @@ def plant_copies(data) -> dict[str, str]:
     files = sorted(p.name for p in data.iterdir())
     img = lambda name: Image.open(data / name).convert("RGB")  # noqa: E731
     shutil.copy(data / files[0], data / "z-exact.jpg")
-    img(files[1]).save(data / "z-reencoded.jpg", quality=60)
+    img(files[1]).save(data / "z-reencoded.jpg", quality=90)
     img(files[2]).resize((64, 64), Image.BICUBIC).save(data / "z-resized.png")
     img(files[3]).transpose(Image.FLIP_LEFT_RIGHT).save(data / "z-flipped.png")
     return {"z-exact.jpg": files[0], "z-reencoded.jpg": files[1], "z-resized.png": files[2],
