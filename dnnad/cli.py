@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dnnad: error: {e}", file=sys.stderr)
         return 2
-    summary = {k: record[k] for k in ("kind", "rows", "k", "threshold", "outputs", "timings_s") if k in record}
+    summary = {k: record[k] for k in ("kind", "rows", "k", "threshold", "duplicates", "outputs", "timings_s")
+               if k in record}
     if "summary" in record:
         summary["summary"] = {k: v for k, v in record["summary"].items() if k != "top"}
     if "warning" in record:
