@@ -10,6 +10,7 @@ import sys
 
 from .config import (
     DEFAULT_MAX_FILE_BYTES,
+    DUPLICATE_THRESHOLD,
     INDEX_KINDS,
     AuditConfig,
     ConfigError,
@@ -91,6 +92,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rounds", type=int, default=1, help="rank-drop-refit rounds")
     r.add_argument("--exclude-duplicates", action="store_true",
                    help="exact duplicates of a row are not its neighbours either")
+    r.add_argument("--duplicates", action=argparse.BooleanOptionalAction, default=True,
+                   help="write near-duplicate groups to OUT/duplicates (default: on)")
+    r.add_argument("--duplicate-threshold", type=float, default=DUPLICATE_THRESHOLD, metavar="D",
+                   help="largest distance between L2-normalised embeddings of near-duplicates")
+    r.add_argument("--drop-duplicates", action="store_true",
+                   help="keep one image per duplicate group (the others are dropped, reason duplicate)")
     _common(r)
     u = sub.add_parser("audit", help="nightly audit: saved model, embedding cache, dated partition, summary, report")
     u.add_argument("--query", required=True, help="folder, Parquet file/dataset, or URI of tonight's images")
@@ -123,7 +130,9 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
         score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors, a.score_batch_size,
                           exclude_duplicates=getattr(a, "exclude_duplicates", False),
                           partition_rows=a.partition_rows),
-        rank=RankConfig(getattr(a, "drop", None), getattr(a, "drop_score", None), getattr(a, "rounds", 1)),
+        rank=RankConfig(getattr(a, "drop", None), getattr(a, "drop_score", None), getattr(a, "rounds", 1),
+                        getattr(a, "duplicates", True), getattr(a, "duplicate_threshold", DUPLICATE_THRESHOLD),
+                        getattr(a, "drop_duplicates", False)),
         audit=AuditConfig(getattr(a, "date", None), getattr(a, "cache", None), getattr(a, "top", 20)),
         overwrite=a.overwrite, quiet=a.quiet, verbose=a.verbose, explicit=explicit,
     )
@@ -147,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dnnad: error: {e}", file=sys.stderr)
         return 2
-    summary = {k: record[k] for k in ("kind", "rows", "k", "threshold", "outputs", "timings_s") if k in record}
+    summary = {k: record[k] for k in ("kind", "rows", "k", "threshold", "duplicates", "outputs", "timings_s")
+               if k in record}
     if "summary" in record:
         summary["summary"] = {k: v for k, v in record["summary"].items() if k != "top"}
     if "warning" in record:

@@ -16,6 +16,7 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 JOB_KINDS = ("score", "rank", "audit")
 MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+DUPLICATE_THRESHOLD = 0.3  # L2-normalised embedding distance; measured in benchmarks/duplicates.py
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,9 @@ class RankConfig:
     drop: float | None = None
     drop_score: float | None = None
     rounds: int = 1
+    duplicates: bool = True  # near-duplicate groups (OUT/duplicates) from the first round's kNN search
+    duplicate_threshold: float = DUPLICATE_THRESHOLD
+    drop_duplicates: bool = False  # keep only each group's first member
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,13 @@ class JobConfig:
             if r.drop is not None and r.drop_score is not None:
                 raise ConfigError("give --drop or --drop-score, not both")
             _in_range("--rounds", r.rounds, 1, 1000)
+            if not 0.0 <= r.duplicate_threshold <= 2.0:
+                raise ConfigError(f"--duplicate-threshold must be in [0, 2] (a distance between unit vectors), "
+                                  f"got {r.duplicate_threshold}")
+            if r.drop_duplicates and not r.duplicates:
+                raise ConfigError("--drop-duplicates needs the duplicate groups; drop --no-duplicates")
+            if r.drop_duplicates and self.index.reduce:
+                raise ConfigError("--drop-duplicates needs the leave-one-out kNN search, which --reduce replaces")
         elif self.kind == "audit":
             if self.query is None:
                 raise ConfigError("--query is needed")

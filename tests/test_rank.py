@@ -49,3 +49,72 @@ def test_exclude_duplicates_keeps_copies_out_of_each_others_neighbours(ray_local
     assert main(["rank", "--data", str(data), "--out", str(out), "--exclude-duplicates", *FAST]) == 0
     rows = {r["id"]: r for r in pq.read_table(out / "ranking").to_pylist()}
     assert f"dup-{first}" not in rows[first]["neighbor_ids"] and min(rows[first]["neighbor_dists"]) > 0
+
+
+PRETRAINED = ["--weights", "imagenet", "--quiet"]  # the default backbone (Lite2): what the threshold was measured on
+
+
+def plant_copies(data) -> dict[str, str]:
+    """Copies of the first four images (exact, JPEG re-encode, 2x resize, flip); copy name → original."""
+    from PIL import Image
+
+    files = sorted(p.name for p in data.iterdir())
+    img = lambda name: Image.open(data / name).convert("RGB")  # noqa: E731
+    shutil.copy(data / files[0], data / "z-exact.jpg")
+    img(files[1]).save(data / "z-reencoded.jpg", quality=90)
+    img(files[2]).resize((64, 64), Image.BICUBIC).save(data / "z-resized.png")
+    img(files[3]).transpose(Image.FLIP_LEFT_RIGHT).save(data / "z-flipped.png")
+    return {"z-exact.jpg": files[0], "z-reencoded.jpg": files[1], "z-resized.png": files[2],
+            "z-flipped.png": files[3]}
+
+
+def test_rank_groups_and_drops_planted_near_duplicates(ray_local, tmp_path, corpus):
+    data = tmp_path / "data"
+    write_folder(data, cifar_rows("train", 3, 30))
+    copies = plant_copies(data)
+    shutil.copy(corpus["query"] / "corrupt" / "text.png", data / "broken.png")
+    out = tmp_path / "out"
+    assert main(["rank", "--data", str(data), "--out", str(out), "--drop-duplicates", "--drop", "0.05",
+                 "--duplicate-threshold", "0.45", *PRETRAINED]) == 0
+
+    dups = pq.read_table(out / "duplicates").to_pylist()
+    groups = {}
+    for r in dups:
+        groups.setdefault(r["group_id"], []).append(r)
+    assert sorted(groups) == list(range(4))
+    assert sorted([m["id"] for m in g] for g in groups.values()) == sorted([o, c] for c, o in copies.items())
+    for g in groups.values():  # the original sorts first: it is the group's first member, at distance 0
+        assert g[0]["distance"] == 0.0 and 0.0 <= g[1]["distance"] and all(m["group_size"] == 2 for m in g)
+    exact = next(g for g in groups.values() if g[1]["id"] == "z-exact.jpg")
+    assert exact[1]["distance"] == 0.0
+
+    every = sorted(p.name for p in data.iterdir())
+    kept = pq.read_table(out / "kept")["id"].to_pylist()
+    dropped = pq.read_table(out / "dropped").to_pylist()
+    assert sorted(kept + [r["id"] for r in dropped]) == every and len(kept) + len(dropped) == len(every)
+    assert sorted(r["id"] for r in dropped if r["reason"] == "duplicate") == sorted(copies)
+    assert [r["id"] for r in dropped if r["reason"] == "error"] == ["broken.png"]
+    assert sum(r["reason"] == "outlier" for r in dropped) == 2  # ceil(5 % of the 30 distinct images)
+    assert set(copies.values()) - {r["id"] for r in dropped} <= set(kept)
+    record = json.loads((out / "run.json").read_text())
+    assert record["duplicates"] == {"enabled": True, "threshold": record["config"]["rank"]["duplicate_threshold"],
+                                    "groups": 4, "rows_in_groups": 8, "largest_group": 2, "dropped": 4}
+    assert record["rounds"][0]["duplicates_dropped"] == 4 and record["rounds"][0]["dropped"] == 6
+    assert record["model"]["n_normal"] == len(kept) == 28
+    ranking = pq.read_table(out / "ranking")
+    assert sorted(ranking["id"].to_pylist()) == every  # the ranking still has every row
+
+
+def test_rank_without_duplicates_groups_nothing_and_drops_nothing(ray_local, tmp_path):
+    data = tmp_path / "data"
+    write_folder(data, cifar_rows("train", 3, 30, offset=100))
+    out = tmp_path / "out"
+    assert main(["rank", "--data", str(data), "--out", str(out), "--drop-duplicates", "--duplicate-threshold", "0.45",
+                 *PRETRAINED]) == 0
+    assert pq.read_table(out / "duplicates").num_rows == 0
+    every = sorted(p.name for p in data.iterdir())
+    assert sorted(pq.read_table(out / "kept")["id"].to_pylist()) == every
+    assert pq.read_table(out / "dropped").num_rows == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["duplicates"]["groups"] == 0 and record["duplicates"]["dropped"] == 0
+    assert record["kept"] == 30 and record["dropped"] == 0

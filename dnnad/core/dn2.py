@@ -92,6 +92,7 @@ class FitParams:
     index: str = "flat"
     reduce: int | None = None  # N k-means centroids replace the normal set
     exclude_duplicates: bool = False  # exact duplicates of a row are not its leave-one-out neighbours
+    extra_neighbours: int = 0  # leave-one-out neighbours fetched beyond k (duplicate candidates); not scored
 
 
 class SearchBackend(Protocol):
@@ -137,6 +138,7 @@ class Fit:
     calibration_pos: np.ndarray
     reduction: str | None
     n_normal: int
+    neighbour_pos: np.ndarray | None = None  # (n, k + extra) leave-one-out neighbours; None for reduced fits
 
 
 def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
@@ -162,11 +164,15 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
         reduction = f"kmeans:{len(reference)} (from {len(X)} normal rows)"
     k = clamp_k(params.k, len(reference), leave_one_out=reduction is None)
     handle = backend.build(reference, params.n_shards, params.index)
+    all_pos = None
     if reduction:
         scores, dist, pos = backend.search(handle, X, k)
     else:
         groups = duplicate_groups(reference) if params.exclude_duplicates else None
-        scores, dist, pos = backend.search(handle, reference, k, np.arange(len(reference)), groups)
+        excluded = int(np.bincount(groups).max()) if groups is not None else 1
+        extra = max(0, min(params.extra_neighbours, len(reference) - excluded - k))
+        _, dist, all_pos = backend.search(handle, reference, k + extra, np.arange(len(reference)), groups)
+        scores, dist, pos = knn_score(dist[:, :k]), dist[:, :k], all_pos[:, :k]
     q = effective_quantile(params.quantile, params.contamination)
     return Fit(handle, reference, ref_ids, k, threshold_from_scores(scores, q), q,
-               threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X))
+               threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X), all_pos)

@@ -99,7 +99,7 @@ class Job:
 
 
 def embed_rows(src, cfg: JobConfig, weights_ref, score_actors: int | None = None, cache_ref=None,
-               cache_out: str | None = None):
+               cache_out: str | None = None, hash_bytes: bool = False):
     """The embed stage for a prepared source (lazy): the backbone on image rows, or checked vectors for an
     ``--embedding-column`` source."""
     if src.cfg.embedding_column:
@@ -109,7 +109,7 @@ def embed_rows(src, cfg: JobConfig, weights_ref, score_actors: int | None = None
     from ..stages.embed import embed
 
     return embed(read_source(src), cfg.embed, weights_ref, src.cfg.max_file_bytes, cache_ref=cache_ref,
-                 score_actors=score_actors, cache_out=cache_out)
+                 score_actors=score_actors, cache_out=cache_out, hash_bytes=hash_bytes)
 
 
 def uses_images(*sources) -> bool:

@@ -15,7 +15,7 @@ class Embedded:
 
     ids: np.ndarray
     X: np.ndarray  # (n, d) float32
-    extra: dict  # passthrough columns (group, label, split, n_members) aligned with ids
+    extra: dict  # passthrough columns (group, label, split, n_members; hash when embedded with one) by id
     errors: pa.Table  # id, error of unreadable rows
 
     def take(self, rows: np.ndarray) -> Embedded:
@@ -27,7 +27,7 @@ def collect(emb_ds) -> Embedded:
     ids, embs, status, errors, extra = [], [], [], [], {}
     for b in emb_ds.iter_batches(batch_size=4096, batch_format="numpy"):
         ids.append(b["id"]), embs.append(b["embedding"]), status.append(b["status"]), errors.append(b["error"])
-        for c in PASSTHROUGH:
+        for c in (*PASSTHROUGH, "hash"):
             if c in b:
                 extra.setdefault(c, []).append(b[c])
     ids, X = np.concatenate(ids).astype(object), np.concatenate(embs).astype(np.float32)

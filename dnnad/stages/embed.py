@@ -26,7 +26,7 @@ class Embedder:
 
     def __init__(self, spec: BackboneSpec, weights, device: str = "auto", threads: int | None = None,
                  max_pixels: int | None = None, cache=None, cache_out: str | None = None, batch_size: int = 64,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, hash_bytes: bool = False):
         import ray
 
         get = lambda r: ray.get(r) if isinstance(r, ray.ObjectRef) else r  # noqa: E731
@@ -39,6 +39,7 @@ class Embedder:
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.max_file_bytes = max_file_bytes
+        self.hash_bytes = hash_bytes or self.cache is not None  # sha256 of each file's bytes in ``hash``
         self._fs: dict = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -60,8 +61,9 @@ class Embedder:
                 data = images[i]
                 if data is None and paths[i] is not None:
                     data = read_bytes(str(paths[i]), self._fs, self.max_file_bytes)
-                if self.cache is not None and data:
+                if self.hash_bytes and data:
                     hashes[i] = hashlib.sha256(data).hexdigest()
+                if self.cache is not None and data:
                     hit = self.cache.lookup(hashes[i].encode())
                     if hit is not None:
                         hits[i], cached[i] = hit, True
@@ -83,6 +85,8 @@ class Embedder:
         out = {"id": pa.array([None if i is None else str(i) for i in ids], pa.string()),
                "embedding": ArrowTensorArray.from_numpy(emb),
                "status": pa.array(status.tolist(), pa.string()), "error": pa.array(error.tolist(), pa.string())}
+        if self.hash_bytes:
+            out["hash"] = pa.array(hashes.tolist(), pa.string())
         if self.cache is not None:
             out["cached"] = pa.array(cached)
             if self.cache_out and feats is not None:
@@ -111,9 +115,10 @@ class Embedder:
 
 
 def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None, score_actors: int | None = None,
-          cache_out: str | None = None):
-    """Embedded dataset (lazy): id, embedding, status, error (+ passthrough; ``cached`` with a cache, whose
-    new entries the actors write to ``cache_out`` as they go: nothing is collected on the driver)."""
+          cache_out: str | None = None, hash_bytes: bool = False):
+    """Embedded dataset (lazy): id, embedding, status, error (+ passthrough; ``hash`` with ``hash_bytes``;
+    ``cached`` with a cache, whose new entries the actors write to ``cache_out`` as they go: nothing is
+    collected on the driver)."""
     from ray.data import ActorPoolStrategy
 
     spec = get_spec(cfg.backbone, cfg.image_size)
@@ -130,5 +135,6 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
         Embedder, batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
                                "device": "cuda" if use_gpu else "cpu", "cache": cache_ref, "cache_out": cache_out,
-                               "batch_size": cfg.batch_size, "max_file_bytes": max_file_bytes}, **res,
+                               "batch_size": cfg.batch_size, "max_file_bytes": max_file_bytes,
+                               "hash_bytes": hash_bytes}, **res,
     )

@@ -2,7 +2,7 @@
 and its calibration queries run by the scoring actors (``RayBackend``)."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
@@ -49,12 +49,13 @@ def fit_params(cfg: JobConfig) -> FitParams:
                      cfg.index.reduce, cfg.score.exclude_duplicates)
 
 
-def fit_model(normal: Embedded, cfg: JobConfig, weights) -> tuple[FittedModel, Fit]:
+def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int = 0) -> tuple[FittedModel, Fit]:
     """Fit on the collected normal embeddings; the model records how its embeddings were made (``weights``:
-    the resolved backbone weights, or None for precomputed vectors)."""
+    the resolved backbone weights, or None for precomputed vectors). ``extra_neighbours``: leave-one-out
+    neighbours fetched beyond k (``Fit.neighbour_pos``)."""
     import ray
 
-    params = fit_params(cfg)
+    params = replace(fit_params(cfg), extra_neighbours=extra_neighbours)
     fit = fit_reference(normal.X, normal.ids, params, RayBackend(cfg.score))
     labels = normal.extra.get("label")
     images = weights is not None
