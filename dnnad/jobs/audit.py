@@ -98,7 +98,7 @@ class AuditJob(Job):
         except ValueError as e:
             raise ConfigError(f"--cache {e}") from None
         m = self.model.meta
-        self.cache_dir = cache_dir(root, m.backbone, m.image_size, self.weights.identity)
+        self.cache_dir = cache_dir(root, m.backbone, m.image_size, self.weights.identity, cfg.embed.spec().feature_tag)
 
     def work(self, run: Run) -> None:
         import ray

@@ -19,7 +19,8 @@ from ..stages.write import RUN_RECORD, OutDir, Staging
 MODEL_FLAGS = {"k": "--k", "shards": "--shards", "index": "--index", "reduce": "--reduce",
                "quantile": "--quantile", "contamination": "--contamination", "backbone": "--backbone",
                "weights": "--weights", "image_size": "--image-size", "normal": "--normal",
-               "exclude_duplicates": "--exclude-duplicates"}
+               "exclude_duplicates": "--exclude-duplicates", "layers": "--layers", "tta": "--tta",
+               "resize": "--resize", "normalize": "--normalize", "whiten": "--whiten"}
 
 
 @dataclass
@@ -96,13 +97,16 @@ class Job:
 
 
 def resolve_job_weights(cfg: JobConfig):
-    """The embedding weights, resolved once on the driver (then broadcast)."""
-    from ..vision.specs import get_spec
+    """The embedding weights, resolved once on the driver (then broadcast); ``--layers`` names are checked."""
+    from ..vision.backbones import build_classifier, strip_head, tap_modules
     from ..vision.weights import WeightsError, resolve_weights
 
+    spec = cfg.embed.spec()
     try:
-        return resolve_weights(get_spec(cfg.embed.backbone, cfg.embed.image_size), cfg.embed.weights)
-    except WeightsError as e:
+        if spec.layers:
+            tap_modules(strip_head(build_classifier(spec), spec), spec)
+        return resolve_weights(spec, cfg.embed.weights)
+    except (WeightsError, ValueError) as e:
         raise ConfigError(str(e)) from None
 
 
@@ -116,13 +120,17 @@ def load_saved_model(path: str):
 
 
 def apply_model(cfg: JobConfig, model, explicit: frozenset[str]) -> JobConfig:
-    """A saved model decides the embedding and index settings: refuse flags that contradict it, and
-    embed with the model's backbone, weights and image size."""
+    """A saved model decides the embedding, feature and index settings: refuse flags that contradict it,
+    and embed with the model's backbone, weights, image size, layers, TTA and resize."""
     m = model.meta
+    layers = tuple(m.layers or ())
     decided = {"k": m.k_requested, "shards": m.n_shards, "index": m.index_kind, "backbone": m.backbone,
-               "weights": m.weights, "image_size": m.image_size}
+               "weights": m.weights, "image_size": m.image_size, "layers": layers, "tta": m.tta,
+               "resize": m.resize, "normalize": m.normalize, "whiten": m.whiten}
     current = {"k": cfg.score.k, "shards": cfg.index.shards, "index": cfg.index.kind,
-               "backbone": cfg.embed.backbone, "weights": cfg.embed.weights, "image_size": cfg.embed.image_size}
+               "backbone": cfg.embed.backbone, "weights": cfg.embed.weights, "image_size": cfg.embed.image_size,
+               "layers": cfg.embed.layers, "tta": cfg.embed.tta, "resize": cfg.embed.resize,
+               "normalize": cfg.features.normalize, "whiten": cfg.features.whiten}
     for name in sorted(explicit & set(MODEL_FLAGS)):
         if name in decided and current[name] == decided[name]:
             continue
@@ -131,7 +139,9 @@ def apply_model(cfg: JobConfig, model, explicit: frozenset[str]) -> JobConfig:
                           f"drop the flag, or fit a new model into a new --model directory")
     if m.backbone is None:
         raise ConfigError("--model holds a model fitted on embeddings (library API); it cannot embed images")
-    return replace(cfg, embed=replace(cfg.embed, backbone=m.backbone, weights=m.weights, image_size=m.image_size))
+    return replace(cfg, embed=replace(cfg.embed, backbone=m.backbone, weights=m.weights, image_size=m.image_size,
+                                      layers=layers, tta=m.tta, resize=m.resize),
+                   features=replace(cfg.features, normalize=m.normalize, whiten=m.whiten))
 
 
 def check_model_weights(model, weights) -> None:

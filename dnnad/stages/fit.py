@@ -12,7 +12,6 @@ from ..core.dn2 import Fit, FitParams, fit_reference
 from ..core.index import build_shard, shard_bounds
 from ..core.model import FittedModel, model_from_fit
 from ..runtime import cluster_resources
-from ..vision.specs import get_spec
 from .collect import Embedded, as_dataset
 from .score import Scorer
 
@@ -46,7 +45,7 @@ class RayBackend:
 
 def fit_params(cfg: JobConfig) -> FitParams:
     return FitParams(cfg.score.k, cfg.score.quantile, cfg.score.contamination, cfg.index.shards, cfg.index.kind,
-                     cfg.index.reduce, cfg.score.exclude_duplicates)
+                     cfg.index.reduce, cfg.score.exclude_duplicates, cfg.features.normalize, cfg.features.whiten)
 
 
 def fit_model(normal: Embedded, cfg: JobConfig, weights_identity: str) -> tuple[FittedModel, Fit]:
@@ -58,7 +57,8 @@ def fit_model(normal: Embedded, cfg: JobConfig, weights_identity: str) -> tuple[
     labels = normal.extra.get("label")
     model = model_from_fit(
         fit, ray.get(fit.handle), params, backbone=cfg.embed.backbone,
-        image_size=get_spec(cfg.embed.backbone, cfg.embed.image_size).image_size,
+        image_size=cfg.embed.spec().image_size, layers=list(cfg.embed.layers) or None, tta=cfg.embed.tta,
+        resize=cfg.embed.resize,
         weights=cfg.embed.weights, weights_identity=weights_identity,
         normal_source=asdict(cfg.normal) if cfg.normal is not None else None,
         normal_labels=sorted({str(v) for v in labels if v is not None}) if labels is not None else None)

@@ -1,0 +1,96 @@
+"""Vector transforms fitted on the normal set, applied to normal and query vectors alike before the kNN.
+
+``normalize="l2"`` scales every vector to unit length (Euclidean kNN then ranks like cosine similarity).
+``whiten=True`` fits a Ledoit-Wolf shrinkage covariance ``S`` and mean ``m`` on the normal vectors (after
+normalisation) and maps ``x → S^(-1/2) (x - m)`` (ZCA): the Euclidean distance between transformed vectors
+is the Mahalanobis distance under ``S``, so DN2 scores become Mahalanobis-like kNN distances. The index is
+built on transformed vectors; a saved model stores the transform as two .npy arrays (no pickle).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .index import as_float32
+
+NORMALIZE_KINDS = ("l2",)
+MEAN_FILE, WHITENER_FILE = "transform-mean.npy", "transform-whitener.npy"
+
+
+def l2_normalize(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit Euclidean norm, float32 (all-zero rows stay zero)."""
+    X = np.asarray(X, dtype=np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.float32(1e-12))
+
+
+@dataclass(frozen=True)
+class FeatureTransform:
+    """``transform(X)``: optional L2 normalisation, then optional whitening by ``whitener`` around ``mean``."""
+
+    normalize: str | None = None
+    mean: np.ndarray | None = None  # (d,) float64, with whitening
+    whitener: np.ndarray | None = None  # (d, d) float64, symmetric S^(-1/2)
+    shrinkage: float | None = None  # Ledoit-Wolf shrinkage coefficient, for the record
+
+    @property
+    def whiten(self) -> bool:
+        return self.whitener is not None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.normalize is None and self.whitener is None
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """(n, d) float32 transformed rows; the identity when no option is set."""
+        X = as_float32(X)
+        if self.normalize == "l2":
+            X = l2_normalize(X)
+        if self.whitener is not None:
+            X = np.ascontiguousarray((X.astype(np.float64) - self.mean) @ self.whitener, dtype=np.float32)
+        return X
+
+
+def fit_transform(X: np.ndarray, normalize: str | None = None, whiten: bool = False) -> FeatureTransform:
+    """Fit the transform on the normal vectors ``X`` (n, d)."""
+    if normalize is not None and normalize not in NORMALIZE_KINDS:
+        raise ValueError(f"normalize must be None or one of {NORMALIZE_KINDS}, got {normalize!r}")
+    if not whiten:
+        return FeatureTransform(normalize)
+    from sklearn.covariance import LedoitWolf
+
+    Z = FeatureTransform(normalize).transform(X).astype(np.float64)
+    lw = LedoitWolf(assume_centered=False).fit(Z)
+    vals, vecs = np.linalg.eigh((lw.covariance_ + lw.covariance_.T) / 2)
+    scale = float(vals.mean())
+    if not scale > 0:  # every normal vector identical: nothing to whiten
+        whitener = np.eye(Z.shape[1])
+    else:
+        vals = np.maximum(vals, scale * 1e-9)
+        whitener = (vecs / np.sqrt(vals)) @ vecs.T
+    return FeatureTransform(normalize, np.asarray(lw.location_, np.float64), whitener, float(lw.shrinkage_))
+
+
+def save_transform(t: FeatureTransform, path: str) -> None:
+    """Write the whitening arrays (if any) into the model directory ``path``."""
+    if t.whiten:
+        np.save(os.path.join(path, MEAN_FILE), t.mean, allow_pickle=False)
+        np.save(os.path.join(path, WHITENER_FILE), t.whitener, allow_pickle=False)
+
+
+def load_transform(path: str, normalize: str | None, whiten: bool, shrinkage: float | None, dim: int) -> FeatureTransform:
+    """Read a saved transform; ValueError on arrays that do not fit a ``dim``-dimensional model."""
+    if normalize is not None and normalize not in NORMALIZE_KINDS:
+        raise ValueError(f"unknown normalize {normalize!r}")
+    if not whiten:
+        return FeatureTransform(normalize)
+    mean = np.load(os.path.join(path, MEAN_FILE), allow_pickle=False)
+    whitener = np.load(os.path.join(path, WHITENER_FILE), allow_pickle=False)
+    if mean.shape != (dim,) or whitener.shape != (dim, dim) or mean.dtype != np.float64 \
+            or whitener.dtype != np.float64:
+        raise ValueError(f"whitening arrays {mean.dtype} {mean.shape} / {whitener.dtype} {whitener.shape} "
+                         f"do not fit dimension {dim}")
+    if not (np.isfinite(mean).all() and np.isfinite(whitener).all()):
+        raise ValueError("whitening arrays hold NaN or inf")
+    return FeatureTransform(normalize, mean, whitener, shrinkage)
