@@ -44,8 +44,10 @@ def test_whitened_normal_vectors_have_identity_covariance_and_mahalanobis_distan
 
 def test_whitening_survives_fewer_rows_than_dimensions_and_identical_rows():
     rng = np.random.default_rng(1)
-    Z = fit_transform(rng.normal(size=(5, 64)), whiten=True).transform(rng.normal(size=(3, 64)))
-    assert np.isfinite(Z).all()
+    X, Q = rng.normal(size=(5, 64)), rng.normal(size=(3, 64))
+    Z = fit_transform(X, whiten=True).transform(Q).astype(np.float64)
+    lw = LedoitWolf().fit(X)  # the thin-SVD whitener is scikit-learn's Ledoit-Wolf covariance, rank-deficient or not
+    np.testing.assert_allclose(np.linalg.norm(Z[0] - Z[1]) ** 2, lw.mahalanobis((Q[0] - Q[1])[None])[0], rtol=1e-4)
     same = np.ones((4, 8), np.float32)
     assert np.isfinite(fit_transform(same, whiten=True).transform(same)).all()
 
@@ -183,3 +185,37 @@ def test_full_resize_keeps_the_whole_image():
     assert crop.shape == full.shape == (3, 32, 32)
     assert full[:, 0].mean() < crop[:, 0].mean() - 1.0  # the border survives only the full resize
     assert get_spec("resnet18", resize="full").feature_tag == "full" and get_spec("resnet18").feature_tag == ""
+
+
+def test_feature_options_round_trip_through_a_saved_model_and_match_the_library(ray_local, corpus, tmp_path):
+    from dnnad.cli import main
+    from dnnad.stages.embed import Embedder
+    from tests.helpers import FAST, read_scores
+
+    options = ["--normalize", "l2", "--whiten", "--layers", "layer3,final", "--tta", "flip", "--resize", "full"]
+    normal, query, model = str(corpus["normal"]), str(corpus["query"]), str(tmp_path / "model")
+    assert main(["score", "--normal", normal, "--query", query, "--out", str(tmp_path / "fit"), "--model", model,
+                 *options, *FAST]) == 0
+    assert main(["score", "--query", query, "--out", str(tmp_path / "reuse"), "--model", model, *FAST]) == 0
+    fit, reuse = read_scores(tmp_path / "fit"), read_scores(tmp_path / "reuse")
+    assert fit["id"].to_pylist() == reuse["id"].to_pylist()
+    assert fit["score"].to_pylist() == reuse["score"].to_pylist()  # identical, not just close
+    assert fit["neighbor_ids"].to_pylist() == reuse["neighbor_ids"].to_pylist()
+    record = json.loads((tmp_path / "reuse" / "run.json").read_text())
+    assert record["config"]["features"] == {"normalize": "l2", "whiten": True}
+    assert record["config"]["embed"]["layers"] == ["layer3", "final"] and record["config"]["embed"]["tta"] == "flip"
+    assert record["model"]["whiten"] and record["model"]["resize"] == "full"
+
+    spec = get_spec("resnet18", 32, layers=("layer3", "final"), tta="flip", resize="full")
+    emb = Embedder(spec, resolve_weights(spec, "none").state_dict, device="cpu")
+
+    def embed(root, ids):
+        out = emb({"id": np.array(ids, dtype=object), "path": np.array([str(root / i) for i in ids], dtype=object)})
+        return np.stack(out["embedding"].to_numpy(zero_copy_only=False))
+
+    normal_ids = sorted(p.name for p in corpus["normal"].iterdir())
+    lib = DN2(k=2, normalize="l2", whiten=True).fit(embed(corpus["normal"], normal_ids))
+    ok = fit.filter(fit["status"] == "ok")
+    expected = lib.score_samples(embed(corpus["query"], ok["id"].to_pylist()))
+    np.testing.assert_allclose(ok["score"].to_numpy(), expected, rtol=1e-4)
+    assert load_model(model).threshold == pytest.approx(lib.threshold_, rel=1e-4)

@@ -58,18 +58,25 @@ def fit_transform(X: np.ndarray, normalize: str | None = None, whiten: bool = Fa
         raise ValueError(f"normalize must be None or one of {NORMALIZE_KINDS}, got {normalize!r}")
     if not whiten:
         return FeatureTransform(normalize)
-    from sklearn.covariance import LedoitWolf
+    from sklearn.covariance import ledoit_wolf_shrinkage
 
     Z = FeatureTransform(normalize).transform(X).astype(np.float64)
-    lw = LedoitWolf(assume_centered=False).fit(Z)
-    vals, vecs = np.linalg.eigh((lw.covariance_ + lw.covariance_.T) / 2)
-    scale = float(vals.mean())
-    if not scale > 0:  # every normal vector identical: nothing to whiten
-        whitener = np.eye(Z.shape[1])
-    else:
-        vals = np.maximum(vals, scale * 1e-9)
-        whitener = (vecs / np.sqrt(vals)) @ vecs.T
-    return FeatureTransform(normalize, np.asarray(lw.location_, np.float64), whitener, float(lw.shrinkage_))
+    n, d = Z.shape
+    mean = Z.mean(axis=0)
+    shrinkage = float(ledoit_wolf_shrinkage(Z, assume_centered=False))
+    # sklearn's LedoitWolf covariance is (1 - s) C + s mu I with C = Zc'Zc / n and mu = trace(C) / d. Its
+    # eigenvectors are Zc's right singular vectors (a thin SVD: min(n, d)^2 max(n, d), not d^3), with
+    # eigenvalues (1 - s) sigma^2 / n + s mu on their span and s mu on the rest.
+    _, sigma, vt = np.linalg.svd(Z - mean, full_matrices=False)
+    var = sigma**2 / n
+    mu = float(var.sum()) / d
+    if not mu > 0:  # every normal vector identical: nothing to whiten
+        return FeatureTransform(normalize, mean, np.eye(d), shrinkage)
+    floor = mu * 1e-9
+    inv_sqrt = 1.0 / np.sqrt(np.maximum((1 - shrinkage) * var + shrinkage * mu, floor))
+    rest = 1.0 / np.sqrt(max(shrinkage * mu, floor))
+    whitener = (vt.T * (inv_sqrt - rest)) @ vt + rest * np.eye(d)
+    return FeatureTransform(normalize, mean, whitener, shrinkage)
 
 
 def save_transform(t: FeatureTransform, path: str) -> None:
