@@ -11,6 +11,7 @@ import sys
 from .config import (
     DEFAULT_MAX_FILE_BYTES,
     INDEX_KINDS,
+    NORMALIZE_KINDS,
     AuditConfig,
     ConfigError,
     EmbedConfig,
@@ -50,7 +51,7 @@ def _features(p: argparse.ArgumentParser) -> None:
                    metavar="{none,flip}", help="flip: average with the horizontally flipped image")
     p.add_argument("--resize", default="crop", choices=["crop", "full"],
                    help="crop: resize the shorter side, centre crop; full: resize the whole image to a square")
-    p.add_argument("--normalize", default=None, type=lambda v: None if v == "none" else v, choices=[None, "l2"],
+    p.add_argument("--normalize", default=None, type=lambda v: None if v == "none" else v, choices=[None, *NORMALIZE_KINDS],
                    metavar="{none,l2}", help="l2: unit-length embeddings (cosine-like kNN)")
     p.add_argument("--whiten", action="store_true",
                    help="whiten with the normal set's Ledoit-Wolf covariance (Mahalanobis-like scores)")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from .vision.specs import DEFAULT_BACKBONE, BackboneSpec, get_spec
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+NORMALIZE_KINDS = ("l2",)
 JOB_KINDS = ("score", "rank", "audit")
 MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -127,8 +128,9 @@ class JobConfig:
             self.embed.spec()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.features.normalize not in (None, "l2"):
-            raise ConfigError(f"--normalize must be l2 or none, got {self.features.normalize!r}")
+        if self.features.normalize is not None and self.features.normalize not in NORMALIZE_KINDS:
+            raise ConfigError(f"--normalize must be none or one of {', '.join(NORMALIZE_KINDS)}, "
+                              f"got {self.features.normalize!r}")
         w = self.embed.weights
         if w not in ("imagenet", "none") and not self.embed.backbone.startswith("onnx:") and not os.path.isfile(w):
             raise ConfigError(f"--weights must be imagenet, none or an existing file; not found: {w}")

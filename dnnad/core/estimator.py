@@ -8,9 +8,8 @@ from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from ..config import INDEX_KINDS
+from ..config import INDEX_KINDS, NORMALIZE_KINDS
 from .dn2 import FitParams, LocalBackend, fit_reference, knn_score
-from .features import NORMALIZE_KINDS
 
 
 class DN2(OutlierMixin, BaseEstimator):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import NORMALIZE_KINDS
 from .index import as_float32
 
-NORMALIZE_KINDS = ("l2",)
 MEAN_FILE, WHITENER_FILE = "transform-mean.npy", "transform-whitener.npy"
 
 
