@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,61 @@ def git_rev() -> str:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+TAP_LAYERS = ("blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6", "final")  # EfficientNet-Lite stages
+
+
+def cached_taps(dataset: str, ids: list[str], backbone: str, weights: str, image_size: int | None,
+                resize: str = "crop", flip: bool = False, layers: tuple[str, ...] = TAP_LAYERS,
+                batch_size: int = 64) -> list[dict[str, np.ndarray]]:
+    """Pooled features of ``ids`` by layer, one dict per view (the image, then its flip with ``flip``),
+    unnormalised: every ``--layers`` / ``--tta`` variant is then ``vision.backbones.embed_from_taps`` of
+    these, without another forward pass. Computed in this process with dnnad's FeatureExtractor and
+    preprocessing; cached in benchmarks/.cache (only missing ids are embedded)."""
+    import torch
+
+    from dnnad.vision.backbones import FeatureExtractor, preprocess_fn
+    from dnnad.vision.decode import decode_image
+    from dnnad.vision.specs import get_spec
+    from dnnad.vision.weights import resolve_weights
+
+    spec = get_spec(backbone, image_size, layers=layers, resize=resize)
+    w = resolve_weights(spec, weights)
+    sha = w.identity.rsplit("sha256:", 1)[-1][:12] if "sha256:" in w.identity else w.identity
+    views = ("image", "flip") if flip else ("image",)
+    path = CACHE / (f"{dataset}-{backbone}-{sha}-{spec.image_size}-{resize}-taps-{'+'.join(layers)}"
+                    f"{'-flip' if flip else ''}.parquet")
+    have = pq.read_table(path) if path.exists() else None
+    known = set(have["id"].to_pylist()) if have is not None else set()
+    missing = [i for i in dict.fromkeys(ids) if i not in known]
+    if missing:
+        fe = FeatureExtractor(spec, w.state_dict, device="cpu", threads=os.cpu_count())
+        pre = preprocess_fn(spec)
+        t = pq.read_table(DATASETS[dataset], columns=["id", "image"])
+        t = t.filter(pc.is_in(t["id"], value_set=pa.array(missing)))
+        cols: dict[str, list] = {f"{v}:{n}": [] for v in views for n in layers}
+        t0, images = time.perf_counter(), t["image"].to_pylist()
+        for s in range(0, len(images), batch_size):
+            x = torch.stack([pre(decode_image(b)) for b in images[s:s + batch_size]])
+            for v in views:
+                for n, f in fe.taps(x if v == "image" else torch.flip(x, dims=[3])).items():
+                    if n in layers:
+                        cols[f"{v}:{n}"].append(f)
+        print(f"embedded {len(images)} images ({'+'.join(views)}) in {time.perf_counter() - t0:.0f}s", flush=True)
+        new = pa.table({"id": t["id"], **{c: _fixed(np.concatenate(v)) for c, v in cols.items()}})
+        have = new if have is None else pa.concat_tables([have, new])
+        CACHE.mkdir(parents=True, exist_ok=True)
+        pq.write_table(have, path)
+    pos = {i: n for n, i in enumerate(have["id"].to_pylist())}
+    take = np.array([pos[i] for i in ids])
+
+    def col(c: str) -> np.ndarray:
+        flat = have[c].combine_chunks()
+        return np.ascontiguousarray(flat.values.to_numpy().reshape(len(flat), -1)[take], dtype=np.float32)
+
+    return [{n: col(f"{v}:{n}") for n in layers} for v in views]
+
+
+def _fixed(X: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(X, np.float32).ravel()), X.shape[1])

@@ -6,6 +6,12 @@ Prints and writes (benchmarks/results/) tables of: ROC AUC per class and mean fo
 scikit-learn NearestNeighbors on the same embeddings (which must agree with DN2: a correctness check);
 the few-shot curve; the contamination curve with and without the cleaning stage; a k sweep and k-means
 reduction. Embeddings are cached (benchmarks/.cache), so re-runs with other protocols do not re-embed.
+
+``--protocols variants`` compares the feature options side by side with plain DN2 in one run: resize
+(crop | full) x read-out (final features | --layers, with or without --tta flip) x transform (none, l2,
+whiten, l2+whiten) on the one-class protocol, then the few-shot and contamination protocols (with and
+without cleaning) for plain DN2 and the main variants, and each option's embedding time and memory.
+Pooled features of every layer are computed once per resize mode (``common.cached_taps``).
 """
 from __future__ import annotations
 
@@ -13,11 +19,12 @@ import argparse
 import csv
 import datetime as dt
 import math
+import os
 import time
 import warnings
 
 import numpy as np
-from common import ROOT, cached_embeddings, git_rev, machine, raw_pixels, subsample
+from common import ROOT, cached_embeddings, cached_taps, git_rev, machine, raw_pixels, subsample
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
@@ -38,7 +45,10 @@ def main() -> None:
     ap.add_argument("--test-n", type=int, default=2000)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--protocols", default="oneclass,fewshot,contamination,ksweep,reduce")
+    ap.add_argument("--protocols", default="oneclass,fewshot,contamination,ksweep,reduce",
+                    help="any of oneclass,fewshot,contamination,ksweep,reduce,variants")
+    ap.add_argument("--layers", default="blocks.4,blocks.5,blocks.6,final", help="--layers of the variants")
+    ap.add_argument("--resize-modes", default="crop,full", help="preprocessing of the variants (full adds flip)")
     a = ap.parse_args()
     protocols = set(a.protocols.split(","))
     rng = np.random.default_rng(a.seed)
@@ -46,16 +56,18 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = subsample(a.dataset, a.train_per_class, a.test_n, a.seed)
     ids, labels, split = rows["id"].to_pylist(), rows["label"].to_numpy(), rows["split"].to_numpy(zero_copy_only=False)
-    X = cached_embeddings(a.dataset, ids, a.backbone, a.weights, a.image_size)
+    plain = protocols - {"variants"}
+    X = cached_embeddings(a.dataset, ids, a.backbone, a.weights, a.image_size) if plain else None
     t_embed = time.perf_counter() - t0
     classes = np.unique(labels)
     train = {c: np.flatnonzero((split == "train") & (labels == c)) for c in classes}
     test = np.flatnonzero(split == "test")
-    Xt, yt = X[test], labels[test]
+    Xt, yt = (X[test] if X is not None else None), labels[test]
     lines = [f"# One-class {a.dataset}: {a.backbone} ({a.weights} weights)", "",
              f"- command: `python benchmarks/oneclass.py --dataset {a.dataset} --backbone {a.backbone} "
              f"--weights {a.weights} --train-per-class {a.train_per_class} --test-n {a.test_n} --k {a.k}"
-             + (f" --image-size {a.image_size}" if a.image_size else "") + "`",
+             + (f" --image-size {a.image_size}" if a.image_size else "")
+             + (f" --protocols {a.protocols}" if a.protocols != ap.get_default("protocols") else "") + "`",
              f"- machine: {machine()}; date {dt.date.today()}; commit {git_rev()}",
              f"- {a.train_per_class} train images per class (normal set), {len(test)} test images, seed {a.seed}; "
              f"embedding (or cache read) took {t_embed:.0f}s", ""]
@@ -150,14 +162,157 @@ def main() -> None:
             csv_rows.append(["reduce", frac, a.k, v, "", ""])
         lines.append("")
 
+    if "variants" in protocols:
+        lines += variants(a, ids, train, test, labels, rng, csv_rows)
+
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
-    stem = f"oneclass-{a.dataset}-{a.backbone}-{a.train_per_class}x{a.test_n}"
+    stem = f"oneclass-{a.dataset}-{a.backbone}-{a.train_per_class}x{a.test_n}" + ("-variants" if not plain else "")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     with open(out / f"{stem}.csv", "w", newline="") as f:
         csv.writer(f).writerows([["protocol", "param", "k", "dn2", "baseline_or_cleaned", "sklearn"], *csv_rows])
     print("\n".join(lines))
     print(f"wrote {out / stem}.md and .csv")
+
+
+TRANSFORMS = {"none": {}, "l2": {"normalize": "l2"}, "whiten": {"whiten": True},
+              "l2+whiten": {"normalize": "l2", "whiten": True}}
+
+
+def contaminated_aucs(X, train, test, labels, p, rng, k, opts) -> tuple[float, float, float]:
+    """Mean ROC AUC over classes with a fraction p of other-class images in the normal set: as is; cleaned
+    (rank with the transform fitted on the contaminated set, drop the top p, refit everything on the kept
+    rows); cleaned but keeping the transform fitted on the contaminated set (whitening only)."""
+    from dnnad.core.features import fit_transform
+
+    plain, clean, clean_keep = [], [], []
+    yt = labels[test]
+    for c in np.unique(labels):
+        n_bad = int(round(p * len(train[c]) / (1 - p)))
+        others = np.concatenate([train[o] for o in np.unique(labels) if o != c])
+        normal = np.vstack([X[train[c]], X[rng.choice(others, size=n_bad, replace=False)]])
+        y = (yt != c).astype(int)
+        plain.append(auroc(normal, X[test], y, k, **opts))
+        keep = np.argsort(rank_outliers(normal, k=k, **opts), kind="stable")[: len(normal) - math.ceil(p * len(normal))]
+        clean.append(auroc(normal[keep], X[test], y, k, **opts))
+        if opts.get("whiten"):
+            t = fit_transform(normal, **opts)
+            clean_keep.append(auroc(t.transform(normal[keep]), t.transform(X[test]), y, k))
+    return float(np.mean(plain)), float(np.mean(clean)), float(np.mean(clean_keep)) if clean_keep else float("nan")
+
+
+def embedding_costs(a, layers: tuple[str, ...], ids: list[str]) -> list[str]:
+    """Seconds per image of each read-out (same forward code as the jobs) and the embedding size."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import torch
+    from common import DATASETS
+
+    from dnnad.vision.backbones import FeatureExtractor, preprocess_fn
+    from dnnad.vision.decode import decode_image
+    from dnnad.vision.specs import get_spec
+    from dnnad.vision.weights import resolve_weights
+
+    t = pq.read_table(DATASETS[a.dataset], columns=["id", "image"])
+    t = t.filter(pc.is_in(t["id"], value_set=pa.array(ids[:32])))
+    out = ["| read-out | s per image (CPU, batch of 32, forward only) | embedding dim | index bytes per image | "
+           "whitener (float64) |", "|---|---|---|---|---|"]
+    base = None
+    for name, lay, tta in (("final (plain DN2)", (), None), ("--layers", layers, None),
+                           ("--tta flip", (), "flip"), ("--layers + --tta flip", layers, "flip")):
+        spec = get_spec(a.backbone, a.image_size, lay, tta, "full")
+        fe = FeatureExtractor(spec, resolve_weights(spec, a.weights).state_dict, device="cpu",
+                              threads=os.cpu_count())
+        x = torch.stack([preprocess_fn(spec)(decode_image(b)) for b in t["image"].to_pylist()])
+        fe(x[:8])  # warm-up
+        secs = []
+        for _ in range(2):  # best of two: the machine is shared
+            t0 = time.perf_counter()
+            d = fe(x).shape[1]
+            secs.append((time.perf_counter() - t0) / len(x))
+        sec = min(secs)
+        base = base or sec
+        out.append(f"| {name} | {sec:.3f} ({sec / base:.2f}x) | {d} | {4 * d:,} | {8 * d * d / 2**20:.0f} MiB |")
+    return out
+
+
+def variants(a, ids, train, test, labels, rng, csv_rows) -> list[str]:
+    """Every feature option side by side with plain DN2 (see the module docstring)."""
+    from dnnad.vision.backbones import embed_from_taps
+
+    layers = tuple(a.layers.split(","))
+    yt = labels[test]
+    t0 = time.perf_counter()
+    taps = {r: cached_taps(a.dataset, ids, a.backbone, a.weights, a.image_size, r, r == "full")
+            for r in a.resize_modes.split(",")}  # flip views with the full resize only: one more forward pass
+    print(f"pooled features (or cache read) took {time.perf_counter() - t0:.0f}s", flush=True)
+    readouts = {}  # name -> embeddings
+    for resize, views in taps.items():
+        for lay, lname in (((), "final"), (layers, "layers")):
+            for flip in (False, True)[: len(views)]:
+                readouts[f"{resize}, {lname}{', flip' if flip else ''}"] = embed_from_taps(views[: 1 + flip], lay)
+
+    def one_class(X, opts) -> float:
+        return float(np.mean([auroc(X[train[c]], X[test], (yt != c).astype(int), a.k, **opts)
+                              for c in np.unique(labels)]))
+
+    lines = [f"## Feature options: one-class mean ROC AUC (same normal and test images, k = {a.k})", "",
+             "Rows: preprocessing (crop = resize + centre crop, as shipped; full = `--resize full`) and read-out "
+             f"(final = pooled penultimate features, as shipped; layers = `--layers {a.layers}`; flip = "
+             "`--tta flip`). Columns: `--normalize` / `--whiten`. Plain DN2 as shipped is *crop, final, none*.", "",
+             "| read-out | " + " | ".join(TRANSFORMS) + " |", "|---|" + "---|" * len(TRANSFORMS)]
+    grid = {}
+    for name, X in readouts.items():
+        row = [one_class(X, opts) for opts in TRANSFORMS.values()]
+        grid.update({(name, t): v for t, v in zip(TRANSFORMS, row)})
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+        csv_rows += [["variant", f"{name} / {t}", a.k, v, "", ""] for t, v in zip(TRANSFORMS, row)]
+        print(name, np.round(row, 4), flush=True)
+    best = max(grid, key=grid.get)
+    plain_name = "crop, final" if "crop" in taps else "full, final"
+    lines += ["", f"Best: **{best[0]} / {best[1]}: {grid[best]:.4f}** against plain DN2 ({plain_name}, none) "
+              f"{grid[(plain_name, 'none')]:.4f}.", ""]
+    chosen = {"DN2 as shipped (crop, final)": ("crop, final", "none"),
+              "--resize full": ("full, final", "none"), "--resize full --normalize l2": ("full, final", "l2"),
+              "--resize full --normalize l2 --whiten": ("full, final", "l2+whiten"),
+              "--normalize l2 --whiten (crop)": ("crop, final", "l2+whiten"),
+              "--resize full --layers --tta flip --normalize l2 --whiten": ("full, layers, flip", "l2+whiten"),
+              "best of the grid": best}
+    chosen = {k: v for k, v in chosen.items() if v[0] in readouts}
+    sizes = [n for n in (1, 2, 5, 10, 50, 100, 200) if n <= a.train_per_class]
+    fracs = (0.05, 0.10)
+    lines += ["## Feature options in the few-shot and contaminated settings: mean ROC AUC", "",
+              "Contamination: a fraction p of other-class train images in the normal set. *cleaned* = rank the "
+              "normal set against itself with the same options (transform fitted on the contaminated set), drop "
+              "the top p, refit (transform refitted on the kept rows); *kept transform* = cleaned, but keeping "
+              "the transform fitted on the contaminated set.", "",
+              "| variant | " + " | ".join(f"{n}-shot" for n in sizes) + " | "
+              + " | ".join(f"p={p:.0%} | p={p:.0%} cleaned | p={p:.0%} kept transform" for p in fracs) + " |",
+              "|---|" + "---|" * (len(sizes) + 3 * len(fracs))]
+    for label, (name, tname) in chosen.items():
+        X, opts = readouts[name], TRANSFORMS[tname]
+        shots = []
+        for n in sizes:
+            vals = []
+            for c in np.unique(labels):
+                pick = rng.choice(train[c], size=n, replace=False)
+                normal = X[pick] if n > 1 else np.vstack([X[pick], X[pick]])
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    vals.append(auroc(normal, X[test], (yt != c).astype(int), a.k, **opts))
+            shots.append(float(np.mean(vals)))
+        cont = [v for p in fracs for v in contaminated_aucs(X, train, test, labels, p, rng, a.k, opts)]
+        lines.append(f"| {label} ({name} / {tname}) | " + " | ".join(f"{v:.4f}" for v in shots) + " | "
+                     + " | ".join("–" if np.isnan(v) else f"{v:.4f}" for v in cont) + " |")
+        csv_rows += [["variant-fewshot", f"{label} / {n}", a.k, v, "", ""] for n, v in zip(sizes, shots)]
+        print(lines[-1], flush=True)
+    lines += ["", "## Cost of each option", ""]
+    lines += embedding_costs(a, layers, ids)
+    lines += ["", "`--normalize l2` and `--whiten` cost no forward pass: the transform is fitted once on the normal "
+              "set (a thin SVD) and applied to every query batch (one d x d product); the whitener is stored in "
+              "the model as float64.", ""]
+    return lines
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ from .config import (
     DEFAULT_MAX_FILE_BYTES,
     DUPLICATE_THRESHOLD,
     INDEX_KINDS,
+    NORMALIZE_KINDS,
     AuditConfig,
     ConfigError,
     EmbedConfig,
+    FeatureConfig,
     IndexConfig,
     JobConfig,
     RankConfig,
@@ -36,6 +38,24 @@ def _reduce(text: str) -> int:
     if kind != "kmeans" or not n.isdigit():
         raise argparse.ArgumentTypeError(f"expected kmeans:N, got {text!r}")
     return int(n)
+
+
+def _layers(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",")) if text.strip() else ()
+
+
+def _features(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=_layers, default=(), metavar="NAME[,NAME...]",
+                   help="embed the global average pools of these modules (and/or 'final'), each L2-normalised, "
+                        "concatenated; e.g. blocks.4,blocks.5,blocks.6,final (EfficientNet) or layer2,layer3,layer4")
+    p.add_argument("--tta", default=None, type=lambda v: None if v == "none" else v, choices=[None, "flip"],
+                   metavar="{none,flip}", help="flip: average with the horizontally flipped image")
+    p.add_argument("--resize", default="crop", choices=["crop", "full"],
+                   help="crop: resize the shorter side, centre crop; full: resize the whole image to a square")
+    p.add_argument("--normalize", default=None, type=lambda v: None if v == "none" else v, choices=[None, *NORMALIZE_KINDS],
+                   metavar="{none,l2}", help="l2: unit-length embeddings (cosine-like kNN)")
+    p.add_argument("--whiten", action="store_true",
+                   help="whiten with the normal set's Ledoit-Wolf covariance (Mahalanobis-like scores)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -69,6 +89,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished dnnad run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines (cron)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs and per-operator progress")
+    _features(p)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -125,7 +146,9 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
         normal, query = src(a.data, a.filter, None, a.sample), None
     return JobConfig(
         kind=a.command, out=a.out, normal=normal, query=query, model_dir=a.model,
-        embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors),
+        embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors,
+                          a.layers, a.tta, a.resize),
+        features=FeatureConfig(a.normalize, a.whiten),
         index=IndexConfig(a.index, a.shards, a.reduce),
         score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors, a.score_batch_size,
                           exclude_duplicates=getattr(a, "exclude_duplicates", False),

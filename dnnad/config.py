@@ -10,9 +10,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from .vision.specs import DEFAULT_BACKBONE, get_spec
+from .vision.specs import DEFAULT_BACKBONE, BackboneSpec, get_spec
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+NORMALIZE_KINDS = ("l2",)
 JOB_KINDS = ("score", "rank", "audit")
 MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -46,6 +47,21 @@ class EmbedConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch threads per CPU actor
     actors: int | None = None  # embedding actors; default one per GPU, or CPUs // threads
+    layers: tuple[str, ...] = ()  # pooled intermediate modules (and/or "final"), each L2-normalised, concatenated
+    tta: str | None = None  # "flip": average with the horizontally flipped image
+    resize: str = "crop"  # crop (resize + centre crop) | full (whole image to a square)
+
+    def spec(self) -> BackboneSpec:
+        """The backbone spec these settings embed with (raises ValueError on an unknown option)."""
+        return get_spec(self.backbone, self.image_size, self.layers, self.tta, self.resize)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Vector transforms fitted on the normal set and applied before the kNN (``core.features``)."""
+
+    normalize: str | None = None  # "l2"
+    whiten: bool = False  # Ledoit-Wolf whitening: scores become Mahalanobis-like distances
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,7 @@ class JobConfig:
     query: SourceConfig | None = None
     model_dir: str | None = None
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     rank: RankConfig = field(default_factory=RankConfig)
@@ -122,9 +139,12 @@ class JobConfig:
         if self.kind not in JOB_KINDS:
             raise ConfigError(f"unknown job kind {self.kind!r}")
         try:
-            get_spec(self.embed.backbone, self.embed.image_size)
+            self.embed.spec()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.features.normalize is not None and self.features.normalize not in NORMALIZE_KINDS:
+            raise ConfigError(f"--normalize must be none or one of {', '.join(NORMALIZE_KINDS)}, "
+                              f"got {self.features.normalize!r}")
         w = self.embed.weights
         if w not in ("imagenet", "none") and not self.embed.backbone.startswith("onnx:") and not os.path.isfile(w):
             raise ConfigError(f"--weights must be imagenet, none or an existing file; not found: {w}")

@@ -1,6 +1,7 @@
 """The DN2 numeric core: scores, exclusions, and the one fit routine the estimator and the Ray job share.
 
-``fit_reference`` does reduce → clamp k → build index → calibration scores → threshold. Where the index
+``fit_reference`` does transform (``core.features``: L2 / whitening, fitted on the normal set) → reduce →
+clamp k → build index → calibration scores → threshold. Where the index
 lives and where the kNN queries run is a ``SearchBackend``: in this process (``LocalBackend``, used by
 the ``DN2`` estimator) or on Ray actors (``dnnad.stages.fit.RayBackend``, used by the jobs). The steps
 and their rules exist once, here.
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from .features import FeatureTransform, fit_transform
 from .index import ShardedIndex, as_float32, build_index
 from .threshold import effective_quantile, threshold_from_scores, threshold_reliable
 
@@ -93,6 +95,8 @@ class FitParams:
     reduce: int | None = None  # N k-means centroids replace the normal set
     exclude_duplicates: bool = False  # exact duplicates of a row are not its leave-one-out neighbours
     extra_neighbours: int = 0  # leave-one-out neighbours fetched beyond k (duplicate candidates); not scored
+    normalize: str | None = None  # "l2": unit-length vectors (core.features)
+    whiten: bool = False  # Ledoit-Wolf whitening fitted on the normal set (core.features)
 
 
 class SearchBackend(Protocol):
@@ -138,12 +142,17 @@ class Fit:
     calibration_pos: np.ndarray
     reduction: str | None
     n_normal: int
+    transform: FeatureTransform  # applied to the normal rows before indexing; queries need it too
     neighbour_pos: np.ndarray | None = None  # (n, k + extra) leave-one-out neighbours; None for reduced fits
 
 
 def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
                   backend: SearchBackend | None = None) -> Fit:
     """Index the normal embeddings ``X`` and set the threshold from their calibration scores.
+
+    The feature transform (``params.normalize`` / ``params.whiten``) is fitted on ``X`` and everything
+    after it (reduction, index, calibration) sees transformed vectors; ``Fit.transform`` must be applied
+    to queries.
 
     Plain fits calibrate with leave-one-out scores (each row against the others). Reduced fits
     (``params.reduce``) score every *normal row* against the centroids: centroids are not samples,
@@ -157,6 +166,8 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
     ids = np.asarray(ids if ids is not None else np.arange(len(X)).astype(str), dtype=object)
     if len(ids) != len(X):
         raise ValueError(f"{len(ids)} ids for {len(X)} rows")
+    transform = fit_transform(X, params.normalize, params.whiten)
+    X = transform.transform(X)
     reference, ref_ids, reduction = X, ids, None
     if params.reduce:
         reference = kmeans_reduce(X, params.reduce)
@@ -175,4 +186,4 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
         scores, dist, pos = knn_score(dist[:, :k]), dist[:, :k], all_pos[:, :k]
     q = effective_quantile(params.quantile, params.contamination)
     return Fit(handle, reference, ref_ids, k, threshold_from_scores(scores, q), q,
-               threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X), all_pos)
+               threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X), transform, all_pos)

@@ -20,11 +20,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import storage
+from .features import FeatureTransform, load_transform, transform_files
 from .index import Shard
 from .threshold import normal_percentile
 
 FORMAT = "dnnad-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # written when a model uses feature options (older dnnad must refuse it); plain models stay 2
+READABLE_VERSIONS = (2, 3)
 MODEL_FILE = "model.json"
 
 
@@ -52,6 +54,16 @@ class ModelMeta:
     normal_source: dict | None = None  # SourceConfig of the normal set, for report thumbnails
     normal_labels: list | None = None  # label values seen in the normal set, as strings
     loo_score_quantiles: dict = field(default_factory=dict)
+    layers: list | None = None  # --layers the embeddings were read from (None: final pooled features)
+    tta: str | None = None  # --tta
+    resize: str = "crop"  # --resize
+    normalize: str | None = None  # feature transform (core.features), applied before the index
+    whiten: bool = False
+    whiten_shrinkage: float | None = None
+
+    @property
+    def uses_feature_options(self) -> bool:
+        return bool(self.layers or self.tta or self.resize != "crop" or self.normalize or self.whiten)
 
 
 @dataclass
@@ -64,6 +76,7 @@ class FittedModel:
     threshold: float
     meta: ModelMeta
     calibration_scores: np.ndarray  # (n_normal,) scores the threshold was set from, sorted ascending
+    transform: FeatureTransform = field(default_factory=FeatureTransform)  # applied to queries before the kNN
 
     def normal_percentile(self, scores: np.ndarray) -> np.ndarray:
         """Percentage of the normal set's calibration scores strictly below each score (100 = above all)."""
@@ -115,7 +128,12 @@ def _model_files(model: FittedModel) -> dict[str, bytes]:
     buf = io.BytesIO()
     np.save(buf, np.asarray(model.calibration_scores, np.float64), allow_pickle=False)
     files["calibration.npy"] = buf.getvalue()
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "k": model.k, "threshold": model.threshold,
+    for name, array in transform_files(model.transform).items():
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        files[name] = buf.getvalue()
+    version = FORMAT_VERSION if model.meta.uses_feature_options else 2
+    doc = {"format": FORMAT, "version": version, "k": model.k, "threshold": model.threshold,
            "shards": shard_meta, "meta": asdict(model.meta)}
     files[MODEL_FILE] = json.dumps(doc, indent=2, default=str).encode()
     return files
@@ -166,9 +184,9 @@ def load_model(uri: str) -> FittedModel:
         raise ModelError(f"cannot read {storage.join(uri, MODEL_FILE)}: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ModelError(f"{path} is not a dnnad model")
-    if doc.get("version") != FORMAT_VERSION:
+    if doc.get("version") not in READABLE_VERSIONS:
         raise ModelError(f"{path} is a dnnad model of format version {doc.get('version')}; this dnnad reads "
-                         f"version {FORMAT_VERSION}: fit it again")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}: fit it again")
     try:
         names = {f.name for f in fields(ModelMeta)}
         meta = ModelMeta(**{k: v for k, v in doc["meta"].items() if k in names})
@@ -185,6 +203,8 @@ def load_model(uri: str) -> FittedModel:
         ids = np.asarray(pq.read_table(io.BytesIO(storage.read_bytes(fs, storage.join(path, "normal.parquet"))))
                          ["id"].to_pylist(), dtype=object)
         calib = storage.load_npy(fs, storage.join(path, "calibration.npy"))
+        transform = load_transform(lambda name: storage.load_npy(fs, storage.join(path, name)), meta.normalize,
+                                   meta.whiten, meta.whiten_shrinkage, meta.dim)
     except (OSError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, ModelError):
             raise
@@ -199,17 +219,20 @@ def load_model(uri: str) -> FittedModel:
     _check(calib.ndim == 1 and len(calib) == meta.n_normal and bool(np.isfinite(calib).all()), path,
            "calibration scores do not match the normal set")
     _check(not any(i is None for i in ids), path, "null reference ids")
-    return FittedModel(shards, ids, k, float(threshold), meta, np.sort(calib.astype(np.float64)))
+    return FittedModel(shards, ids, k, float(threshold), meta, np.sort(calib.astype(np.float64)), transform)
 
 
 def model_from_fit(fit, shards: list[Shard], params, **embedding: object) -> FittedModel:
     """The saved form of a ``dn2.Fit`` built with ``params`` (``FitParams``); ``embedding`` adds how the
-    vectors were made (backbone, image_size, weights, weights_identity, normal_source, normal_labels)."""
+    vectors were made (backbone, image_size, weights, weights_identity, normal_source, normal_labels, layers,
+    tta, resize); the feature transform comes from the fit."""
     calib = np.asarray(fit.calibration_scores, dtype=np.float64)
     meta = ModelMeta(
         dim=int(fit.reference.shape[1]), n_normal=int(fit.n_normal), n_reference=len(fit.ids),
         k_requested=params.k, threshold_quantile=fit.threshold_quantile,
         threshold_reliable=fit.threshold_reliable, index_kind=params.index, n_shards=len(shards),
         reduction=fit.reduction, loo_score_quantiles={str(p): float(np.quantile(calib, p)) for p in (0.5, 0.9, 0.99)},
+        normalize=fit.transform.normalize, whiten=fit.transform.whiten, whiten_shrinkage=fit.transform.shrinkage,
         **embedding)
-    return FittedModel(list(shards), np.asarray(fit.ids, dtype=object), fit.k, fit.threshold, meta, np.sort(calib))
+    return FittedModel(list(shards), np.asarray(fit.ids, dtype=object), fit.k, fit.threshold, meta, np.sort(calib),
+                       fit.transform)

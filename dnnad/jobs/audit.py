@@ -93,6 +93,9 @@ class AuditJob(Job):
         self.query_src = prepare_source(cfg.query, "query")
         self.weights = resolve_job_weights(cfg, cfg.query)
         check_model_weights(self.model, self.weights)
+        self.cache_dir = None
+        if self.weights is None:
+            return  # vectors: nothing to embed, nothing to cache
         if cfg.audit.cache is None and "://" in cfg.out:
             raise ConfigError("--out is on an object store: give the embedding cache a local or shared path with --cache")
         root = cfg.audit.cache or os.path.join(cfg.out, "cache")
@@ -101,7 +104,7 @@ class AuditJob(Job):
         except ValueError as e:
             raise ConfigError(f"--cache {e}") from None
         m = self.model.meta
-        self.cache_dir = cache_dir(root, m.backbone, m.image_size, self.weights.identity)
+        self.cache_dir = cache_dir(root, m.backbone, m.image_size, self.weights.identity, cfg.embed.spec().feature_tag)
 
     def work(self, run: Run) -> None:
         import ray

@@ -20,7 +20,8 @@ from ..stages.write import RUN_RECORD, OutDir, Staging
 MODEL_FLAGS = {"k": "--k", "shards": "--shards", "index": "--index", "reduce": "--reduce",
                "quantile": "--quantile", "contamination": "--contamination", "backbone": "--backbone",
                "weights": "--weights", "image_size": "--image-size", "normal": "--normal",
-               "exclude_duplicates": "--exclude-duplicates"}
+               "exclude_duplicates": "--exclude-duplicates", "layers": "--layers", "tta": "--tta",
+               "resize": "--resize", "normalize": "--normalize", "whiten": "--whiten"}
 
 
 @dataclass
@@ -117,17 +118,20 @@ def uses_images(*sources) -> bool:
 
 
 def resolve_job_weights(cfg: JobConfig, *sources):
-    """The embedding weights, resolved once on the driver (then broadcast); None when every source already
-    holds vectors."""
-    from ..vision.specs import get_spec
+    """The embedding weights, resolved once on the driver (then broadcast); ``--layers`` names are checked.
+    None when every source already holds vectors."""
+    from ..vision.backbones import build_classifier, strip_head, tap_modules
     from ..vision.weights import WeightsError, resolve_weights
 
     if sources and not uses_images(*sources):
         return None
+    spec = cfg.embed.spec()
 
     try:
-        return resolve_weights(get_spec(cfg.embed.backbone, cfg.embed.image_size), cfg.embed.weights)
-    except WeightsError as e:
+        if spec.layers:
+            tap_modules(strip_head(build_classifier(spec), spec), spec)
+        return resolve_weights(spec, cfg.embed.weights)
+    except (WeightsError, ValueError) as e:
         raise ConfigError(str(e)) from None
 
 
@@ -141,13 +145,17 @@ def load_saved_model(path: str):
 
 
 def apply_model(cfg: JobConfig, model, explicit: frozenset[str]) -> JobConfig:
-    """A saved model decides the embedding and index settings: refuse flags that contradict it, and
-    embed with the model's backbone, weights and image size."""
+    """A saved model decides the embedding, feature and index settings: refuse flags that contradict it,
+    and embed with the model's backbone, weights, image size, layers, TTA and resize."""
     m = model.meta
+    layers = tuple(m.layers or ())
     decided = {"k": m.k_requested, "shards": m.n_shards, "index": m.index_kind, "backbone": m.backbone,
-               "weights": m.weights, "image_size": m.image_size}
+               "weights": m.weights, "image_size": m.image_size, "layers": layers, "tta": m.tta,
+               "resize": m.resize, "normalize": m.normalize, "whiten": m.whiten}
     current = {"k": cfg.score.k, "shards": cfg.index.shards, "index": cfg.index.kind,
-               "backbone": cfg.embed.backbone, "weights": cfg.embed.weights, "image_size": cfg.embed.image_size}
+               "backbone": cfg.embed.backbone, "weights": cfg.embed.weights, "image_size": cfg.embed.image_size,
+               "layers": cfg.embed.layers, "tta": cfg.embed.tta, "resize": cfg.embed.resize,
+               "normalize": cfg.features.normalize, "whiten": cfg.features.whiten}
     for name in sorted(explicit & set(MODEL_FLAGS)):
         if name in decided and current[name] == decided[name]:
             continue
@@ -158,10 +166,12 @@ def apply_model(cfg: JobConfig, model, explicit: frozenset[str]) -> JobConfig:
         if uses_images(cfg.query):
             raise ConfigError("--model holds a model fitted on precomputed embeddings; score a source with "
                               "--embedding-column")
-        return cfg
+        return replace(cfg, features=replace(cfg.features, normalize=m.normalize, whiten=m.whiten))
     if cfg.query is not None and cfg.query.embedding_column:
         raise ConfigError("--model was fitted on images; --embedding-column vectors cannot be scored against it")
-    return replace(cfg, embed=replace(cfg.embed, backbone=m.backbone, weights=m.weights, image_size=m.image_size))
+    return replace(cfg, embed=replace(cfg.embed, backbone=m.backbone, weights=m.weights, image_size=m.image_size,
+                                      layers=layers, tta=m.tta, resize=m.resize),
+                   features=replace(cfg.features, normalize=m.normalize, whiten=m.whiten))
 
 
 def check_model_weights(model, weights) -> None:

@@ -27,9 +27,11 @@ def check_cache_root(root: str) -> None:
                          f"name a new or empty directory")
 
 
-def cache_dir(root: str, backbone: str, image_size: int, weights_identity: str) -> str:
+def cache_dir(root: str, backbone: str, image_size: int, weights_identity: str, feature_tag: str = "") -> str:
+    """One cache per embedder: backbone, size, weights and how features are read (``BackboneSpec.feature_tag``)."""
     sha = weights_identity.rsplit("sha256:", 1)[-1][:16]
-    safe = backbone.replace(":", "_").replace("/", "_").replace("#", "_")
+    safe = f"{backbone}-{feature_tag}" if feature_tag else backbone
+    safe = safe.replace(":", "_").replace("/", "_").replace("#", "_").replace(",", "_")
     return os.path.join(root, f"{safe}-{image_size}px-{sha}")
 
 

@@ -17,7 +17,7 @@ from ..config import DEFAULT_MAX_FILE_BYTES, ConfigError, EmbedConfig
 from ..runtime import cluster_resources, embed_pool
 from ..vision.backbones import FeatureExtractor, preprocess_fn
 from ..vision.decode import DecodeError, decode_image
-from ..vision.specs import BackboneSpec, get_spec
+from ..vision.specs import BackboneSpec
 from .read import NULL_ID, PASSTHROUGH, read_bytes
 
 
@@ -121,7 +121,7 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
     collected on the driver)."""
     from ray.data import ActorPoolStrategy
 
-    spec = get_spec(cfg.backbone, cfg.image_size)
+    spec = cfg.spec()
     cpus, gpus = cluster_resources()
     if cfg.device == "cuda" and gpus == 0:
         raise ConfigError("--device cuda, but the Ray cluster has no GPUs")

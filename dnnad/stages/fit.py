@@ -12,7 +12,6 @@ from ..core.dn2 import Fit, FitParams, fit_reference
 from ..core.index import build_shard, shard_bounds
 from ..core.model import FittedModel, model_from_fit
 from ..runtime import cluster_resources
-from ..vision.specs import get_spec
 from .collect import Embedded, as_dataset
 from .score import Scorer
 
@@ -45,8 +44,10 @@ class RayBackend:
 
 
 def fit_params(cfg: JobConfig) -> FitParams:
-    return FitParams(cfg.score.k, cfg.score.quantile, cfg.score.contamination, cfg.index.shards, cfg.index.kind,
-                     cfg.index.reduce, cfg.score.exclude_duplicates)
+    return FitParams(k=cfg.score.k, quantile=cfg.score.quantile, contamination=cfg.score.contamination,
+                     n_shards=cfg.index.shards, index=cfg.index.kind, reduce=cfg.index.reduce,
+                     exclude_duplicates=cfg.score.exclude_duplicates, normalize=cfg.features.normalize,
+                     whiten=cfg.features.whiten)
 
 
 def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int = 0) -> tuple[FittedModel, Fit]:
@@ -61,7 +62,9 @@ def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int =
     images = weights is not None
     model = model_from_fit(
         fit, ray.get(fit.handle), params, backbone=cfg.embed.backbone if images else None,
-        image_size=get_spec(cfg.embed.backbone, cfg.embed.image_size).image_size if images else None,
+        image_size=cfg.embed.spec().image_size if images else None,
+        layers=(list(cfg.embed.layers) or None) if images else None, tta=cfg.embed.tta if images else None,
+        resize=cfg.embed.resize if images else "crop",
         weights=cfg.embed.weights if images else None, weights_identity=weights.identity if images else None,
         normal_source=asdict(cfg.normal) if cfg.normal is not None else None,
         normal_labels=sorted({str(v) for v in labels if v is not None}) if labels is not None else None)

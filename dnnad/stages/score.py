@@ -37,10 +37,13 @@ class KnnScorer:
     ``exclude``: None (queries are not the reference set), "self" (leave-one-out: rows carry their
     reference position in ``_pos``) or "duplicates" (also skip exact duplicates, by ``groups``).
     ``positions`` adds the neighbours' reference positions (``_nbr_pos``), for calibration.
+    ``transform`` (``core.features.FeatureTransform``) is applied to query embeddings first; None when the
+    queries are already transformed (the reference set itself, in a fit).
     """
 
     def __init__(self, shards, ids, k: int, threshold: float | None, calibration=None,
-                 exclude: str | None = None, groups=None, positions: bool = False, threads: int | None = None):
+                 exclude: str | None = None, groups=None, positions: bool = False, threads: int | None = None,
+                 transform=None):
         import faiss
         import ray
 
@@ -53,6 +56,7 @@ class KnnScorer:
         self.k, self.threshold, self.exclude, self.positions = k, threshold, exclude, positions
         self.calibration = get(calibration)
         self.groups = get(groups) if exclude == "duplicates" else None
+        self.transform = get(transform)
 
     def _names(self, pos: np.ndarray) -> pa.Array:
         return pa.array(pos).cast(pa.string()) if self.ids is None else self.ids.take(pa.array(pos))
@@ -66,7 +70,10 @@ class KnnScorer:
         pos = np.empty((0, self.k), dtype=np.int64)
         if len(rows):
             excl = self_exclusions(batch["_pos"][rows], self.groups) if self.exclude else None
-            score[rows], dist, pos = score_against(self.index, batch["embedding"][rows], self.k, exclude=excl)
+            X = batch["embedding"][rows]
+            if self.transform is not None:
+                X = self.transform.transform(X)
+            score[rows], dist, pos = score_against(self.index, X, self.k, exclude=excl)
         cols = {
             "id": pa.array(batch["id"].tolist(), pa.string()),
             "score": pa.array(score, pa.float64(), mask=~ok),
@@ -100,6 +107,7 @@ class Scorer:
     threshold: float | None
     cfg: ScoreConfig
     calibration: object = None  # ObjectRef of the sorted calibration scores (normal_percentile)
+    transform: object = None  # ObjectRef of the model's core.features.FeatureTransform (None: identity)
 
     @classmethod
     def of(cls, model, cfg: ScoreConfig) -> Scorer:
@@ -107,7 +115,8 @@ class Scorer:
         import ray
 
         return cls([ray.put(s) for s in model.shards], ray.put(model.ids), model.k, model.threshold, cfg,
-                   ray.put(model.calibration_scores))
+                   ray.put(model.calibration_scores),
+                   None if model.transform.is_identity else ray.put(model.transform))
 
     def map(self, ds, exclude: str | None = None, groups_ref=None, positions: bool = False):
         """``ds`` scored (lazily): one output row per input row."""
@@ -120,5 +129,5 @@ class Scorer:
             fn_constructor_kwargs={"shards": self.shards, "ids": self.ids, "k": self.k,
                                    "threshold": self.threshold, "calibration": self.calibration,
                                    "exclude": exclude, "groups": groups_ref, "positions": positions,
-                                   "threads": threads},
+                                   "threads": threads, "transform": self.transform},
         )

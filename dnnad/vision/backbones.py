@@ -1,10 +1,17 @@
-"""Backbones: ImageNet CNNs whose globally average-pooled penultimate features are the embedding."""
+"""Backbones: ImageNet CNNs whose globally average-pooled penultimate features are the embedding.
+
+Options (``BackboneSpec``): ``layers`` concatenates the global average pools of named intermediate modules
+(and/or ``final``, the penultimate features), each L2-normalised; ``tta="flip"`` averages the embedding
+with that of the horizontally flipped image; ``resize="full"`` resizes the whole image to the input size
+instead of resizing and centre-cropping.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .specs import BackboneSpec
+from ..core.features import l2_normalize
+from .specs import FINAL, BackboneSpec
 
 
 def build_classifier(spec: BackboneSpec) -> torch.nn.Module:
@@ -30,15 +37,34 @@ def strip_head(model: torch.nn.Module, spec: BackboneSpec) -> torch.nn.Module:
 
 
 def preprocess_fn(spec: BackboneSpec):
-    """PIL RGB image → normalised float32 CHW tensor: resize shorter side, centre crop, normalise."""
+    """PIL RGB image → normalised float32 CHW tensor: resize shorter side and centre crop (``crop``) or
+    resize the whole image to a square (``full``), then normalise."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.Resize(int(round(spec.image_size / 0.875)), interpolation=T.InterpolationMode.BILINEAR),
-        T.CenterCrop(spec.image_size),
-        T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
-    ])
+    size, bilinear = spec.image_size, T.InterpolationMode.BILINEAR
+    geometry = ([T.Resize((size, size), interpolation=bilinear)] if spec.resize == "full" else
+                [T.Resize(int(round(size / 0.875)), interpolation=bilinear), T.CenterCrop(size)])
+    return T.Compose([*geometry, T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+def tap_modules(model: torch.nn.Module, spec: BackboneSpec) -> dict[str, torch.nn.Module]:
+    """The modules ``spec.layers`` names (``final`` excepted); ValueError naming the choices if one is unknown."""
+    named = dict(model.named_modules())
+    for name in spec.layers:
+        if name != FINAL and name not in named:
+            top = ", ".join(n for n, _ in model.named_children())
+            raise ValueError(f"--layers: {spec.name} has no module {name!r} (use dotted module names such as "
+                             f"blocks.5 or layer3, or {FINAL}; top-level modules: {top})")
+    return {n: named[n] for n in spec.layers if n != FINAL}
+
+
+def embed_from_taps(views: list[dict[str, np.ndarray]], layers: tuple[str, ...]) -> np.ndarray:
+    """The embedding from pooled features per view (the image, and its flip with TTA): plain final features
+    without ``layers``, else the named pools each L2-normalised and concatenated; averaged over views."""
+    def one(taps: dict[str, np.ndarray]) -> np.ndarray:
+        return taps[FINAL] if not layers else np.concatenate([l2_normalize(taps[n]) for n in layers], axis=1)
+
+    return np.ascontiguousarray(np.mean([one(v) for v in views], axis=0), dtype=np.float32)
 
 
 class FeatureExtractor:
@@ -70,12 +96,28 @@ class FeatureExtractor:
         self.model = strip_head(model, spec).eval().to(device)
         if self.half:
             self.model = self.model.half()
+        self._pooled: dict[str, torch.Tensor] = {}
+        for name, module in tap_modules(self.model, spec).items():
+            module.register_forward_hook(lambda _m, _i, out, name=name: self._pooled.__setitem__(name, _gap(out)))
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
+    def taps(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Pooled features of one view, by layer name (``final`` always included), float32, unnormalised."""
         if self.spec.family == "onnx":
             out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
             out = out.reshape(out.shape[0], out.shape[1], -1).mean(axis=2) if out.ndim > 2 else out
-            return np.ascontiguousarray(out, dtype=np.float32)
+            return {FINAL: np.ascontiguousarray(out, dtype=np.float32)}
+        self._pooled.clear()
         x = x.to(self.device, dtype=torch.float16 if self.half else torch.float32)
-        return self.model(x).float().cpu().numpy()
+        final = self.model(x).float().cpu().numpy()
+        return {FINAL: final, **{n: v.cpu().numpy() for n, v in self._pooled.items()}}
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        views = [x, torch.flip(x, dims=[3])] if self.spec.tta == "flip" else [x]
+        return embed_from_taps([self.taps(v) for v in views], self.spec.layers)
+
+
+def _gap(out: torch.Tensor) -> torch.Tensor:
+    """Global average pool of a module's output, float32, shape (n, channels)."""
+    out = out.float()
+    return out.flatten(2).mean(2) if out.ndim > 2 else out

@@ -9,6 +9,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 DEFAULT_BACKBONE = "efficientnet_lite2"
+FINAL = "final"  # --layers name of the pooled penultimate features (what plain DN2 uses)
+TTA_MODES = ("flip",)
+RESIZE_MODES = ("crop", "full")
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,16 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     output: str | None = None  # ONNX output name
+    layers: tuple[str, ...] = ()  # () = the final pooled features; else module names and/or FINAL, concatenated
+    tta: str | None = None  # "flip": average with the horizontally flipped image
+    resize: str = "crop"  # crop: shorter side to size/0.875 then centre crop; full: whole image to size x size
+
+    @property
+    def feature_tag(self) -> str:
+        """How features are read, for cache keys: empty for plain DN2 features."""
+        parts = ([f"L{'+'.join(self.layers)}"] if self.layers else []) + ([self.tta] if self.tta else []) \
+            + (["full"] if self.resize != "crop" else [])
+        return "-".join(parts)
 
     @property
     def head_prefixes(self) -> tuple[str, ...]:
@@ -32,14 +45,26 @@ def backbone_names() -> list[str]:
     return [*TORCHVISION, *LITE_SIZES, "onnx:PATH[#output]"]
 
 
-def get_spec(name: str, image_size: int | None = None) -> BackboneSpec:
-    """Spec for a backbone name; ``image_size`` overrides the default crop size."""
+def get_spec(name: str, image_size: int | None = None, layers: tuple[str, ...] = (), tta: str | None = None,
+             resize: str = "crop") -> BackboneSpec:
+    """Spec for a backbone name; ``image_size`` overrides the default input size; ``layers``, ``tta`` and
+    ``resize`` choose how features are read (module names are checked when the backbone is built)."""
+    if tta is not None and tta not in TTA_MODES:
+        raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if len(set(layers)) != len(layers) or any(not n for n in layers):
+        raise ValueError(f"--layers must name distinct modules, got {','.join(layers)!r}")
+    opts = {"layers": tuple(layers), "tta": tta, "resize": resize}
     if name in TORCHVISION:
-        return BackboneSpec(name, "torchvision", name, image_size or 224, IMAGENET_MEAN, IMAGENET_STD)
+        return BackboneSpec(name, "torchvision", name, image_size or 224, IMAGENET_MEAN, IMAGENET_STD, **opts)
     if name in LITE_SIZES:
         arch = "tf_" + name
-        return BackboneSpec(name, "timm", arch, image_size or LITE_SIZES[name], (0.5,) * 3, (0.5,) * 3)
+        return BackboneSpec(name, "timm", arch, image_size or LITE_SIZES[name], (0.5,) * 3, (0.5,) * 3, **opts)
     if name.startswith("onnx:"):
+        if layers:
+            raise ValueError("--layers needs a torchvision or timm backbone, not an ONNX model")
         path, _, output = name[5:].partition("#")
-        return BackboneSpec(name, "onnx", path, image_size or 224, IMAGENET_MEAN, IMAGENET_STD, output or None)
+        return BackboneSpec(name, "onnx", path, image_size or 224, IMAGENET_MEAN, IMAGENET_STD, output or None,
+                            **opts)
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(backbone_names())}")
