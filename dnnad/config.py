@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from .vision.specs import DEFAULT_BACKBONE, get_spec
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq", "sq8")
 JOB_KINDS = ("score", "rank", "audit")
 MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
