@@ -15,7 +15,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from ..config import DEFAULT_MAX_FILE_BYTES, ConfigError, EmbedConfig
 from ..runtime import cluster_resources, embed_pool
-from ..vision.backbones import FeatureExtractor, preprocess_fn
+from ..vision.backbones import FeatureExtractor, crop_fn, normalize_batch
 from ..vision.decode import DecodeError, decode_image
 from ..vision.specs import BackboneSpec, get_spec
 from .read import NULL_ID, PASSTHROUGH, read_bytes
@@ -33,7 +33,8 @@ class Embedder:
         state = get(weights)
         self.cache = get(cache)
         self.extractor = FeatureExtractor(spec, state, device=device, threads=threads)
-        self.preprocess = preprocess_fn(spec)
+        self.spec = spec
+        self.crop = crop_fn(spec)
         self.dim: int | None = None
         self.batch_size = batch_size
         self.max_pixels = max_pixels
@@ -50,7 +51,7 @@ class Embedder:
         hashes = np.full(n, None, dtype=object)
         cached = np.zeros(n, dtype=bool)
         hits: dict[int, np.ndarray] = {}
-        tensors, ok = [], []
+        pixels, ok = [], []
         kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
         for i in range(n):
             try:
@@ -65,13 +66,13 @@ class Embedder:
                     if hit is not None:
                         hits[i], cached[i] = hit, True
                         continue
-                tensors.append(self.preprocess(decode_image(data, **kwargs)))
+                pixels.append(self.crop(decode_image(data, **kwargs)))
                 ok.append(i)
             except DecodeError as e:
                 status[i], error[i] = "error", str(e)
             except Exception as e:  # noqa: BLE001 - an unforeseen decoder failure is still one row's error
                 status[i], error[i] = "error", f"decode failed: {type(e).__name__}: {e}"
-        feats = self.forward(torch.stack(tensors)) if tensors else None
+        feats = self.forward(normalize_batch(self.spec, np.stack(pixels))) if pixels else None
         if self.dim is None:
             self.dim = feats.shape[1] if feats is not None else self._probe_dim()
         emb = np.full((n, self.dim), np.nan, dtype=np.float32)

@@ -29,16 +29,31 @@ def strip_head(model: torch.nn.Module, spec: BackboneSpec) -> torch.nn.Module:
     return model
 
 
-def preprocess_fn(spec: BackboneSpec):
-    """PIL RGB image → normalised float32 CHW tensor: resize shorter side, centre crop, normalise."""
+def crop_fn(spec: BackboneSpec):
+    """PIL RGB image → (H, W, 3) uint8 array: resize the shorter side (bilinear), centre crop."""
     from torchvision import transforms as T
 
-    return T.Compose([
+    resize_crop = T.Compose([
         T.Resize(int(round(spec.image_size / 0.875)), interpolation=T.InterpolationMode.BILINEAR),
         T.CenterCrop(spec.image_size),
-        T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
     ])
+    return lambda img: np.asarray(resize_crop(img))
+
+
+def normalize_batch(spec: BackboneSpec, pixels: np.ndarray) -> torch.Tensor:
+    """(n, H, W, 3) uint8 → normalised (n, 3, H, W) float32, contiguous, in one vectorised pass; elementwise,
+    so bit-identical to torchvision's per-image ToTensor + Normalize."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).to(torch.float32).div(255)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def preprocess_fn(spec: BackboneSpec):
+    """PIL RGB image → normalised float32 CHW tensor (one image; the Embedder crops per image and
+    normalises whole batches)."""
+    crop = crop_fn(spec)
+    return lambda img: normalize_batch(spec, crop(img)[None])[0]
 
 
 class FeatureExtractor:
