@@ -130,3 +130,18 @@ def test_nan_embeddings_are_rejected():
     X[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         build_index(X)
+
+
+def test_a_memory_mapped_shard_pickles_as_its_path(data, tmp_path):
+    import pickle
+
+    from dnnad.core.index import mapped_shard
+
+    Xb, _ = data
+    np.save(tmp_path / "s.npy", Xb)
+    s = mapped_shard(0, str(tmp_path / "s.npy"))
+    blob = pickle.dumps(s)
+    assert len(blob) < Xb.nbytes / 100
+    back = pickle.loads(blob)
+    assert isinstance(back.vectors, np.memmap)
+    np.testing.assert_array_equal(back.vectors, Xb)

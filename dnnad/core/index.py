@@ -31,6 +31,18 @@ class Shard:
     vectors: np.ndarray  # (n, d) float32, C-contiguous (or a read-only memmap of a shard .npy file)
     faiss_bytes: np.ndarray | None = None  # serialized approximate index, uint8
 
+    def __reduce__(self):
+        """A shard memory-mapped from a whole .npy file travels (to Ray actors) as its path, not its rows."""
+        path = getattr(self.vectors, "filename", None)
+        if isinstance(self.vectors, np.memmap) and path and np.load(path, mmap_mode="r").shape == self.vectors.shape:
+            return mapped_shard, (self.offset, str(path), self.faiss_bytes)
+        return Shard, (self.offset, self.vectors, self.faiss_bytes)
+
+
+def mapped_shard(offset: int, path: str, faiss_bytes: np.ndarray | None = None) -> Shard:
+    """A shard whose vectors stay on disk (a float32 .npy file) and are read on demand by the exact re-rank."""
+    return Shard(offset, np.load(path, mmap_mode="r", allow_pickle=False), faiss_bytes)
+
 
 @dataclass(frozen=True)
 class Exclusion:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .index import Shard
+from .index import COMPRESSED_KINDS, Shard
 
 FORMAT = "dnnad-model"
 FORMAT_VERSION = 2
@@ -150,12 +150,14 @@ def load_model(path: str) -> FittedModel:
         k, threshold, shard_docs = doc["k"], doc["threshold"], doc["shards"]
         shards = []
         for i, sm in enumerate(shard_docs):
-            vec = np.load(os.path.join(path, f"shard-{i:03d}.npy"), allow_pickle=False)
+            mapped = meta.index_kind in COMPRESSED_KINDS  # codes in memory, vectors read on demand
+            vec = np.load(os.path.join(path, f"shard-{i:03d}.npy"), allow_pickle=False,
+                          mmap_mode="r" if mapped else None)
             fb = np.fromfile(os.path.join(path, f"shard-{i:03d}.faiss"), dtype=np.uint8) if sm["faiss"] else None
             _check(vec.dtype == np.float32 and vec.ndim == 2 and vec.shape == (sm["rows"], meta.dim), path,
                    f"shard {i} holds {vec.dtype} {vec.shape}, expected float32 ({sm['rows']}, {meta.dim})")
             _check(bool(np.isfinite(vec).all()), path, f"shard {i} holds NaN or inf")
-            shards.append(Shard(int(sm["offset"]), np.ascontiguousarray(vec), fb))
+            shards.append(Shard(int(sm["offset"]), vec if mapped else np.ascontiguousarray(vec), fb))
         ids = np.asarray(pq.read_table(os.path.join(path, "normal.parquet"))["id"].to_pylist(), dtype=object)
         calib = np.load(os.path.join(path, "calibration.npy"), allow_pickle=False)
     except (OSError, KeyError, TypeError, ValueError) as e:
