@@ -57,7 +57,7 @@ class ScoreConfig:
     quantile: float = 0.99
     contamination: float | None = None
     actors: int | None = None
-    batch_size: int = 1024
+    batch_size: int = 4096  # FAISS's BLAS kNN works on 4096-query blocks
     exclude_duplicates: bool = False
 
 
