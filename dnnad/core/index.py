@@ -21,6 +21,7 @@ EXACT_KINDS = ("flat",)
 COMPRESSED_KINDS = ("ivfpq", "sq8")
 COMPRESSED_OVERFETCH = 8  # compressed kinds re-rank 8x the candidates: code distances are coarse
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
+GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger re-searches run on the CPU
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,13 @@ class ShardedIndex:
     """kNN over a list of shards that together cover rows ``0 .. ntotal``.
 
     ``exact=False`` (compressed kinds only) scores neighbours by the codes' distances instead of
-    re-ranking them from the vectors, so the vectors are never read.
+    re-ranking them from the vectors, so the vectors are never read. ``device="cuda"`` searches with FAISS
+    on the GPU (flat: ``faiss.knn_gpu``; IVF kinds: the index moved to the GPU; HNSW stays on the CPU),
+    with the same exact re-rank on the CPU.
     """
 
-    def __init__(self, shards: list[Shard], nprobe: int = 16, ef_search: int = 64, exact: bool = True):
+    def __init__(self, shards: list[Shard], nprobe: int = 16, ef_search: int = 64, exact: bool = True,
+                 device: str = "cpu"):
         if not shards:
             raise ValueError("an index needs at least one shard")
         self.shards = sorted(shards, key=lambda s: s.offset)
@@ -161,14 +165,18 @@ class ShardedIndex:
             if hasattr(index, "hnsw"):
                 index.hnsw.efSearch = ef_search
             self._approx.append(index)
+        self.kind = index_kind(self._approx[0])
+        self._gpu = None
+        if device.startswith("cuda"):
+            if not hasattr(faiss, "StandardGpuResources"):
+                raise RuntimeError("device cuda needs faiss with GPU support (pip install dnnad[gpu])")
+            self._gpu = faiss.StandardGpuResources()
+            self._approx = [faiss.index_cpu_to_gpu(self._gpu, 0, a) if a is not None and not hasattr(a, "hnsw")
+                            else a for a in self._approx]
         self.exact = exact or self.kind not in COMPRESSED_KINDS
         # Largest squared norm: bounds the float32 rounding error of FAISS's distances (exact kinds only).
         self._max_sqnorm = (max(float(np.einsum("ij,ij->i", s.vectors, s.vectors, dtype=np.float64).max())
                                 for s in self.shards) if self.kind in EXACT_KINDS else 0.0)
-
-    @property
-    def kind(self) -> str:
-        return index_kind(self._approx[0])
 
     def vectors(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` (1-d int64 positions, all valid) as float32, shape (len(idx), d); memory-mapped
@@ -188,7 +196,12 @@ class ShardedIndex:
         bound = np.full(len(Xq), np.inf, dtype=np.float32)
         for s, approx in zip(self.shards, self._approx):
             kk_s = min(kk, len(s.vectors))
-            D_s, I_s = faiss.knn(Xq, s.vectors, kk_s) if approx is None else approx.search(Xq, kk_s)
+            if approx is not None:
+                D_s, I_s = approx.search(Xq, kk_s)
+            elif self._gpu is not None and kk_s <= GPU_MAX_K:
+                D_s, I_s = faiss.knn_gpu(self._gpu, Xq, np.ascontiguousarray(s.vectors), kk_s)
+            else:
+                D_s, I_s = faiss.knn(Xq, s.vectors, kk_s)
             if kk_s < len(s.vectors):
                 np.minimum(bound, D_s[:, -1], out=bound)
             F.append(np.where(I_s >= 0, D_s, np.inf))

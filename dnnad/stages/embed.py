@@ -14,7 +14,7 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from ..config import DEFAULT_MAX_FILE_BYTES, ConfigError, EmbedConfig
-from ..runtime import cluster_resources, embed_pool
+from ..runtime import EMBED_ACTOR_GPUS, cluster_resources, embed_pool
 from ..vision.backbones import FeatureExtractor, crop_fn, normalize_batch
 from ..vision.decode import DecodeError, decode_image
 from ..vision.specs import BackboneSpec, get_spec
@@ -116,7 +116,7 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
         raise ConfigError("--device cuda, but the Ray cluster has no GPUs")
     use_gpu = gpus > 0 and cfg.device != "cpu"
     if use_gpu:
-        actors, threads, res = cfg.actors or gpus, cfg.threads, {"num_gpus": 1}
+        actors, threads, res = cfg.actors or gpus, cfg.threads, {"num_gpus": EMBED_ACTOR_GPUS}
     else:
         actors, threads, logical = embed_pool(cpus, cfg.actors, cfg.threads, score_actors)
         res = {"num_cpus": logical}

@@ -83,8 +83,8 @@ class FeatureExtractor:
         if state_dict is not None:
             model.load_state_dict(state_dict)
         self.model = strip_head(model, spec).eval().to(device)
-        if self.half:
-            self.model = self.model.half()
+        if self.half:  # fp16 + channels_last: tensor-core convolutions
+            self.model = self.model.half().to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> np.ndarray:
@@ -92,5 +92,7 @@ class FeatureExtractor:
             out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
             out = out.reshape(out.shape[0], out.shape[1], -1).mean(axis=2) if out.ndim > 2 else out
             return np.ascontiguousarray(out, dtype=np.float32)
-        x = x.to(self.device, dtype=torch.float16 if self.half else torch.float32)
+        x = x.to(self.device, dtype=torch.float16 if self.half else torch.float32, non_blocking=True)
+        if self.half:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).float().cpu().numpy()
