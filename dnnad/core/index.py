@@ -258,7 +258,7 @@ class ShardedIndex:
             contend = valid
         if self.exact:
             q, c = np.nonzero(contend)
-            diff = self.vectors(safe[q, c]).astype(np.float64) - Xq[q].astype(np.float64)
+            diff = np.subtract(self.vectors(safe[q, c]), Xq[q], dtype=np.float64)
             E = np.full(F.shape, np.inf)
             E[q, c] = np.sqrt(np.einsum("md,md->m", diff, diff))
         else:

@@ -43,7 +43,8 @@ def crop_fn(spec: BackboneSpec):
 def normalize_batch(spec: BackboneSpec, pixels: np.ndarray) -> torch.Tensor:
     """(n, H, W, 3) uint8 → normalised (n, 3, H, W) float32, contiguous, in one vectorised pass; elementwise,
     so bit-identical to torchvision's per-image ToTensor + Normalize."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).to(torch.float32).div(255)
+    pixels = np.ascontiguousarray(pixels) if pixels.flags.writeable else np.array(pixels)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div(255)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).contiguous()
