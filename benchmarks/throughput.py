@@ -182,8 +182,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--parts", default="embed,knn,shards,scale")
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--embed-n32", type=int, default=10_000, help="images at 32 px")
-    ap.add_argument("--embed-n224", type=int, default=512, help="images at 224 px")
+    ap.add_argument("--embed-n32", type=int, default=10_000, help="images at 32 px (0: skip)")
+    ap.add_argument("--embed-n224", type=int, default=512, help="images at 224 px (0: skip)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--knn-n", type=int, default=20_000, help="normal rows of the kNN and shard measurements")
     ap.add_argument("--knn-queries", type=int, default=100_000)
@@ -202,6 +202,8 @@ def main() -> None:
              "| measurement | plain baseline | dnnad on Ray | ratio |", "|---|---|---|---|"]
     if "embed" in parts:
         for size, n in ((32, a.embed_n32), (224, a.embed_n224)):
+            if not n:
+                continue
             lines += embed_bench(a.backbone, size, n, 64, a.threads)
             print(lines[-1], flush=True)
     if "knn" in parts:

@@ -20,6 +20,9 @@ from ..vision.decode import DecodeError, decode_image
 from ..vision.specs import BackboneSpec, get_spec
 from .read import NULL_ID, PASSTHROUGH, read_bytes
 
+CALL_PIXEL_BYTES = 64 * 2**20
+MAX_CHUNKS_PER_CALL = 16
+
 
 class Embedder:
     """Embedding actor: the backbone is built once per actor from weights shared via Ray's object store."""
@@ -120,8 +123,12 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
     else:
         actors, threads, logical = embed_pool(cpus, cfg.actors, cfg.threads, score_actors)
         res = {"num_cpus": logical}
+    # Rows per call: several forward chunks for small images (Ray's per-call cost spread over more images),
+    # capped so that one call's float32 pixels stay near CALL_PIXEL_BYTES; forward passes stay cfg.batch_size.
+    chunk_bytes = cfg.batch_size * 3 * spec.image_size ** 2 * 4
+    rows = cfg.batch_size * max(1, min(MAX_CHUNKS_PER_CALL, CALL_PIXEL_BYTES // chunk_bytes))
     return ds.map_batches(
-        Embedder, batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
+        Embedder, batch_size=rows, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
                                "device": "cuda" if use_gpu else "cpu", "cache": cache_ref,
                                "batch_size": cfg.batch_size, "max_file_bytes": max_file_bytes}, **res,
