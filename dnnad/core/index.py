@@ -209,7 +209,7 @@ class ShardedIndex:
         return np.concatenate(F, axis=1), np.concatenate(I, axis=1), bound
 
     def search(self, Xq: np.ndarray, k: int, exclude: Exclusion | None = None,
-               margin: int = 8) -> tuple[np.ndarray, np.ndarray]:
+               margin: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """Distances (nq, k) float64 and positions (nq, k) int64 of the k nearest rows, nearest first, ties
         by position; exact Euclidean for every kind unless ``exact`` is off.
 
