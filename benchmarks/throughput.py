@@ -1,14 +1,16 @@
 """Speed and memory of the Ray pipeline against plain single-process baselines, measured in one run.
 
-    python benchmarks/throughput.py [--parts embed,knn,scale,e2e] [--scale-n 1000000]
+    python benchmarks/throughput.py [--parts embed,knn,shards,scale] [--scale-n 1000000]
 
-Prints ratios (Ray / plain) so that the figures mean something on a noisy shared machine.
+Prints ratios (dnnad on Ray / plain baseline with the same threads) so that the figures mean something on a
+noisy shared machine, and writes the table to benchmarks/results/.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -23,44 +25,48 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def cifar_bytes(n: int) -> pa.Table:
-    t = pq.read_table(DATASETS["cifar10"], columns=["id", "image"])
-    return t.slice(0, n)
-
-
-def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int, actors: int) -> list[str]:
-    """Images/s, decode included: the Ray actor pool vs a plain torch loop with the same model and threads."""
+def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int) -> list[str]:
+    """Images/s, decode included: the Ray embedding stage vs a plain torch loop (torchvision transforms per
+    image, same model and threads); per-image time outside the forward pass for both."""
     import ray
     import torch
-    from dnnad.backbones import FeatureExtractor, get_spec, preprocess_fn
-    from dnnad.decode import decode_image
-    from dnnad.pipeline import embed, start_ray
-    from dnnad.weights import resolve_weights
 
-    from dnnad.config import EmbedConfig
+    from dnnad.config import DEFAULT_MAX_FILE_BYTES, EmbedConfig
+    from dnnad.runtime import start_ray
+    from dnnad.stages.embed import embed
+    from dnnad.vision.backbones import FeatureExtractor, preprocess_fn
+    from dnnad.vision.decode import decode_image
+    from dnnad.vision.specs import get_spec
+    from dnnad.vision.weights import resolve_weights
 
-    table = cifar_bytes(n)
+    table = pq.read_table(DATASETS["cifar10"], columns=["id", "image"])
+    table = pa.concat_tables([table] * -(-n // table.num_rows)).slice(0, n)
     spec = get_spec(backbone, size)
     w = resolve_weights(spec, "imagenet")
     fe, prep = FeatureExtractor(spec, w.state_dict, device="cpu", threads=threads), preprocess_fn(spec)
     images = table["image"].to_pylist()
+    forward = [0.0]
 
     def plain():
         out = []
         for i in range(0, n, batch):
             x = torch.stack([prep(decode_image(b)) for b in images[i:i + batch]])
-            out.append(fe(x))
+            y, t = timed(lambda x=x: fe(x))
+            forward[0] += t
+            out.append(y)
         return np.concatenate(out)
 
     plain()  # warm-up (first-call allocations), as the actors get theirs while starting
-    ref, t_plain = timed(plain)
+    forward[0] = 0.0
+    _, t_plain = timed(plain)
+    t_fwd = forward[0] / n
     start_ray(quiet=True)
-    cfg = EmbedConfig(backbone, "imagenet", size, batch, "cpu", max(1, threads // actors), actors)
+    cfg = EmbedConfig(backbone, "imagenet", size, batch, "cpu", threads, 1)
     wref = ray.put(w.state_dict)
 
     def run_ray(rows: pa.Table) -> float:
-        ds = ray.data.from_arrow([rows.slice(i, 256) for i in range(0, rows.num_rows, 256)])
-        got, t = timed(lambda: embed(ds, cfg, wref))
+        ds = ray.data.from_arrow([rows.slice(i, 1024) for i in range(0, rows.num_rows, 1024)])
+        got, t = timed(lambda: embed(ds, cfg, wref, DEFAULT_MAX_FILE_BYTES).materialize())
         assert got.count() == rows.num_rows
         return t
 
@@ -68,147 +74,146 @@ def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int, acto
     t_ray = run_ray(table)  # wall time, including the actor pool's start (model build) for this dataset
     t_ray2 = run_ray(pa.concat_tables([table, table]))
     steady = n / (t_ray2 - t_ray) if t_ray2 > t_ray else float("nan")  # differential: the start cost cancels
-    return [f"| embed {backbone} @{size}px, {n} CIFAR-10 JPEGs, batch {batch}, {threads} threads "
-            f"({actors} actor(s) on Ray), decode included "
-            f"| {n / t_plain:.1f} img/s | {n / t_ray:.1f} img/s incl. actor start; {steady:.1f} img/s steady "
-            f"({n} vs {2 * n} images) | **{t_plain / t_ray:.2f}x** incl. start; **{steady * t_plain / n:.2f}x** steady |"]
+    return [f"| embed {backbone} @{size}px, {n:,} CIFAR-10 JPEGs, batch {batch}, {threads} threads, decode "
+            f"included | {n / t_plain:.1f} img/s; {1e3 * (t_plain / n - t_fwd):.2f} ms/img outside forward "
+            f"| {n / t_ray:.1f} img/s incl. actor start; {steady:.1f} img/s steady; "
+            f"{1e3 * (1 / steady - t_fwd):.2f} ms/img outside forward "
+            f"| **{t_plain / t_ray:.2f}x** incl. start; **{steady * t_plain / n:.2f}x** steady |"]
 
 
-def knn_bench(n: int, d: int, nq: int, k: int) -> list[str]:
-    """kNN queries/s: Ray scoring actors vs raw FAISS in one process vs scikit-learn NearestNeighbors."""
-    import faiss
+def query_dataset(Xq: np.ndarray):
+
+    from dnnad.stages.collect import as_dataset
+
+    return as_dataset(np.arange(len(Xq)).astype(str).astype(object), Xq, max(1, len(Xq) // 10_000)).materialize()
+
+
+def ray_score(shards: list, Xq_ds, n_ref: int, k: int, batch: int) -> float:
+    """Seconds for the Ray scoring stage over ``Xq_ds`` (actor start included), output checked."""
     import ray
-    from dnnad.index import build_index
-    from dnnad.pipeline import Broadcast, knn_map, start_ray
-    from ray.data.extensions import ArrowTensorArray
-    from sklearn.neighbors import NearestNeighbors
 
     from dnnad.config import ScoreConfig
+    from dnnad.stages.score import Scorer
 
+    scorer = Scorer([ray.put(s) for s in shards], ray.put(np.arange(n_ref).astype(str).astype(object)), k, None,
+                    ScoreConfig(k=k, batch_size=batch))
+    res, t = timed(lambda: scorer.map(Xq_ds).materialize())
+    assert res.count() == Xq_ds.count()
+    return t
+
+
+def knn_bench(n: int, d: int, nq: int, k: int, batch: int) -> list[str]:
+    """kNN queries/s: the Ray scoring stage (exact re-rank) vs raw ``faiss.knn`` with the same threads."""
+    import faiss
+
+    from dnnad.core.index import build_index
+    from dnnad.runtime import cluster_resources, score_pool, start_ray
+
+    start_ray(quiet=True)
+    actors, threads = score_pool(cluster_resources()[0], None)
     rng = np.random.default_rng(0)
     Xb, Xq = rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(nq, d)).astype(np.float32)
+    faiss.omp_set_num_threads(threads * actors)
     (_, I_f), t_faiss = timed(lambda: faiss.knn(Xq, Xb, k))
-    nn = NearestNeighbors(n_neighbors=k).fit(Xb)
-    (_, I_sk), t_sk = timed(lambda: nn.kneighbors(Xq))
-    index = build_index(Xb, 2)
+    t_ray = ray_score(build_index(Xb, 1).shards, query_dataset(Xq), n, k, batch)
+    # Steady state: twice the queries minus once; the actor start cancels.
+    t_ray2 = ray_score(build_index(Xb, 1).shards, query_dataset(np.concatenate([Xq, Xq])), n, k, batch)
+    steady = nq / (t_ray2 - t_ray)
+    return [f"| kNN k={k}, {n:,} x {d} normal, {nq:,} queries, {threads * actors} threads: raw `faiss.knn` "
+            f"| {nq / t_faiss:,.0f} q/s | {nq / t_ray:,.0f} q/s incl. actor start; {steady:,.0f} q/s steady "
+            f"({nq:,} vs {2 * nq:,} queries; Ray scoring stage, exact re-rank) "
+            f"| **{t_faiss / t_ray:.2f}x** incl. start; **{steady * t_faiss / nq:.2f}x** steady |"]
+
+
+def shards_bench(n: int, d: int, nq: int, k: int, batch: int, counts=(1, 2, 4, 8)) -> list[str]:
+    """The same queries through the Ray scoring stage with 1, 2, 4, 8 shards: time must not grow."""
+    from dnnad.core.index import build_index
+    from dnnad.runtime import start_ray
+
     start_ray(quiet=True)
-    bc = Broadcast([ray.put(s) for s in index.shards], ray.put(np.arange(n).astype(str).astype(object)))
-    table = pa.table({"id": pa.array(np.arange(nq).astype(str)), "embedding": ArrowTensorArray.from_numpy(Xq),
-                      "status": pa.array(["ok"] * nq), "error": pa.nulls(nq, pa.string())})
-    ds = ray.data.from_arrow([table.slice(i, 2500) for i in range(0, nq, 2500)]).materialize()
-    cfg = ScoreConfig(k=k, batch_size=2500)
-    knn_map(ds.limit(10), bc.shards, bc.ids, k, None, cfg).materialize()  # warm-up
-    res, t_ray = timed(lambda: knn_map(ds, bc.shards, bc.ids, k, None, cfg).materialize())
-    assert res.count() == nq
-    agree = float((np.sort(I_f, 1) == np.sort(I_sk, 1)).mean())
-    return [f"| kNN k={k}, {n:,} x {d} normal, {nq:,} queries: raw FAISS (1 process) | {nq / t_faiss:,.0f} q/s | "
-            f"{nq / t_ray:,.0f} q/s (Ray actors, exact re-rank) | **{t_faiss / t_ray:.2f}x** |",
-            f"| same, scikit-learn NearestNeighbors (PyOD/cleanlab path) | {nq / t_sk:,.0f} q/s | "
-            f"{nq / t_ray:,.0f} q/s | **{t_sk / t_ray:.2f}x** (neighbour agreement FAISS/sklearn {agree:.4f}) |"]
-
-
-def rss_of(pids) -> list[tuple[float, float]]:
-    import psutil
-
-    out = []
-    for pid in pids:
-        m = psutil.Process(pid).memory_full_info()
-        out.append((m.rss / 2**20, m.uss / 2**20))
-    return out
+    rng = np.random.default_rng(2)
+    Xb, Xq = rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(nq, d)).astype(np.float32)
+    ds = query_dataset(Xq)
+    ray_score(build_index(Xb, 1).shards, ds.limit(batch), n, k, batch)  # warm-up
+    times = {s: ray_score(build_index(Xb, s).shards, ds, n, k, batch) for s in counts}
+    base = times[counts[0]]
+    return [f"| {s} shard(s), {n:,} x {d} normal, {nq:,} queries (Ray scoring stage, one node) | "
+            f"{nq / times[counts[0]]:,.0f} q/s with 1 shard | {nq / t:,.0f} q/s | **{base / t:.2f}x** of 1 shard |"
+            for s, t in times.items()]
 
 
 def scale_bench(n: int, d: int, nq: int, k: int, kinds: list[str]) -> list[str]:
-    """Build time, query throughput and recall of flat / IVF / HNSW; actor memory with 1 and 2 actors."""
+    """Build time, q/s and recall@k vs exact of each index kind (2 shards, in one process), and the index
+    memory a scoring actor holds (compressed kinds: codes only; their vectors are memory-mapped)."""
     import psutil
-    import ray
-    from dnnad.index import build_index
-    from dnnad.knn_actor import KnnScorer
-    from dnnad.pipeline import start_ray
+
+    from dnnad.core.index import COMPRESSED_KINDS, ShardedIndex, build_shard, mapped_shard, shard_bounds
 
     rng = np.random.default_rng(1)
     centers = rng.normal(size=(1000, d)).astype(np.float32) * 3
     Xb = (centers[rng.integers(0, 1000, n)] + rng.normal(size=(n, d))).astype(np.float32)
     Xq = (centers[rng.integers(0, 1000, nq)] + rng.normal(size=(nq, d))).astype(np.float32)
+    tmp = tempfile.mkdtemp()
     lines, truth = [], None
-    for kind in kinds:
+    for kind in ["flat"] + [k_ for k_ in kinds if k_ != "flat"]:
         t0 = time.perf_counter()
-        index = build_index(Xb, 2, kind)
+        shards = [build_shard(Xb[a:b], a, kind) for a, b in shard_bounds(n, 2)]
         t_build = time.perf_counter() - t0
+        if kind in COMPRESSED_KINDS:  # as a loaded model holds them: vectors on disk, read on demand
+            for i, s in enumerate(shards):
+                np.save(f"{tmp}/{kind}-{i}.npy", s.vectors)
+            shards = [mapped_shard(s.offset, f"{tmp}/{kind}-{i}.npy", s.faiss_bytes) for i, s in enumerate(shards)]
+        rss0 = psutil.Process().memory_info().rss
+        index = ShardedIndex(shards)
         (_, found), t_q = timed(lambda idx=index: idx.search(Xq, k))
+        held = sum(s.faiss_bytes.nbytes if s.faiss_bytes is not None else 0 for s in shards)
+        held += 0 if kind in COMPRESSED_KINDS else Xb.nbytes
         truth = found if truth is None else truth
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth, strict=True)])
-        lines.append(f"| {kind} index, {n:,} x {d}: build {t_build:.1f}s | {nq / t_q:,.0f} q/s "
-                     f"| recall@{k} {recall:.4f} vs flat | |")
-    start_ray(quiet=True)
-    flat = build_index(Xb, 2)
-    shard_refs = [ray.put(s) for s in flat.shards]
-    ids_ref = ray.put(np.arange(n).astype(str).astype(object))
-    driver = psutil.Process().memory_info().rss / 2**20
-    remote = ray.remote(num_cpus=0)(KnnScorer)
-    for n_actors in (1, 2):
-        actors = [remote.remote(shard_refs, ids_ref, k, None) for _ in range(n_actors)]
-        # Each actor searches once, touching every page of the index, before its memory is read.
-        pids = ray.get([a.__ray_call__.remote(lambda self, q=Xq[:10]: (self.index.search(q, k), os.getpid())[1])
-                        for a in actors])
-        mem = rss_of(pids)
-        lines.append(f"| {n_actors} scoring actor(s) holding the {Xb.nbytes / 2**20:,.0f} MiB flat index | "
-                     + ", ".join(f"RSS {r:,.0f} MiB / private (USS) {u:,.0f} MiB" for r, u in mem)
-                     + f" | driver RSS {driver:,.0f} MiB | |")
-        for a in actors:
-            ray.kill(a)
+        lines.append(f"| {kind} index, {n:,} x {d}, 2 shards: build {t_build:.1f}s | {nq / t_q:,.0f} q/s "
+                     f"| recall@{k} {recall:.4f} vs exact; index memory per actor {held / 2**20:,.0f} MiB "
+                     f"(search process RSS +{(psutil.Process().memory_info().rss - rss0) / 2**20:,.0f} MiB) | |")
+        print(lines[-1], flush=True)
+        del index, shards
     return lines
-
-
-def e2e_bench(backbone: str, size: int) -> list[str]:
-    """Wall time of the CIFAR-10 one-class job for one class: 5,000 normal, 10,000 queries."""
-    import subprocess
-    import sys
-    import tempfile
-
-    out = tempfile.mkdtemp()
-    cmd = [sys.executable, str(ROOT / "jobs" / "score.py"), "--normal", str(DATASETS["cifar10"]),
-           "--normal-filter", "split=train", "--normal-filter", "label=0", "--query", str(DATASETS["cifar10"]),
-           "--query-filter", "split=test", "--out", out, "--overwrite", "--backbone", backbone,
-           "--image-size", str(size), "--quiet"]
-    _, t = timed(lambda: subprocess.run(cmd, check=True))
-    from sklearn.metrics import roc_auc_score
-
-    s = pq.read_table(os.path.join(out, "scores"))
-    auc = roc_auc_score((s["label"].to_numpy() != 0).astype(int), s["score"].to_numpy())
-    return [f"| end-to-end `jobs/score.py`, CIFAR-10 airplane: 5,000 normal + 10,000 queries, {backbone} @{size}px "
-            f"(process start to exit) | {t:.0f} s | ROC AUC {auc:.4f} | |"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--parts", default="embed,knn,scale,e2e")
+    ap.add_argument("--parts", default="embed,knn,shards,scale")
     ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--embed-n", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, in total")
-    ap.add_argument("--actors", type=int, default=1, help="embedding actors sharing those threads")
+    ap.add_argument("--embed-n32", type=int, default=10_000, help="images at 32 px (0: skip)")
+    ap.add_argument("--embed-n224", type=int, default=512, help="images at 224 px (0: skip)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ap.add_argument("--knn-n", type=int, default=20_000, help="normal rows of the kNN and shard measurements")
+    ap.add_argument("--knn-queries", type=int, default=100_000)
+    ap.add_argument("--shard-queries", type=int, default=20_000)
+    ap.add_argument("--score-batch", type=int, default=4096)
     ap.add_argument("--scale-n", type=int, default=1_000_000)
     ap.add_argument("--scale-queries", type=int, default=1000)
-    ap.add_argument("--scale-kinds", default="flat,ivf,hnsw", help="index kinds timed at scale (flat first)")
+    ap.add_argument("--scale-kinds", default="flat,ivf,hnsw,ivfpq,sq8")
     a = ap.parse_args()
     parts = a.parts.split(",")
     lines = [f"## Throughput ({dt.date.today()}, commit {git_rev()})", "",
-             f"- command: `python benchmarks/throughput.py --parts {a.parts} --backbone {a.backbone} "
-             f"--embed-n {a.embed_n} --scale-n {a.scale_n} --scale-kinds {a.scale_kinds}`",
+             f"- command: `python benchmarks/throughput.py --parts {a.parts} --embed-n32 {a.embed_n32} "
+             f"--embed-n224 {a.embed_n224} --knn-n {a.knn_n} --knn-queries {a.knn_queries} "
+             f"--shard-queries {a.shard_queries} --scale-n {a.scale_n} --scale-kinds {a.scale_kinds}`",
              f"- machine: {machine()}", "",
              "| measurement | plain baseline | dnnad on Ray | ratio |", "|---|---|---|---|"]
     if "embed" in parts:
-        for size, n in ((32, a.embed_n * 8), (224, a.embed_n)):  # more images where each is cheap
-            lines += embed_bench(a.backbone, size, n, 64, a.threads, a.actors)
+        for size, n in ((32, a.embed_n32), (224, a.embed_n224)):
+            if not n:
+                continue
+            lines += embed_bench(a.backbone, size, n, 64, a.threads)
             print(lines[-1], flush=True)
     if "knn" in parts:
-        lines += knn_bench(50_000, 512, 10_000, 2)
-        print("\n".join(lines[-2:]), flush=True)
+        lines += knn_bench(a.knn_n, 512, a.knn_queries, 2, a.score_batch)
+        print(lines[-1], flush=True)
+    if "shards" in parts:
+        lines += shards_bench(a.knn_n, 512, a.shard_queries, 2, a.score_batch)
+        print("\n".join(lines[-4:]), flush=True)
     if "scale" in parts:
         lines += scale_bench(a.scale_n, 512, a.scale_queries, 2, a.scale_kinds.split(","))
-        print("\n".join(lines[-5:]), flush=True)
-    if "e2e" in parts:
-        lines += e2e_bench(a.backbone, 32)
-        print(lines[-1], flush=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     (out / f"throughput-{a.parts.replace(',', '-')}-{a.scale_n}.md").write_text("\n".join(lines) + "\n")

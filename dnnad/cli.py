@@ -69,7 +69,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per CPU embedding actor")
     p.add_argument("--actors", type=int, default=None, help="embedding actors (default: per GPU / CPUs)")
     p.add_argument("--score-actors", type=int, default=None, help="kNN scoring actors")
-    p.add_argument("--score-batch-size", type=int, default=1024, help="queries per kNN batch")
+    p.add_argument("--score-batch-size", type=int, default=4096, help="queries per kNN batch")
     p.add_argument("--partition-rows", type=int, default=100_000,
                    help="query rows per partition: a killed run restarts from the partitions it committed")
     p.add_argument("--shards", type=int, default=1, help="index shards, built in parallel")

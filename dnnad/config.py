@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from .vision.specs import DEFAULT_BACKBONE, BackboneSpec, get_spec
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq", "sq8")
 NORMALIZE_KINDS = ("l2",)
 JOB_KINDS = ("score", "rank", "audit")
 MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
@@ -77,7 +77,7 @@ class ScoreConfig:
     quantile: float = 0.99
     contamination: float | None = None
     actors: int | None = None
-    batch_size: int = 1024
+    batch_size: int = 4096  # FAISS's BLAS kNN works on 4096-query blocks
     exclude_duplicates: bool = False
     partition_rows: int = 100_000  # query rows per partition: the unit a killed run resumes from
 

@@ -85,6 +85,10 @@ def cluster_resources() -> tuple[int, int]:
 # so the pools leave READ_RESERVE_CPUS free; each actor sets its own thread count for the real work.
 READ_RESERVE_CPUS = 1.0
 SCORE_ACTOR_CPUS = 0.25
+# On GPU clusters every GPU holds one embedding actor and one scoring actor (FAISS on the GPU) side by side,
+# so neither pool can take all GPUs and starve the other stage of the streaming pipeline.
+SCORE_ACTOR_GPUS = 0.25
+EMBED_ACTOR_GPUS = 1.0 - SCORE_ACTOR_GPUS
 
 
 def score_pool(cpus: int, actors: int | None) -> tuple[int, int]:

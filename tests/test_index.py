@@ -1,14 +1,16 @@
-"""The sharded FAISS index: exact, shard-layout invariant, equal to brute force."""
+"""The sharded FAISS index: exact, shard-layout invariant, equal to brute force (ties and duplicates too)."""
 import numpy as np
 import pytest
 
-from dnnad.core.index import build_index
+from dnnad.core.dn2 import duplicate_groups, self_exclusions
+from dnnad.core.index import ShardedIndex, build_index, build_shard, shard_bounds
 
 
-def brute_force(Xq, Xb, k, exclude_self=False):
+def brute_force(Xq, Xb, k, exclude=None):
+    """Exact float64 kNN, ties by position; ``exclude`` (nq, n) bool masks rows a query may not use."""
     D = np.sqrt(((Xq[:, None, :].astype(np.float64) - Xb[None].astype(np.float64)) ** 2).sum(-1))
-    if exclude_self:
-        np.fill_diagonal(D, np.inf)
+    if exclude is not None:
+        D[exclude] = np.inf
     I = np.argsort(D, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(D, I, 1), I
 
@@ -17,6 +19,17 @@ def brute_force(Xq, Xb, k, exclude_self=False):
 def data():
     rng = np.random.default_rng(0)
     return rng.normal(size=(2000, 64)).astype(np.float32), rng.normal(size=(300, 64)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tied():
+    """Many exact duplicates and equidistant rows: 40 copies of one row, a lattice of small integers."""
+    rng = np.random.default_rng(1)
+    lattice = rng.integers(-2, 3, size=(600, 16)).astype(np.float32)  # many rows at equal distances
+    Xb = np.concatenate([lattice, np.repeat(lattice[:1], 40, axis=0), lattice[100:160]])
+    Xb = Xb[rng.permutation(len(Xb))]
+    Xq = np.concatenate([Xb[:50], rng.integers(-2, 3, size=(50, 16)).astype(np.float32)])
+    return Xb, Xq
 
 
 def test_one_and_four_shards_agree_with_brute_force(data):
@@ -30,22 +43,80 @@ def test_one_and_four_shards_agree_with_brute_force(data):
     np.testing.assert_allclose(d1, D, rtol=1e-12)
 
 
+@pytest.mark.parametrize("k", [1, 2, 7, 45])
+def test_ties_and_duplicates_are_exact_for_1_to_8_shards(tied, k):
+    """Far more tied rows than the over-fetch margin: the answer is still brute force's (ties by position)."""
+    Xb, Xq = tied
+    D, I = brute_force(Xq, Xb, k)
+    for n_shards in range(1, 9):
+        d, i = build_index(Xb, n_shards=n_shards).search(Xq, k)
+        np.testing.assert_array_equal(i, I, err_msg=f"{n_shards} shards")
+        np.testing.assert_allclose(d, D, rtol=1e-12, atol=0)
+
+
 def test_self_exclusion_never_returns_the_query_row(data):
     Xb, _ = data
     index = build_index(Xb, n_shards=3)
-    d, i = index.search(Xb, 2, exclude=[np.array([p]) for p in range(len(Xb))])
+    d, i = index.search(Xb, 2, exclude=self_exclusions(np.arange(len(Xb))))
     assert not (i == np.arange(len(Xb))[:, None]).any()
-    D, I = brute_force(Xb, Xb, 2, exclude_self=True)
+    D, I = brute_force(Xb, Xb, 2, exclude=np.eye(len(Xb), dtype=bool))
     np.testing.assert_array_equal(i, I)
 
 
-@pytest.mark.parametrize("kind,min_recall", [("ivf", 0.8), ("hnsw", 0.9)])
+@pytest.mark.parametrize("n_shards", [1, 3, 8])
+def test_duplicate_exclusion_matches_brute_force(tied, n_shards):
+    Xb, _ = tied
+    groups = duplicate_groups(Xb)
+    rows = np.arange(0, len(Xb), 7)
+    ex = self_exclusions(rows, groups)
+    assert ex.max_rows >= 41  # the 40 added copies plus the lattice's own
+    d, i = build_index(Xb, n_shards=n_shards).search(Xb[rows], 3, exclude=ex)
+    D, I = brute_force(Xb[rows], Xb, 3, exclude=groups[rows][:, None] == groups[None, :])
+    np.testing.assert_array_equal(i, I)
+    np.testing.assert_allclose(d, D, rtol=1e-12, atol=0)
+
+
+def test_exclusions_are_vectorised_labels():
+    ex = self_exclusions(np.array([3, 0]), np.array([0, 1, 0, 2]))
+    np.testing.assert_array_equal(ex.query_labels, [2, 0])
+    assert ex.max_rows == 2
+    np.testing.assert_array_equal(ex.excluded(np.array([[3, 0, 2], [1, 2, 0]])),
+                                  [[True, False, False], [False, True, True]])
+
+
+@pytest.mark.parametrize("kind,min_recall", [("ivf", 0.8), ("hnsw", 0.9), ("sq8", 0.95), ("ivfpq", 0.5)])
 def test_approximate_indexes_recall(data, kind, min_recall):
     Xb, Xq = data
-    _, I = brute_force(Xq, Xb, 2)
-    _, i = build_index(Xb, n_shards=2, kind=kind).search(Xq, 2)
+    D, I = brute_force(Xq, Xb, 2)
+    index = build_index(Xb, n_shards=2, kind=kind)
+    assert index.kind == kind
+    d, i = index.search(Xq, 2)
     recall = np.mean([len(set(a) & set(b)) / 2 for a, b in zip(i, I)])
     assert recall >= min_recall
+    found = i == I  # neighbours it found are re-ranked exactly
+    np.testing.assert_allclose(d[found], D[found], rtol=1e-12)
+
+
+def test_compressed_index_without_exactness_scores_from_codes(data):
+    Xb, Xq = data
+    shards = [build_shard(Xb[a:b], a, "sq8") for a, b in shard_bounds(len(Xb), 2)]
+    d, i = ShardedIndex(shards, exact=False).search(Xq, 2)
+    D, I = brute_force(Xq, Xb, 2)
+    assert np.mean(i == I) > 0.9
+    np.testing.assert_allclose(d, D, rtol=0.05)  # code distances, not exact
+
+
+def test_memory_mapped_vectors_give_the_same_answer(data, tmp_path):
+    Xb, Xq = data
+    shards = []
+    for a, b in shard_bounds(len(Xb), 3):
+        s = build_shard(Xb[a:b], a, "ivfpq")
+        np.save(tmp_path / f"{a}.npy", s.vectors)
+        shards.append(type(s)(a, np.load(tmp_path / f"{a}.npy", mmap_mode="r"), s.faiss_bytes))
+    in_memory = build_index(Xb, 3, "ivfpq").search(Xq, 2)
+    mapped = ShardedIndex(shards).search(Xq, 2)
+    np.testing.assert_array_equal(in_memory[1], mapped[1])
+    np.testing.assert_array_equal(in_memory[0], mapped[0])
 
 
 def test_k_larger_than_reference_set_is_an_error(data):
@@ -59,3 +130,18 @@ def test_nan_embeddings_are_rejected():
     X[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         build_index(X)
+
+
+def test_a_memory_mapped_shard_pickles_as_its_path(data, tmp_path):
+    import pickle
+
+    from dnnad.core.index import mapped_shard
+
+    Xb, _ = data
+    np.save(tmp_path / "s.npy", Xb)
+    s = mapped_shard(0, str(tmp_path / "s.npy"))
+    blob = pickle.dumps(s)
+    assert len(blob) < Xb.nbytes / 100
+    back = pickle.loads(blob)
+    assert isinstance(back.vectors, np.memmap)
+    np.testing.assert_array_equal(back.vectors, Xb)

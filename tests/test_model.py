@@ -74,3 +74,18 @@ def test_damaged_vectors_are_refused(tmp_path):
     np.save(tmp_path / "m" / "shard-001.npy", v[:, :3])
     with pytest.raises(ModelError, match="expected float32"):
         load_model(str(tmp_path / "m"))
+
+
+def test_a_compressed_model_maps_its_vectors_from_disk(tmp_path):
+    from dnnad.core.index import ShardedIndex
+
+    X, _ = planted(n_normal=400, n_anom=5, d=16)
+    params = FitParams(k=2, n_shards=2, index="sq8")
+    fit = fit_reference(X, None, params)
+    shards = [build_shard(fit.reference[a:b], a, "sq8") for a, b in shard_bounds(len(X), 2)]
+    save_model(model_from_fit(fit, shards, params, backbone="resnet18", image_size=32, weights="none"),
+               str(tmp_path / "m"))
+    back = load_model(str(tmp_path / "m"))
+    assert all(isinstance(s.vectors, np.memmap) for s in back.shards)
+    np.testing.assert_array_equal(ShardedIndex(back.shards).search(X[:20], 2)[1],
+                                  ShardedIndex(shards).search(X[:20], 2)[1])

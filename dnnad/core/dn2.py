@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from .features import FeatureTransform, fit_transform
-from .index import ShardedIndex, as_float32, build_index
+from .index import Exclusion, ShardedIndex, as_float32, build_index
 from .threshold import effective_quantile, threshold_from_scores, threshold_reliable
 
 
@@ -25,7 +25,7 @@ def knn_score(dist: np.ndarray) -> np.ndarray:
     return np.asarray(dist, dtype=np.float64).mean(axis=1)
 
 
-def self_exclusions(positions: np.ndarray, duplicate_groups: np.ndarray | None = None) -> list[np.ndarray]:
+def self_exclusions(positions: np.ndarray, duplicate_groups: np.ndarray | None = None) -> Exclusion:
     """Reference positions each query may not use: itself, and its exact duplicates when given.
 
     ``duplicate_groups[p]`` is a group label per reference row (rows with equal labels hold
@@ -33,15 +33,10 @@ def self_exclusions(positions: np.ndarray, duplicate_groups: np.ndarray | None =
     """
     positions = np.asarray(positions, dtype=np.int64)
     if duplicate_groups is None:
-        return [np.array([p]) for p in positions]
-    members: dict[int, np.ndarray] = {}
-    out = []
-    for p in positions:
-        g = int(duplicate_groups[p])
-        if g not in members:
-            members[g] = np.flatnonzero(duplicate_groups == g)
-        out.append(members[g])
-    return out
+        return Exclusion(positions)
+    groups = np.asarray(duplicate_groups, dtype=np.int64)
+    mine = groups[positions]
+    return Exclusion(mine, groups, int(np.bincount(groups)[mine].max(initial=1)))
 
 
 def duplicate_groups(X: np.ndarray) -> np.ndarray:
@@ -53,7 +48,7 @@ def duplicate_groups(X: np.ndarray) -> np.ndarray:
 
 
 def score_against(index: ShardedIndex, X: np.ndarray, k: int,
-                  exclude: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  exclude: Exclusion | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores (nq,), neighbour distances (nq, k), neighbour positions (nq, k))."""
     dist, pos = index.search(X, k, exclude=exclude)
     return knn_score(dist), dist, pos

@@ -1,10 +1,12 @@
 """Sharded exact/approximate kNN index over float32 vectors, with a deterministic exact refine.
 
-A shard holds a contiguous slice of the reference set: its vectors (always, as a plain float32
-array, so that Ray can share one read-only copy between actors) and, for approximate kinds, a
-serialized FAISS index over them. A search asks every shard for candidates, merges them and
-re-ranks the candidates by exact float64 Euclidean distance with ties broken by position, so
-results do not depend on how the reference set was split.
+A shard holds a contiguous slice of the reference set: its vectors (a float32 array, which Ray shares
+read-only between actors, or a memory-mapped .npy file read on demand) and, for approximate kinds, a
+serialized FAISS index over them. A search asks every shard for float32 candidates (each shard with
+all FAISS threads), merges them and re-ranks in float64 only the candidates whose float32 distance
+is within a proven rounding bound of the k-th; ties are broken by position. A query whose candidate
+list cannot prove the answer (ties or duplicates beyond the over-fetch) is searched again with more
+candidates, so flat results are those of exact brute force, whatever the shard layout.
 """
 from __future__ import annotations
 
@@ -15,14 +17,53 @@ import numpy as np
 
 from ..config import INDEX_KINDS
 
+EXACT_KINDS = ("flat",)
+COMPRESSED_KINDS = ("ivfpq", "sq8")
+COMPRESSED_OVERFETCH = 8  # compressed kinds re-rank 8x the candidates: code distances are coarse
+UNIT_ROUNDOFF = 2.0 ** -24  # float32
+GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger re-searches run on the CPU
+
 
 @dataclass(frozen=True)
 class Shard:
     """One slice of the reference set: rows ``offset .. offset + len(vectors)``."""
 
     offset: int
-    vectors: np.ndarray  # (n, d) float32, C-contiguous
+    vectors: np.ndarray  # (n, d) float32, C-contiguous (or a read-only memmap of a shard .npy file)
     faiss_bytes: np.ndarray | None = None  # serialized approximate index, uint8
+
+    def __reduce__(self):
+        """A shard memory-mapped from a whole .npy file travels (to Ray actors) as its path, not its rows."""
+        path = getattr(self.vectors, "filename", None)
+        if isinstance(self.vectors, np.memmap) and path and np.load(path, mmap_mode="r").shape == self.vectors.shape:
+            return mapped_shard, (self.offset, str(path), self.faiss_bytes)
+        return Shard, (self.offset, self.vectors, self.faiss_bytes)
+
+
+def mapped_shard(offset: int, path: str, faiss_bytes: np.ndarray | None = None) -> Shard:
+    """A shard whose vectors stay on disk (a float32 .npy file) and are read on demand by the exact re-rank."""
+    return Shard(offset, np.load(path, mmap_mode="r", allow_pickle=False), faiss_bytes)
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Reference rows a query may not use: row j for query i where ``ref_labels[j] == query_labels[i]``.
+
+    ``ref_labels`` None means labels are positions (query i excludes row ``query_labels[i]``).
+    ``max_rows`` is the most rows any one query excludes (how far candidates are over-fetched).
+    """
+
+    query_labels: np.ndarray  # (nq,) int64
+    ref_labels: np.ndarray | None = None  # (ntotal,) int64
+    max_rows: int = 1
+
+    def take(self, rows: np.ndarray) -> Exclusion:
+        return Exclusion(self.query_labels[rows], self.ref_labels, self.max_rows)
+
+    def excluded(self, I: np.ndarray) -> np.ndarray:
+        """Boolean mask of the candidates ``I`` (nq, c), all valid positions, that are excluded."""
+        labels = I if self.ref_labels is None else self.ref_labels[I]
+        return labels == self.query_labels[:, None]
 
 
 def as_float32(X: np.ndarray) -> np.ndarray:
@@ -42,35 +83,71 @@ def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def pq_subquantizers(d: int) -> int:
+    """IVF-PQ sub-quantizers: one byte per 8 dimensions (d/8 bytes a vector), a divisor of d."""
+    m = max(1, d // 8)
+    while d % m:
+        m -= 1
+    return m
+
+
 def build_shard(vectors: np.ndarray, offset: int, kind: str = "flat", nlist: int = 0, hnsw_m: int = 32) -> Shard:
-    """Build one shard; ``kind`` is flat (exact), ivf (IVF-Flat) or hnsw (HNSW-Flat)."""
+    """Build one shard; ``kind`` is flat (exact), ivf (IVF-Flat), hnsw (HNSW-Flat), ivfpq (IVF-PQ codes,
+    d/8 bytes a vector) or sq8 (8-bit scalar-quantized codes, d bytes a vector)."""
     X = as_float32(vectors)
     if kind == "flat":
         return Shard(offset, X)
     d = X.shape[1]
-    if kind == "ivf":
+    if kind in ("ivf", "ivfpq"):
         nlist = nlist or max(1, int(4 * np.sqrt(len(X))))
-        nlist = min(nlist, len(X))
+        nlist = min(nlist, len(X) if kind == "ivf" else max(1, len(X) // 39))
         quantizer = faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist)
+        else:
+            nbits = 8 if len(X) >= 256 * 39 else max(1, int(np.log2(max(2, len(X) // 39))))
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_subquantizers(d), nbits)
+            index.pq.cp.seed = 1234
         index.cp.seed = 1234
         index.train(X)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, hnsw_m)
+    elif kind == "sq8":
+        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit)
+        index.train(X)
     else:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}")
     index.add(X)
     return Shard(offset, X, faiss.serialize_index(index))
 
 
-class ShardedIndex:
-    """kNN over a list of shards that together cover rows ``0 .. ntotal``."""
+def index_kind(index) -> str:
+    """The INDEX_KINDS name of a deserialized FAISS index, or flat for None."""
+    if index is None:
+        return "flat"
+    for cls, kind in ((faiss.IndexHNSW, "hnsw"), (faiss.IndexIVFPQ, "ivfpq"), (faiss.IndexIVFFlat, "ivf"),
+                      (faiss.IndexScalarQuantizer, "sq8")):
+        if isinstance(index, cls):
+            return kind
+    raise ValueError(f"unsupported FAISS index {type(index).__name__}")
 
-    def __init__(self, shards: list[Shard], nprobe: int = 16, ef_search: int = 64):
+
+class ShardedIndex:
+    """kNN over a list of shards that together cover rows ``0 .. ntotal``.
+
+    ``exact=False`` (compressed kinds only) scores neighbours by the codes' distances instead of
+    re-ranking them from the vectors, so the vectors are never read. ``device="cuda"`` searches with FAISS
+    on the GPU (flat: ``faiss.knn_gpu``; IVF kinds: the index moved to the GPU; HNSW stays on the CPU),
+    with the same exact re-rank on the CPU.
+    """
+
+    def __init__(self, shards: list[Shard], nprobe: int = 16, ef_search: int = 64, exact: bool = True,
+                 device: str = "cpu"):
         if not shards:
             raise ValueError("an index needs at least one shard")
         self.shards = sorted(shards, key=lambda s: s.offset)
         self.d = int(self.shards[0].vectors.shape[1])
+        self.offsets = np.array([s.offset for s in self.shards], dtype=np.int64)
         self.ntotal = int(sum(len(s.vectors) for s in self.shards))
         expected = 0
         for s in self.shards:
@@ -88,74 +165,116 @@ class ShardedIndex:
             if hasattr(index, "hnsw"):
                 index.hnsw.efSearch = ef_search
             self._approx.append(index)
-
-    @property
-    def kind(self) -> str:
-        index = self._approx[0]
-        if index is None:
-            return "flat"
-        return "hnsw" if hasattr(index, "hnsw") else "ivf"
+        self.kind = index_kind(self._approx[0])
+        self._gpu = None
+        if device.startswith("cuda"):
+            if not hasattr(faiss, "StandardGpuResources"):
+                raise RuntimeError("device cuda needs faiss with GPU support (pip install dnnad[gpu])")
+            self._gpu = faiss.StandardGpuResources()
+            self._approx = [faiss.index_cpu_to_gpu(self._gpu, 0, a) if a is not None and not hasattr(a, "hnsw")
+                            else a for a in self._approx]
+        self.exact = exact or self.kind not in COMPRESSED_KINDS
+        # Largest squared norm: bounds the float32 rounding error of FAISS's distances (exact kinds only).
+        self._max_sqnorm = (max(float(np.einsum("ij,ij->i", s.vectors, s.vectors, dtype=np.float64).max())
+                                for s in self.shards) if self.kind in EXACT_KINDS else 0.0)
 
     def vectors(self, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` (any shape of int64 positions, all valid) as float32, shape idx.shape + (d,)."""
-        flat = idx.reshape(-1)
-        out = np.empty((len(flat), self.d), dtype=np.float32)
-        for s in self.shards:
-            m = (flat >= s.offset) & (flat < s.offset + len(s.vectors))
-            out[m] = s.vectors[flat[m] - s.offset]
-        return out.reshape(idx.shape + (self.d,))
+        """Rows ``idx`` (1-d int64 positions, all valid) as float32, shape (len(idx), d); memory-mapped
+        shards read only these rows."""
+        out = np.empty((len(idx), self.d), dtype=np.float32)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        for j in np.unique(shard):
+            m = shard == j
+            s = self.shards[j]
+            out[m] = s.vectors[idx[m] - s.offset]
+        return out
 
-    def _candidates(self, Xq: np.ndarray, kk: int) -> np.ndarray:
-        """Positions of up to ``kk`` nearest rows from every shard, (nq, n_shards * kk), -1 for none."""
-        parts = []
+    def candidates(self, Xq: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Float32 squared distances and positions (nq, n_shards * kk) of up to ``kk`` nearest rows of every
+        shard (inf / -1 for none), and a bound (nq,): every row not returned is at least this far (float32)."""
+        F, I = [], []
+        bound = np.full(len(Xq), np.inf, dtype=np.float32)
         for s, approx in zip(self.shards, self._approx):
             kk_s = min(kk, len(s.vectors))
-            if approx is None:
-                _, I = faiss.knn(Xq, s.vectors, kk_s)
+            if approx is not None:
+                D_s, I_s = approx.search(Xq, kk_s)
+            elif self._gpu is not None and kk_s <= GPU_MAX_K:
+                D_s, I_s = faiss.knn_gpu(self._gpu, Xq, np.ascontiguousarray(s.vectors), kk_s)
             else:
-                _, I = approx.search(Xq, kk_s)
-            I = np.where(I >= 0, I + s.offset, -1)
-            parts.append(I)
-        return np.concatenate(parts, axis=1)
+                D_s, I_s = faiss.knn(Xq, s.vectors, kk_s)
+            if kk_s < len(s.vectors):
+                np.minimum(bound, D_s[:, -1], out=bound)
+            F.append(np.where(I_s >= 0, D_s, np.inf))
+            I.append(np.where(I_s >= 0, I_s + s.offset, -1))
+        return np.concatenate(F, axis=1), np.concatenate(I, axis=1), bound
 
-    def search(self, Xq: np.ndarray, k: int, exclude: list[np.ndarray] | None = None,
-               margin: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """Exact Euclidean distances (nq, k) float64 and positions (nq, k) int64 of the k nearest rows.
+    def search(self, Xq: np.ndarray, k: int, exclude: Exclusion | None = None,
+               margin: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """Distances (nq, k) float64 and positions (nq, k) int64 of the k nearest rows, nearest first, ties
+        by position; exact Euclidean for every kind unless ``exact`` is off.
 
-        ``exclude[i]`` lists positions that may not be neighbours of query i (itself, its
-        duplicates). Candidates are over-fetched by ``margin`` and re-ranked in float64 so that
-        float32 rounding in different shard layouts cannot change the answer.
+        ``exclude`` names rows a query may not use as neighbours (itself, its duplicates). Candidates are
+        over-fetched by ``margin``; queries the float32 candidates cannot settle are searched again with 4x.
         """
         Xq = as_float32(Xq)
         if Xq.shape[1] != self.d:
             raise ValueError(f"query dimension {Xq.shape[1]} does not match index dimension {self.d}")
-        n_excl = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        n_excl = exclude.max_rows if exclude is not None else 0
         if k < 1 or k + n_excl > self.ntotal:
             raise ValueError(f"k={k} needs at least {k + n_excl} reference rows, index has {self.ntotal}")
         nq = len(Xq)
-        if nq == 0:
-            return np.empty((0, k)), np.empty((0, k), dtype=np.int64)
-        I = self._candidates(Xq, min(self.ntotal, k + n_excl + margin))
+        D, I = np.empty((nq, k)), np.empty((nq, k), dtype=np.int64)
+        todo = np.arange(nq)
+        kk = (k + n_excl + margin) * (COMPRESSED_OVERFETCH if self.exact and self.kind in COMPRESSED_KINDS else 1)
+        kk = min(self.ntotal, kk)
+        while len(todo):
+            ex = exclude.take(todo) if exclude is not None else None
+            D_t, I_t, done = self._refine(Xq[todo], k, kk, ex)
+            D[todo[done]], I[todo[done]] = D_t[done], I_t[done]
+            todo = todo[~done]
+            if len(todo) and kk == self.ntotal:
+                raise RuntimeError("index returned fewer than k neighbours; increase nprobe/ef_search")
+            kk = min(self.ntotal, 4 * kk)
+        return D, I
+
+    def _refine(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distances, positions, settled) of one candidate round; unsettled rows hold garbage."""
+        F, I, bound = self.candidates(Xq, kk)
         valid = I >= 0
-        if exclude is not None:
-            for i, e in enumerate(exclude):
-                if len(e):
-                    valid[i] &= ~np.isin(I[i], e)
         safe = np.where(valid, I, 0)
-        diff = self.vectors(safe).astype(np.float64) - Xq[:, None, :].astype(np.float64)
-        D = np.sqrt(np.einsum("qcd,qcd->qc", diff, diff))
-        D[~valid] = np.inf
-        # Deduplicate (an approximate index may repeat a row) and order by (distance, position).
-        order = np.lexsort((safe, D), axis=1)
-        D, I = np.take_along_axis(D, order, 1), np.take_along_axis(safe, order, 1)
-        dup = np.zeros_like(valid)
-        dup[:, 1:] = (I[:, 1:] == I[:, :-1]) & np.isfinite(D[:, 1:])
-        D[dup] = np.inf
-        order = np.lexsort((I, D), axis=1)[:, :k]
-        D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
-        if not np.isfinite(D).all():
-            raise RuntimeError("index returned fewer than k neighbours; increase nprobe/ef_search")
-        return D, I.astype(np.int64)
+        if exclude is not None:
+            valid &= ~exclude.excluded(safe)
+        F = np.where(valid, F, np.inf)
+        t = np.partition(F, k - 1, axis=1)[:, k - 1].astype(np.float64)  # k-th float32 distance
+        if self.kind in EXACT_KINDS:
+            # |float32 FAISS distance - exact| <= delta (dot products and norms of d terms, worst case).
+            qn = np.einsum("ij,ij->i", Xq, Xq, dtype=np.float64)
+            delta = (2 * self.d + 16) * UNIT_ROUNDOFF * (qn + self._max_sqnorm)
+            settled = np.isfinite(t) & (bound > t + 2 * delta)
+            contend = F <= (t + 2 * delta)[:, None]
+        else:
+            settled = np.isfinite(t)
+            contend = valid
+        if self.exact:
+            q, c = np.nonzero(contend)
+            diff = np.subtract(self.vectors(safe[q, c]), Xq[q], dtype=np.float64)
+            E = np.full(F.shape, np.inf)
+            E[q, c] = np.sqrt(np.einsum("md,md->m", diff, diff))
+        else:
+            E = np.sqrt(np.where(valid, F, np.inf).astype(np.float64))
+        # Order by (distance, position); an approximate index may repeat a row: keep its first copy.
+        order = np.lexsort((safe, E), axis=1)
+        E, safe = np.take_along_axis(E, order, 1), np.take_along_axis(safe, order, 1)
+        if self.kind not in EXACT_KINDS:
+            dup = np.zeros(E.shape, dtype=bool)
+            dup[:, 1:] = (safe[:, 1:] == safe[:, :-1]) & np.isfinite(E[:, 1:])
+            E[dup] = np.inf
+            order = np.lexsort((safe, E), axis=1)
+            E, safe = np.take_along_axis(E, order, 1), np.take_along_axis(safe, order, 1)
+        E, safe = E[:, :k], safe[:, :k]
+        settled &= np.isfinite(E).all(axis=1)
+        return E, safe.astype(np.int64), settled
 
 
 def build_index(X: np.ndarray, n_shards: int = 1, kind: str = "flat", **params) -> ShardedIndex:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from .features import FeatureTransform, load_transform, transform_files
-from .index import Shard
+from .index import COMPRESSED_KINDS, Shard
 from .threshold import normal_percentile
 
 FORMAT = "dnnad-model"
@@ -193,13 +193,15 @@ def load_model(uri: str) -> FittedModel:
         k, threshold, shard_docs = doc["k"], doc["threshold"], doc["shards"]
         shards = []
         for i, sm in enumerate(shard_docs):
-            vec = storage.load_npy(fs, storage.join(path, f"shard-{i:03d}.npy"))
+            mapped = meta.index_kind in COMPRESSED_KINDS and storage.is_local(fs)  # codes in memory, vectors on demand
+            npy = storage.join(path, f"shard-{i:03d}.npy")
+            vec = np.load(npy, allow_pickle=False, mmap_mode="r") if mapped else storage.load_npy(fs, npy)
             fb = (np.frombuffer(storage.read_bytes(fs, storage.join(path, f"shard-{i:03d}.faiss")), dtype=np.uint8)
                   if sm["faiss"] else None)
             _check(vec.dtype == np.float32 and vec.ndim == 2 and vec.shape == (sm["rows"], meta.dim), path,
                    f"shard {i} holds {vec.dtype} {vec.shape}, expected float32 ({sm['rows']}, {meta.dim})")
             _check(bool(np.isfinite(vec).all()), path, f"shard {i} holds NaN or inf")
-            shards.append(Shard(int(sm["offset"]), np.ascontiguousarray(vec), fb))
+            shards.append(Shard(int(sm["offset"]), vec if mapped else np.ascontiguousarray(vec), fb))
         ids = np.asarray(pq.read_table(io.BytesIO(storage.read_bytes(fs, storage.join(path, "normal.parquet"))))
                          ["id"].to_pylist(), dtype=object)
         calib = storage.load_npy(fs, storage.join(path, "calibration.npy"))

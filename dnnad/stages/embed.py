@@ -14,11 +14,14 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from ..config import DEFAULT_MAX_FILE_BYTES, ConfigError, EmbedConfig
-from ..runtime import cluster_resources, embed_pool
-from ..vision.backbones import FeatureExtractor, preprocess_fn
+from ..runtime import EMBED_ACTOR_GPUS, cluster_resources, embed_pool
+from ..vision.backbones import FeatureExtractor, crop_fn, normalize_batch
 from ..vision.decode import DecodeError, decode_image
 from ..vision.specs import BackboneSpec
 from .read import NULL_ID, PASSTHROUGH, read_bytes
+
+CALL_PIXEL_BYTES = 64 * 2**20
+MAX_CHUNKS_PER_CALL = 16
 
 
 class Embedder:
@@ -34,7 +37,8 @@ class Embedder:
         self.cache = get(cache)
         self.cache_out = cache_out  # where this actor adds the embeddings it computed (content-keyed parts)
         self.extractor = FeatureExtractor(spec, state, device=device, threads=threads)
-        self.preprocess = preprocess_fn(spec)
+        self.spec = spec
+        self.crop = crop_fn(spec)
         self.dim: int | None = None
         self.batch_size = batch_size
         self.max_pixels = max_pixels
@@ -52,7 +56,7 @@ class Embedder:
         hashes = np.full(n, None, dtype=object)
         cached = np.zeros(n, dtype=bool)
         hits: dict[int, np.ndarray] = {}
-        tensors, ok = [], []
+        pixels, ok = [], []
         kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
         for i in range(n):
             try:
@@ -68,13 +72,13 @@ class Embedder:
                     if hit is not None:
                         hits[i], cached[i] = hit, True
                         continue
-                tensors.append(self.preprocess(decode_image(data, **kwargs)))
+                pixels.append(self.crop(decode_image(data, **kwargs)))
                 ok.append(i)
             except DecodeError as e:
                 status[i], error[i] = "error", str(e)
             except Exception as e:  # noqa: BLE001 - an unforeseen decoder failure is still one row's error
                 status[i], error[i] = "error", f"decode failed: {type(e).__name__}: {e}"
-        feats = self.forward(torch.stack(tensors)) if tensors else None
+        feats = self.forward(normalize_batch(self.spec, np.stack(pixels))) if pixels else None
         if self.dim is None:
             self.dim = feats.shape[1] if feats is not None else self._probe_dim()
         emb = np.full((n, self.dim), np.nan, dtype=np.float32)
@@ -127,12 +131,16 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
         raise ConfigError("--device cuda, but the Ray cluster has no GPUs")
     use_gpu = gpus > 0 and cfg.device != "cpu"
     if use_gpu:
-        actors, threads, res = cfg.actors or gpus, cfg.threads, {"num_gpus": 1}
+        actors, threads, res = cfg.actors or gpus, cfg.threads, {"num_gpus": EMBED_ACTOR_GPUS}
     else:
         actors, threads, logical = embed_pool(cpus, cfg.actors, cfg.threads, score_actors)
         res = {"num_cpus": logical}
+    # Rows per call: several forward chunks for small images (Ray's per-call cost spread over more images),
+    # capped so that one call's float32 pixels stay near CALL_PIXEL_BYTES; forward passes stay cfg.batch_size.
+    chunk_bytes = cfg.batch_size * 3 * spec.image_size ** 2 * 4
+    rows = cfg.batch_size * max(1, min(MAX_CHUNKS_PER_CALL, CALL_PIXEL_BYTES // chunk_bytes))
     return ds.map_batches(
-        Embedder, batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
+        Embedder, batch_size=rows, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
                                "device": "cuda" if use_gpu else "cpu", "cache": cache_ref, "cache_out": cache_out,
                                "batch_size": cfg.batch_size, "max_file_bytes": max_file_bytes,

@@ -14,7 +14,7 @@ from ..config import ScoreConfig
 from ..core.dn2 import score_against, self_exclusions
 from ..core.index import ShardedIndex
 from ..core.threshold import normal_percentile
-from ..runtime import SCORE_ACTOR_CPUS, cluster_resources, score_pool
+from ..runtime import SCORE_ACTOR_CPUS, SCORE_ACTOR_GPUS, cluster_resources, score_pool
 from .read import PASSTHROUGH
 
 SCORE_COLUMNS = pa.schema([
@@ -43,14 +43,14 @@ class KnnScorer:
 
     def __init__(self, shards, ids, k: int, threshold: float | None, calibration=None,
                  exclude: str | None = None, groups=None, positions: bool = False, threads: int | None = None,
-                 transform=None):
+                 transform=None, device: str = "cpu"):
         import faiss
         import ray
 
         if threads:
             faiss.omp_set_num_threads(threads)
         get = lambda r: ray.get(r) if isinstance(r, ray.ObjectRef) else r  # noqa: E731
-        self.index = ShardedIndex([get(s) for s in get(shards)])
+        self.index = ShardedIndex([get(s) for s in get(shards)], device=device)
         ids = get(ids)  # None: neighbours are named by position (calibration of a fit)
         self.ids = None if ids is None else pa.array(np.asarray(ids, dtype=object).tolist(), pa.string())
         self.k, self.threshold, self.exclude, self.positions = k, threshold, exclude, positions
@@ -122,12 +122,17 @@ class Scorer:
         """``ds`` scored (lazily): one output row per input row."""
         from ray.data import ActorPoolStrategy
 
-        actors, threads = score_pool(cluster_resources()[0], self.cfg.actors)
+        cpus, gpus = cluster_resources()
+        actors, threads = score_pool(cpus, self.cfg.actors)
+        res = {"num_cpus": SCORE_ACTOR_CPUS}
+        if gpus:  # a share of one GPU per scoring actor: FAISS searches there
+            actors, res = min(actors, gpus), {**res, "num_gpus": SCORE_ACTOR_GPUS}
         return ds.map_batches(
             KnnScorer, batch_size=self.cfg.batch_size, compute=ActorPoolStrategy(size=actors),
-            batch_format="numpy", num_cpus=SCORE_ACTOR_CPUS,
+            batch_format="numpy", **res,
             fn_constructor_kwargs={"shards": self.shards, "ids": self.ids, "k": self.k,
                                    "threshold": self.threshold, "calibration": self.calibration,
                                    "exclude": exclude, "groups": groups_ref, "positions": positions,
-                                   "threads": threads, "transform": self.transform},
+                                   "threads": threads, "transform": self.transform,
+                                   "device": "cuda" if gpus else "cpu"},
         )
