@@ -12,6 +12,11 @@ import pytest
 from tests.helpers import cifar_rows, write_folder
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Credentials of the local S3 server (tests/test_object_store.py), set before Ray starts so that its workers
+# (which write the outputs) have them too, as a cluster's workers have their own.
+for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                   ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(key, value)
 
 RAY_FIXTURES = {"ray_local", "one_shard_run", "nights", "clean_rank"}
 

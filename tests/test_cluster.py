@@ -50,7 +50,11 @@ def wait_for_nodes(address: str, n: int, env: dict, timeout: float = 120) -> Non
     while time.time() < deadline:
         out = subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "json"],
                              capture_output=True, text=True, env=env)
-        if out.returncode == 0 and sum(n_["state"] == "ALIVE" for n_ in json.loads(out.stdout or "[]")) >= n:
+        try:
+            nodes = json.loads(out.stdout) if out.returncode == 0 else []
+        except ValueError:  # the dashboard is still starting
+            nodes = []
+        if sum(node["state"] == "ALIVE" for node in nodes) >= n:
             return
         time.sleep(2)
     raise TimeoutError(f"cluster did not reach {n} nodes")
@@ -105,7 +109,8 @@ def test_ray_job_submit_runs_on_both_nodes_and_matches_a_single_node_run(cluster
     actors = json.loads(subprocess.run([RAY, "list", "actors", "--address", address, "--detail", "--format", "json",
                                         "--limit", "1000"], capture_output=True, text=True, env=env).stdout)
     for kind in ("Embedder", "KnnScorer"):
-        nodes = {a["node_id"] for a in actors if kind in (a.get("class_name", "") + a.get("repr_name", ""))}
+        nodes = {a["node_id"] for a in actors
+                 if kind in (a.get("class_name", "") + a.get("repr_name", "")) and a.get("node_id")}
         assert len(nodes) == 2, (kind, nodes)
 
     single = tmp_path / "single-out"

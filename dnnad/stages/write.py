@@ -121,6 +121,8 @@ class OutDir:
             raise ConfigError(f"--out {out} already holds a finished run ({self.record}); "
                               f"pass --overwrite or pick a new --out")
         ours = set(old.get("written", LEGACY_OUTPUTS if "format" not in old else ())) if old else set()
+        if self.own_owner is not None and not self.local:
+            ours |= set(self.names)  # written in place by this very run (commit-time check)
         for name in self.names:
             if storage.exists(self.fs, self.at(name)) and name not in ours | dead:
                 raise ConfigError(f"--out {out} holds {name!r}, which no finished dnnad run there wrote; "
