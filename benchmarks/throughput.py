@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--knn-n", type=int, default=20_000, help="normal rows of the kNN and shard measurements")
     ap.add_argument("--knn-queries", type=int, default=100_000)
-    ap.add_argument("--shard-queries", type=int, default=20_000)
+    ap.add_argument("--shard-queries", type=int, default=100_000)
     ap.add_argument("--score-batch", type=int, default=4096)
     ap.add_argument("--scale-n", type=int, default=1_000_000)
     ap.add_argument("--scale-queries", type=int, default=1000)

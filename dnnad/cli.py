@@ -70,8 +70,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=None, help="embedding actors (default: per GPU / CPUs)")
     p.add_argument("--score-actors", type=int, default=None, help="kNN scoring actors")
     p.add_argument("--score-batch-size", type=int, default=4096, help="queries per kNN batch")
-    p.add_argument("--partition-rows", type=int, default=100_000,
-                   help="query rows per partition: a killed run restarts from the partitions it committed")
+    p.add_argument("--partition-rows", type=int, default=None,
+                   help="query rows per partition: a killed run restarts from the partitions it committed "
+                        "(default: 100,000 images or 1,000,000 --embedding-column vectors)")
     p.add_argument("--shards", type=int, default=1, help="index shards, built in parallel")
     p.add_argument("--index", default="flat", choices=INDEX_KINDS, help="flat is exact")
     p.add_argument("--reduce", type=_reduce, default=None, metavar="kmeans:N",

@@ -71,6 +71,10 @@ class IndexConfig:
     reduce: int | None = None  # k-means centroids replacing the normal set
 
 
+IMAGE_PARTITION_ROWS = 100_000
+VECTOR_PARTITION_ROWS = 1_000_000
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     k: int = 2
@@ -79,7 +83,12 @@ class ScoreConfig:
     actors: int | None = None
     batch_size: int = 4096  # FAISS's BLAS kNN works on 4096-query blocks
     exclude_duplicates: bool = False
-    partition_rows: int = 100_000  # query rows per partition: the unit a killed run resumes from
+    partition_rows: int | None = None  # query rows per partition, the unit a killed run resumes from (None: auto)
+
+    def rows_per_partition(self, vectors: bool) -> int:
+        """Partition size: each partition is one streaming execution (actor pools start again), so a partition
+        of precomputed vectors, ~100x cheaper per row than an image, is 10x larger."""
+        return self.partition_rows or (VECTOR_PARTITION_ROWS if vectors else IMAGE_PARTITION_ROWS)
 
 
 @dataclass(frozen=True)

@@ -183,17 +183,17 @@ def check_model_weights(model, weights) -> None:
 def write_partitioned(run: Run, name: str, src, scored_of) -> dict:
     """Write output ``name`` partition by partition of ``src`` (``scored_of(part)`` is the lazy scored
     dataset of one partition), each committed by a marker; partitions a killed run committed are kept."""
+    from ray.data.datasource import FilenameProvider
+
     from ..stages.read import partitions
 
-    parts = partitions(src, run.cfg.score.partition_rows)
+    parts = partitions(src, run.cfg.score.rows_per_partition(bool(src.cfg.embedding_column)))
     log = run.staging.partitions(name)
     skipped = 0
     for i, part in enumerate(parts):
         if log.done(i):
             skipped += 1
             continue
-        from ray.data.datasource import FilenameProvider
-
         prefix = log.start(i)
         scored_of(part).write_parquet(run.staging.path(name), filesystem=run.staging.fs,
                                       filename_provider=FilenameProvider(dataset_uuid=prefix, file_format="parquet"))

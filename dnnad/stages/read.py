@@ -25,7 +25,8 @@ from ..config import ConfigError, SourceConfig
 from ..storage import resolve
 from ..vision.decode import IMAGE_EXTENSIONS, DecodeError
 
-ROWS_PER_BLOCK = 256
+ROWS_PER_BLOCK = 256  # image rows: small blocks spread decoding and embedding over the actors
+VECTOR_ROWS_PER_BLOCK = 4096  # vector rows: a block is about one scoring batch (FAISS's 4096-query blocks)
 # Logical CPUs of a read task: the embedding and scoring actors hold theirs for the whole streaming run, and
 # reads must still be schedulable beside them on a small node (they are I/O, not compute).
 READ_CPUS = 0.25
@@ -261,6 +262,7 @@ def read_source(src: PreparedSource):
         t = src.listing
         return ray.data.from_arrow([t.slice(i, ROWS_PER_BLOCK) for i in range(0, t.num_rows, ROWS_PER_BLOCK)])
     cfg, schema = src.cfg, src.schema
+    block_rows = VECTOR_ROWS_PER_BLOCK if src.cfg.embedding_column else ROWS_PER_BLOCK
     ds = ray.data.read_parquet(list(src.files) if src.files else src.path, filesystem=src.fs, num_cpus=READ_CPUS)
     expr = _all_of([col(name) == value for name, value in filter_values(schema, cfg.filters)])
     if expr is not None:
@@ -269,7 +271,7 @@ def read_source(src: PreparedSource):
     ds = ds.select_columns(cols)
     ds = ds.map_batches(_normalise_columns, batch_format="pyarrow", num_cpus=READ_CPUS,
                         fn_kwargs={"rename": keep, "group_col": group_col})
-    return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+    return ds.repartition(target_num_rows_per_block=block_rows)
 
 
 def partitions(src: PreparedSource, rows: int) -> list[PreparedSource]:
