@@ -1,7 +1,11 @@
-"""Scaling curve of the streaming query path (issue 11): rows/s and driver peak RSS against the number of
-query rows, with a plain single-process baseline (the same FAISS search and Parquet write) in the same run.
+"""Scaling curve of the streaming query path (issue 11): rows/s, driver peak RSS and object-store peak against
+the number of query rows, with a plain single-process baseline (the same FAISS search and Parquet write) in the
+same run.
 
-    python benchmarks/scale.py --sizes 10000 100000 300000 --normal 20000 --dim 512 [--s3]
+    python benchmarks/scale.py --sizes 10000 100000 1000000 --normal 20000 --dim 512 [--s3]
+
+The object-store peak is the high-water mark of shared memory (/dev/shm, where Ray's in-process object store
+lives on Linux; pages it touched stay counted) during the run, so nothing else may use /dev/shm meanwhile.
 
 Vectors come from an ``--embedding-column`` source (no backbone), so the curve measures the pipeline itself.
 dnnad runs with a model fitted beforehand (``--model``), so both sides do only the query path; dnnad's time
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -58,18 +63,24 @@ def baseline(normal: Path, query: Path, out: Path, k: int = 2, batch: int = 8192
     return time.perf_counter() - t0
 
 
-def run_dnnad(args: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(seconds, driver peak RSS in MiB) of one dnnad run as its own process."""
+def shm_used() -> int:
+    return shutil.disk_usage("/dev/shm").used if os.path.isdir("/dev/shm") else 0
+
+
+def run_dnnad(args: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(seconds, driver peak RSS in MiB, object-store peak in MiB) of one dnnad run as its own process."""
     import psutil
 
+    shm0 = shm_used()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "dnnad.cli", *args, "--quiet"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    peak, shm_peak = [0], [0]
 
     def watch():
         p = psutil.Process(proc.pid)
         while proc.poll() is None:
+            shm_peak[0] = max(shm_peak[0], shm_used() - shm0)
             try:
                 peak[0] = max(peak[0], p.memory_info().rss)
             except psutil.Error:
@@ -82,7 +93,7 @@ def run_dnnad(args: list[str], env: dict | None = None) -> tuple[float, float]:
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(err[-3000:])
-    return seconds, peak[0] / 2**20
+    return seconds, peak[0] / 2**20, shm_peak[0] / 2**20
 
 
 def moto(port: int) -> subprocess.Popen:
@@ -95,7 +106,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000])
     ap.add_argument("--normal", type=int, default=20_000)
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--s3", action="store_true")
+    ap.add_argument("--s3", action="store_true", help="also write the --s3-size run to a local S3 server")
+    ap.add_argument("--s3-size", type=int, default=100_000)
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dnnad-scale-"))
     normal = work / "normal.parquet"
@@ -109,10 +121,11 @@ def main() -> None:
         query = work / f"query-{n}.parquet"
         write_vectors(query, n, a.dim, 7, "q")
         base_s = baseline(normal, query, work / f"base-{n}.parquet")
-        s, rss = run_dnnad(["score", "--model", str(model), "--query", str(query), "--out", str(work / f"out-{n}"),
+        s, rss, shm = run_dnnad(["score", "--model", str(model), "--query", str(query), "--out", str(work / f"out-{n}"),
                             *common])
         rows.append({"rows": n, "baseline_s": base_s, "dnnad_s": s, "baseline_rows_per_s": n / base_s,
-                     "dnnad_rows_per_s": n / s, "ratio": base_s / s, "driver_peak_rss_mib": rss})
+                     "dnnad_rows_per_s": n / s, "ratio": base_s / s, "driver_peak_rss_mib": rss,
+                     "object_store_peak_mib": shm})
         print(json.dumps(rows[-1]), flush=True)
     if a.s3:
         with socket.socket() as sock:
@@ -126,21 +139,26 @@ def main() -> None:
             time.sleep(3)
             pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="x", secret_key="x",
                               region="us-east-1", allow_bucket_creation=True).create_dir("bench")
-            n = a.sizes[-1]
-            s3_s, rss = run_dnnad(["score", "--model", str(model), "--query", str(work / f"query-{n}.parquet"),
+            n = a.s3_size
+            if not (work / f"query-{n}.parquet").exists():
+                write_vectors(work / f"query-{n}.parquet", n, a.dim, 7, "q")
+            s3_s, rss, _ = run_dnnad(["score", "--model", str(model), "--query", str(work / f"query-{n}.parquet"),
                                    "--out", f"s3://bench/out?endpoint_override=127.0.0.1:{port}&scheme=http", *common],
                                   env)
-            local = next(r for r in rows if r["rows"] == n)
-            print(json.dumps({"rows": n, "s3_s": s3_s, "local_s": local["dnnad_s"], "s3_vs_local": local["dnnad_s"] / s3_s,
+            local = next((r["dnnad_s"] for r in rows if r["rows"] == n), None) or run_dnnad(
+                ["score", "--model", str(model), "--query", str(work / f"query-{n}.parquet"), "--out",
+                 str(work / "out-local"), *common])[0]
+            print(json.dumps({"rows": n, "s3_s": s3_s, "local_s": local, "s3_vs_local": local / s3_s,
                               "driver_peak_rss_mib": rss}), flush=True)
         finally:
             server.terminate()
             server.wait()
-    print("| query rows | baseline rows/s | dnnad rows/s | dnnad / baseline | driver peak RSS |")
-    print("|---|---|---|---|---|")
+    shutil.rmtree(work)  # this run's own temporary folder
+    print("| query rows | baseline rows/s | dnnad rows/s | dnnad / baseline | driver peak RSS | object-store peak |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['rows']:,} | {r['baseline_rows_per_s']:,.0f} | {r['dnnad_rows_per_s']:,.0f} | {r['ratio']:.2f}x | "
-              f"{r['driver_peak_rss_mib']:.0f} MiB |")
+              f"{r['driver_peak_rss_mib']:.0f} MiB | {r['object_store_peak_mib']:.0f} MiB |")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def _features(p: argparse.ArgumentParser) -> None:
                    metavar="{none,l2}", help="l2: unit-length embeddings (cosine-like kNN)")
     p.add_argument("--whiten", action="store_true",
                    help="whiten with the normal set's Ledoit-Wolf covariance (Mahalanobis-like scores)")
+    p.add_argument("--pca", type=int, default=None, metavar="D",
+                   help="project embeddings onto the normal set's D leading principal components (smaller index)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -74,7 +76,13 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="query rows per partition: a killed run restarts from the partitions it committed "
                         "(default: 100,000 images or 1,000,000 --embedding-column vectors)")
     p.add_argument("--shards", type=int, default=1, help="index shards, built in parallel")
-    p.add_argument("--index", default="flat", choices=INDEX_KINDS, help="flat is exact")
+    p.add_argument("--shard-groups", type=int, default=1, metavar="G",
+                   help="split the shards over G scoring actor pools (each holds 1/G of the index; results are "
+                        "merged exactly): for indexes larger than one node's memory")
+    p.add_argument("--index", default="flat", choices=INDEX_KINDS,
+                   help="flat is exact; the others re-rank their candidates exactly (see --approximate)")
+    p.add_argument("--approximate", action="store_true",
+                   help="ivfpq/sq8: score from the compressed codes without reading the vectors (not exact)")
     p.add_argument("--reduce", type=_reduce, default=None, metavar="kmeans:N",
                    help="replace the normal set by N k-means centroids")
     p.add_argument("--quantile", type=float, default=0.99, help="threshold quantile of normal LOO scores")
@@ -149,11 +157,11 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
         kind=a.command, out=a.out, normal=normal, query=query, model_dir=a.model,
         embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors,
                           a.layers, a.tta, a.resize),
-        features=FeatureConfig(a.normalize, a.whiten),
-        index=IndexConfig(a.index, a.shards, a.reduce),
+        features=FeatureConfig(a.normalize, a.whiten, a.pca),
+        index=IndexConfig(a.index, a.shards, a.reduce, a.approximate),
         score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors, a.score_batch_size,
                           exclude_duplicates=getattr(a, "exclude_duplicates", False),
-                          partition_rows=a.partition_rows),
+                          partition_rows=a.partition_rows, shard_groups=a.shard_groups),
         rank=RankConfig(getattr(a, "drop", None), getattr(a, "drop_score", None), getattr(a, "rounds", 1),
                         getattr(a, "duplicates", True), getattr(a, "duplicate_threshold", DUPLICATE_THRESHOLD),
                         getattr(a, "drop_duplicates", False)),

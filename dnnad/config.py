@@ -62,6 +62,7 @@ class FeatureConfig:
 
     normalize: str | None = None  # "l2"
     whiten: bool = False  # Ledoit-Wolf whitening: scores become Mahalanobis-like distances
+    pca: int | None = None  # keep this many principal components of the normal set (a smaller, faster index)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class IndexConfig:
     kind: str = "flat"  # one of INDEX_KINDS; flat is exact
     shards: int = 1
     reduce: int | None = None  # k-means centroids replacing the normal set
+    approximate: bool = False  # ivfpq/sq8: distances from the codes, no exact re-rank (vectors never read)
 
 
 IMAGE_PARTITION_ROWS = 100_000
@@ -83,6 +85,7 @@ class ScoreConfig:
     actors: int | None = None
     batch_size: int = 4096  # FAISS's BLAS kNN works on 4096-query blocks
     exclude_duplicates: bool = False
+    shard_groups: int = 1  # actor pools that each hold a contiguous group of the shards (at most --shards)
     partition_rows: int | None = None  # query rows per partition, the unit a killed run resumes from (None: auto)
 
     def rows_per_partition(self, vectors: bool) -> int:
@@ -171,10 +174,15 @@ class JobConfig:
         _in_range("--score-actors", self.score.actors, 1, 100_000)
         _in_range("--score-batch-size", self.score.batch_size, 1, 1 << 20)
         _in_range("--partition-rows", self.score.partition_rows, 1, 1 << 40)
+        _in_range("--shard-groups", self.score.shard_groups, 1, 100_000)
         if self.index.kind not in INDEX_KINDS:
             raise ConfigError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {self.index.kind!r}")
         _in_range("--shards", self.index.shards, 1, 100_000)
         _in_range("--reduce kmeans:N", self.index.reduce, 2, 1 << 31)
+        _in_range("--pca", self.features.pca, 1, 1 << 20)
+        if self.index.approximate and self.index.kind not in ("ivfpq", "sq8"):
+            raise ConfigError(f"--approximate scores a compressed index from its codes: it needs --index ivfpq or "
+                              f"sq8, not {self.index.kind}")
         for role, src in (("normal", self.normal), ("query", self.query)):
             if src is None:
                 continue

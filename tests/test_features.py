@@ -119,7 +119,7 @@ def test_damaged_whitening_arrays_are_refused(tmp_path):
     _, m = fitted(FitParams(k=2, whiten=True))
     save_model(m, str(tmp_path / "m"))
     np.save(tmp_path / "m" / "transform-whitener.npy", np.eye(3))
-    with pytest.raises(ModelError, match="damaged model.*whitening"):
+    with pytest.raises(ModelError, match="damaged model.*transform arrays"):
         load_model(str(tmp_path / "m"))
 
 
@@ -204,7 +204,7 @@ def test_feature_options_round_trip_through_a_saved_model_and_match_the_library(
     assert fit["score"].to_pylist() == reuse["score"].to_pylist()  # identical, not just close
     assert fit["neighbor_ids"].to_pylist() == reuse["neighbor_ids"].to_pylist()
     record = json.loads((tmp_path / "reuse" / "run.json").read_text())
-    assert record["config"]["features"] == {"normalize": "l2", "whiten": True}
+    assert record["config"]["features"] == {"normalize": "l2", "whiten": True, "pca": None}
     assert record["config"]["embed"]["layers"] == ["layer3", "final"] and record["config"]["embed"]["tta"] == "flip"
     assert record["model"]["whiten"] and record["model"]["resize"] == "full"
 
@@ -221,3 +221,77 @@ def test_feature_options_round_trip_through_a_saved_model_and_match_the_library(
     expected = lib.score_samples(embed(corpus["query"], ok["id"].to_pylist()))
     np.testing.assert_allclose(ok["score"].to_numpy(), expected, rtol=1e-4)
     assert load_model(model).threshold == pytest.approx(lib.threshold_, rel=1e-4)
+
+
+def test_pca_keeps_the_normal_sets_leading_components():
+    """``pca=D``: distances after the transform are those between scikit-learn PCA projections (signs aside),
+    the index holds D dimensions, and with whitening the covariance is fitted in those D dimensions."""
+    from sklearn.decomposition import PCA
+
+    X, Q = correlated(n=600, d=10, seed=1), correlated(n=50, d=10, seed=2)
+    t = fit_transform(X, pca=4)
+    assert t.transform(Q).shape == (50, 4) and t.dim == 4 and not t.whiten
+    ref = PCA(n_components=4).fit(X.astype(np.float64))
+    d_ours = np.linalg.norm(t.transform(Q)[:, None] - t.transform(X[:30])[None], axis=2)
+    d_sk = np.linalg.norm(ref.transform(Q)[:, None] - ref.transform(X[:30])[None], axis=2)
+    np.testing.assert_allclose(d_ours, d_sk, rtol=1e-4, atol=1e-4)
+    both = fit_transform(X, pca=4, whiten=True)
+    P = ref.transform(X)
+    lw = LedoitWolf().fit(P)
+    w, v = np.linalg.eigh(lw.covariance_)
+    zca = (v / np.sqrt(w)) @ v.T
+    expected = (ref.transform(Q) - P.mean(0)) @ zca
+    d_both = np.linalg.norm(both.transform(Q)[:, None] - both.transform(Q)[None], axis=2)
+    np.testing.assert_allclose(d_both, np.linalg.norm(expected[:, None] - expected[None], axis=2), rtol=1e-3)
+    with pytest.raises(ValueError, match="pca=11"):
+        fit_transform(X, pca=11)
+
+
+def test_estimator_with_pca_scores_brute_force_in_the_projected_space():
+    X, _ = planted(n_normal=300, n_anom=0, d=12)
+    Q, _ = planted(n_normal=100, n_anom=10, d=12, seed=3)
+    model = DN2(k=2, pca=5).fit(X)
+    t = fit_transform(X, pca=5)
+    dist, _ = NearestNeighbors(n_neighbors=2).fit(t.transform(X)).kneighbors(t.transform(Q))
+    np.testing.assert_allclose(model.score_samples(Q), dist.mean(1), rtol=1e-5)
+    assert model.index_.d == 5 and model.n_features_in_ == 12
+
+
+def test_model_with_pca_round_trips_as_format_version_4_and_decides_the_flag(tmp_path):
+    X, m = fitted(FitParams(k=2, pca=3, whiten=True))
+    assert (m.meta.dim, m.meta.input_dim, m.meta.query_dim, m.meta.pca) == (3, 8, 8, 3)
+    save_model(m, str(tmp_path / "m"))
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["version"] == 4
+    back = load_model(str(tmp_path / "m"))
+    assert back.meta == m.meta
+    np.testing.assert_array_equal(back.transform.transform(X), m.transform.transform(X))
+    ap = parser()
+    a = ap.parse_args(["score", "--query", "q", "--out", "o", "--pca", "4"])
+    c = config_from_args(a, explicit_settings(ap, a))
+    with pytest.raises(ConfigError, match="--pca conflicts with the saved model"):
+        apply_model(c, back, frozenset(c.explicit))
+
+
+def test_approximate_scores_a_compressed_index_from_its_codes_without_reading_vectors():
+    """``approximate=True``: distances are the codes' (FAISS's own search), the vectors are never read."""
+    import faiss
+
+    from dnnad.core.index import Shard, ShardedIndex
+
+    rng = np.random.default_rng(0)
+    X, Q = rng.normal(size=(3000, 16)).astype(np.float32), rng.normal(size=(20, 16)).astype(np.float32)
+    exact = DN2(k=2, index="sq8").fit(X)
+    approx = DN2(k=2, index="sq8", approximate=True).fit(X)
+    shard = build_shard(X, 0, "sq8")
+    D, _ = faiss.deserialize_index(shard.faiss_bytes).search(Q, 2)
+    np.testing.assert_allclose(approx.score_samples(Q), np.sqrt(D).mean(1), rtol=1e-5)
+    dist, _ = NearestNeighbors(n_neighbors=2).fit(X).kneighbors(Q)
+    np.testing.assert_allclose(exact.score_samples(Q), dist.mean(1), rtol=1e-5)  # the default stays exact
+    blind = ShardedIndex([Shard(0, np.full_like(X, np.nan), shard.faiss_bytes)], exact=False)  # vectors unreadable
+    np.testing.assert_allclose(blind.search(Q, 2)[0], np.sqrt(np.maximum(D, 0)), rtol=1e-5)
+    with pytest.raises(ValueError, match="approximate"):
+        DN2(index="flat", approximate=True).fit(X)
+    ap = parser()
+    a = ap.parse_args(["score", "--query", "q", "--normal", "n", "--out", "o", "--approximate"])
+    with pytest.raises(ConfigError, match="--approximate .* needs --index ivfpq or sq8"):
+        config_from_args(a, explicit_settings(ap, a)).validate()

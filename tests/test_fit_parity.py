@@ -33,6 +33,20 @@ def test_library_and_ray_backend_fit_identically(ray_local, params):
     np.testing.assert_array_equal(est.loo_scores_, remote.calibration_scores)
 
 
+@pytest.mark.parametrize("params, groups", [
+    (FitParams(k=3, n_shards=3), 3), (FitParams(k=2, n_shards=4, exclude_duplicates=True), 2),
+    (FitParams(k=2, n_shards=5, index="sq8"), 2),
+], ids=["3-shards-3-groups", "exclude-duplicates-2-groups", "sq8-2-groups"])
+def test_shard_groups_on_separate_actor_pools_fit_identically(ray_local, params, groups):
+    """No actor holds the whole index, yet calibration scores and neighbours equal the in-process fit's."""
+    X, ids = data_with_duplicates()
+    local = fit_reference(X, ids, params, LocalBackend())
+    remote = fit_reference(X, ids, params, RayBackend(ScoreConfig(batch_size=64, shard_groups=groups)))
+    assert local.threshold == remote.threshold
+    np.testing.assert_array_equal(local.calibration_scores, remote.calibration_scores)
+    np.testing.assert_array_equal(local.calibration_pos, remote.calibration_pos)
+
+
 def test_reduced_fit_calibrates_normal_rows_against_the_centroids():
     X, ids = data_with_duplicates()
     fit = fit_reference(X, ids, FitParams(k=2, reduce=25))

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from dnnad import DN2
 from dnnad.cli import main
@@ -42,3 +43,49 @@ def test_embedding_column_scores_equal_the_library_and_bad_vectors_are_error_row
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     record = json.loads((out / "run.json").read_text())
     assert record["weights"] is None and model.meta.backbone is None and model.threshold == api.threshold_
+
+
+def test_pca_and_approximate_models_score_through_the_job_as_in_the_library(ray_local, tmp_path):
+    """``--pca 6 --index sq8 --approximate``: the model keeps 6 dimensions and scores from the codes; a second
+    run with ``--model`` reads 16-dimensional queries and gives the same scores as the library."""
+    X, _ = planted(n_normal=400, n_anom=0, d=16, seed=1)
+    Q, _ = planted(n_normal=30, n_anom=5, d=16, seed=2)
+    ids = [f"n{i}" for i in range(len(X))]
+    pq.write_table(vector_table(X, ids), tmp_path / "normal.parquet")
+    pq.write_table(vector_table(Q, [f"q{i}" for i in range(len(Q))]), tmp_path / "query.parquet")
+    flags = ["--embedding-column", "vec", "--quiet"]
+    assert main(["score", "--normal", str(tmp_path / "normal.parquet"), "--query", str(tmp_path / "query.parquet"),
+                 "--pca", "6", "--index", "sq8", "--approximate", "--model", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "fit"), *flags]) == 0
+    model = load_model(str(tmp_path / "m"))
+    assert (model.meta.dim, model.meta.query_dim, model.meta.pca, model.meta.approximate) == (6, 16, 6, True)
+    assert main(["score", "--model", str(tmp_path / "m"), "--query", str(tmp_path / "query.parquet"),
+                 "--out", str(tmp_path / "again"), *flags]) == 0
+    api = DN2(k=2, pca=6, index="sq8", approximate=True).fit(X, ids=np.array(ids, dtype=object))
+    for out in ("fit", "again"):
+        rows = {r["id"]: r for r in pq.read_table(tmp_path / out / "scores").to_pylist()}
+        got = np.array([rows[f"q{i}"]["score"] for i in range(len(Q))])
+        np.testing.assert_allclose(got, api.score_samples(Q), rtol=1e-5)
+    assert model.threshold == pytest.approx(api.threshold_, rel=1e-6)
+
+
+def test_shard_groups_score_queries_as_one_index_does(ray_local, tmp_path):
+    """``--shards 4 --shard-groups 2``: two actor pools each hold half the index; scores and neighbours are
+    those of the library's single index."""
+    X, _ = planted(n_normal=300, n_anom=0, d=16, seed=1)
+    Q, _ = planted(n_normal=40, n_anom=8, d=16, seed=2)
+    ids = [f"n{i:03d}" for i in range(len(X))]
+    pq.write_table(vector_table(X, ids), tmp_path / "normal.parquet")
+    pq.write_table(vector_table(Q, [f"q{i}" for i in range(len(Q))]), tmp_path / "query.parquet")
+    assert main(["score", "--normal", str(tmp_path / "normal.parquet"), "--query", str(tmp_path / "query.parquet"),
+                 "--shards", "4", "--shard-groups", "2", "--embedding-column", "vec", "--out", str(tmp_path / "o"),
+                 "--score-batch-size", "16", "--quiet"]) == 0
+    api = DN2(k=2).fit(X, ids=np.array(ids, dtype=object))
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "o" / "scores").to_pylist()}
+    assert len(rows) == len(Q)
+    dist, pos = api.kneighbors(Q)
+    for i in range(len(Q)):
+        r = rows[f"q{i}"]
+        assert r["neighbor_ids"] == [ids[p] for p in pos[i]]
+        np.testing.assert_array_equal(r["neighbor_dists"], dist[i])
+    assert load_model(str(tmp_path / "o" / "model")).threshold == api.threshold_

@@ -1,6 +1,6 @@
 """The DN2 numeric core: scores, exclusions, and the one fit routine the estimator and the Ray job share.
 
-``fit_reference`` does transform (``core.features``: L2 / whitening, fitted on the normal set) → reduce →
+``fit_reference`` does transform (``core.features``: L2 / PCA / whitening, fitted on the normal set) → reduce →
 clamp k → build index → calibration scores → threshold. Where the index
 lives and where the kNN queries run is a ``SearchBackend``: in this process (``LocalBackend``, used by
 the ``DN2`` estimator) or on Ray actors (``dnnad.stages.fit.RayBackend``, used by the jobs). The steps
@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from .features import FeatureTransform, fit_transform
-from .index import Exclusion, ShardedIndex, as_float32, build_index
+from .index import COMPRESSED_KINDS, Exclusion, ShardedIndex, as_float32, build_index
 from .threshold import effective_quantile, threshold_from_scores, threshold_reliable
 
 
@@ -92,13 +92,15 @@ class FitParams:
     extra_neighbours: int = 0  # leave-one-out neighbours fetched beyond k (duplicate candidates); not scored
     normalize: str | None = None  # "l2": unit-length vectors (core.features)
     whiten: bool = False  # Ledoit-Wolf whitening fitted on the normal set (core.features)
+    pca: int | None = None  # project onto this many principal components of the normal set (core.features)
+    approximate: bool = False  # compressed index kinds: distances from the codes, no exact re-rank
 
 
 class SearchBackend(Protocol):
     """Where the index is built and queried. ``search`` with ``positions`` leaves each query's own
     reference row out (and, with ``groups``, every row of its duplicate group)."""
 
-    def build(self, X: np.ndarray, n_shards: int, kind: str) -> Any: ...
+    def build(self, X: np.ndarray, n_shards: int, kind: str, exact: bool = True) -> Any: ...
 
     def search(self, handle: Any, Xq: np.ndarray, k: int, positions: np.ndarray | None = None,
                groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
@@ -107,8 +109,8 @@ class SearchBackend(Protocol):
 class LocalBackend:
     """Index built and searched in this process."""
 
-    def build(self, X: np.ndarray, n_shards: int, kind: str) -> ShardedIndex:
-        return build_index(X, n_shards, kind)
+    def build(self, X: np.ndarray, n_shards: int, kind: str, exact: bool = True) -> ShardedIndex:
+        return build_index(X, n_shards, kind, exact=exact)
 
     def search(self, handle: ShardedIndex, Xq: np.ndarray, k: int, positions: np.ndarray | None = None,
                groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -137,6 +139,7 @@ class Fit:
     calibration_pos: np.ndarray
     reduction: str | None
     n_normal: int
+    input_dim: int  # dimension of the normal embeddings before the transform
     transform: FeatureTransform  # applied to the normal rows before indexing; queries need it too
     neighbour_pos: np.ndarray | None = None  # (n, k + extra) leave-one-out neighbours; None for reduced fits
 
@@ -145,7 +148,7 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
                   backend: SearchBackend | None = None) -> Fit:
     """Index the normal embeddings ``X`` and set the threshold from their calibration scores.
 
-    The feature transform (``params.normalize`` / ``params.whiten``) is fitted on ``X`` and everything
+    The feature transform (``params.normalize`` / ``params.pca`` / ``params.whiten``) is fitted on ``X`` and everything
     after it (reduction, index, calibration) sees transformed vectors; ``Fit.transform`` must be applied
     to queries.
 
@@ -161,7 +164,11 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
     ids = np.asarray(ids if ids is not None else np.arange(len(X)).astype(str), dtype=object)
     if len(ids) != len(X):
         raise ValueError(f"{len(ids)} ids for {len(X)} rows")
-    transform = fit_transform(X, params.normalize, params.whiten)
+    if params.approximate and params.index not in COMPRESSED_KINDS:
+        raise ValueError(f"approximate scoring needs a compressed index ({', '.join(COMPRESSED_KINDS)}), "
+                         f"not {params.index}")
+    transform = fit_transform(X, params.normalize, params.whiten, params.pca)
+    input_dim = X.shape[1]
     X = transform.transform(X)
     reference, ref_ids, reduction = X, ids, None
     if params.reduce:
@@ -169,7 +176,7 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
         ref_ids = centroid_ids(len(reference))
         reduction = f"kmeans:{len(reference)} (from {len(X)} normal rows)"
     k = clamp_k(params.k, len(reference), leave_one_out=reduction is None)
-    handle = backend.build(reference, params.n_shards, params.index)
+    handle = backend.build(reference, params.n_shards, params.index, exact=not params.approximate)
     all_pos = None
     if reduction:
         scores, dist, pos = backend.search(handle, X, k)
@@ -181,4 +188,4 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
         scores, dist, pos = knn_score(dist[:, :k]), dist[:, :k], all_pos[:, :k]
     q = effective_quantile(params.quantile, params.contamination)
     return Fit(handle, reference, ref_ids, k, threshold_from_scores(scores, q), q,
-               threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X), transform, all_pos)
+               threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X), input_dim, transform, all_pos)

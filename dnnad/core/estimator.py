@@ -17,8 +17,9 @@ class DN2(OutlierMixin, BaseEstimator):
 
     ``score_samples`` returns the DN2 anomaly score, the mean Euclidean distance to the k nearest
     normal embeddings: **higher means more anomalous** (the opposite sign of IsolationForest's).
-    ``normalize="l2"`` / ``whiten=True`` transform normal and query vectors alike first
-    (``core.features``); with whitening the distances are Mahalanobis-like.
+    ``normalize="l2"`` / ``pca=D`` / ``whiten=True`` transform normal and query vectors alike first
+    (``core.features``); with whitening the distances are Mahalanobis-like. ``approximate=True`` scores an
+    ``ivfpq``/``sq8`` index from its codes instead of re-ranking candidates exactly.
     ``decision_function`` is ``score - threshold_`` (positive = anomaly); ``predict`` returns 1 for
     anomalies and 0 for normal rows.
 
@@ -38,11 +39,14 @@ class DN2(OutlierMixin, BaseEstimator):
         "exclude_duplicates": ["boolean"],
         "normalize": [None, StrOptions(set(NORMALIZE_KINDS))],
         "whiten": ["boolean"],
+        "pca": [None, Interval(Integral, 1, None, closed="left")],
+        "approximate": ["boolean"],
     }
 
     def __init__(self, k: int = 2, quantile: float = 0.99, contamination: float | None = None,
                  n_shards: int = 1, index: str = "flat", reduce: int | None = None,
-                 exclude_duplicates: bool = False, normalize: str | None = None, whiten: bool = False):
+                 exclude_duplicates: bool = False, normalize: str | None = None, whiten: bool = False,
+                 pca: int | None = None, approximate: bool = False):
         self.k = k
         self.quantile = quantile
         self.contamination = contamination
@@ -52,11 +56,13 @@ class DN2(OutlierMixin, BaseEstimator):
         self.exclude_duplicates = exclude_duplicates
         self.normalize = normalize
         self.whiten = whiten
+        self.pca = pca
+        self.approximate = approximate
 
     def fit_params(self) -> FitParams:
         return FitParams(k=self.k, quantile=self.quantile, contamination=self.contamination, n_shards=self.n_shards,
                          index=self.index, reduce=self.reduce, exclude_duplicates=self.exclude_duplicates,
-                         normalize=self.normalize, whiten=self.whiten)
+                         normalize=self.normalize, whiten=self.whiten, pca=self.pca, approximate=self.approximate)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: np.ndarray, y=None, ids: np.ndarray | None = None) -> DN2:

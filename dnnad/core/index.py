@@ -32,6 +32,13 @@ class Shard:
     vectors: np.ndarray  # (n, d) float32, C-contiguous (or a read-only memmap of a shard .npy file)
     faiss_bytes: np.ndarray | None = None  # serialized approximate index, uint8
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes a search process holds for this shard: the vectors, or only the codes where the vectors are
+        memory-mapped and read on demand."""
+        codes = 0 if self.faiss_bytes is None else int(self.faiss_bytes.nbytes)
+        return codes + (0 if isinstance(self.vectors, np.memmap) and codes else int(self.vectors.nbytes))
+
     def __reduce__(self):
         """A shard memory-mapped from a whole .npy file travels (to Ray actors) as its path, not its rows."""
         path = getattr(self.vectors, "filename", None)
@@ -133,7 +140,8 @@ def index_kind(index) -> str:
 
 
 class ShardedIndex:
-    """kNN over a list of shards that together cover rows ``0 .. ntotal``.
+    """kNN over a list of contiguous shards: the whole reference set (rows ``0 .. ntotal``), or a shard group
+    (a slice of it; positions stay those of the whole set, see ``merge_neighbours``).
 
     ``exact=False`` (compressed kinds only) scores neighbours by the codes' distances instead of
     re-ranking them from the vectors, so the vectors are never read. ``device="cuda"`` searches with FAISS
@@ -149,7 +157,7 @@ class ShardedIndex:
         self.d = int(self.shards[0].vectors.shape[1])
         self.offsets = np.array([s.offset for s in self.shards], dtype=np.int64)
         self.ntotal = int(sum(len(s.vectors) for s in self.shards))
-        expected = 0
+        expected = int(self.shards[0].offset)
         for s in self.shards:
             if s.offset != expected or s.vectors.shape[1] != self.d:
                 raise ValueError("shards must be contiguous and share one dimension")
@@ -277,7 +285,26 @@ class ShardedIndex:
         return E, safe.astype(np.int64), settled
 
 
-def build_index(X: np.ndarray, n_shards: int = 1, kind: str = "flat", **params) -> ShardedIndex:
+def build_index(X: np.ndarray, n_shards: int = 1, kind: str = "flat", exact: bool = True, **params) -> ShardedIndex:
     """Build all shards in this process (the Ray pipeline builds them as parallel tasks)."""
     X = as_float32(X)
-    return ShardedIndex([build_shard(X[a:b], a, kind, **params) for a, b in shard_bounds(len(X), n_shards)])
+    return ShardedIndex([build_shard(X[a:b], a, kind, **params) for a, b in shard_bounds(len(X), n_shards)],
+                        exact=exact)
+
+
+def merge_neighbours(D1: np.ndarray, I1: np.ndarray, D2: np.ndarray, I2: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of two exact neighbour lists (nq, k1) and (nq, k2) over disjoint rows, by (distance,
+    position): merging the exact top-k of every shard group gives the exact top-k of the whole set (inf / -1
+    pad lists that hold fewer rows)."""
+    D, I = np.concatenate([D1, D2], axis=1), np.concatenate([I1, I2], axis=1)
+    order = np.lexsort((np.where(I < 0, np.iinfo(np.int64).max, I), D), axis=1)[:, :k]
+    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+
+def shard_groups(rows: list[int], n_groups: int) -> list[list[int]]:
+    """Contiguous groups of shard numbers, at most ``n_groups``, balanced by rows."""
+    n_groups = max(1, min(int(n_groups), len(rows)))
+    edges = np.searchsorted(np.cumsum(rows), np.linspace(0, sum(rows), n_groups + 1)[1:-1], side="left") + 1
+    bounds = [0, *sorted(set(int(e) for e in edges if 0 < e < len(rows))), len(rows)]
+    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]

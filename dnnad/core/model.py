@@ -25,8 +25,10 @@ from .index import COMPRESSED_KINDS, Shard
 from .threshold import normal_percentile
 
 FORMAT = "dnnad-model"
-FORMAT_VERSION = 3  # written when a model uses feature options (older dnnad must refuse it); plain models stay 2
-READABLE_VERSIONS = (2, 3)
+# The oldest version that can hold a model: 2 plain, 3 with feature options (--layers/--tta/--resize/--normalize/
+# --whiten), 4 with --pca or --approximate. Older dnnad refuses what it cannot read rather than ignore a field.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 MODEL_FILE = "model.json"
 
 
@@ -60,10 +62,18 @@ class ModelMeta:
     normalize: str | None = None  # feature transform (core.features), applied before the index
     whiten: bool = False
     whiten_shrinkage: float | None = None
+    pca: int | None = None  # principal components kept (then dim == pca)
+    input_dim: int | None = None  # dimension of the embeddings before the transform, when it differs from dim
+    approximate: bool = False  # compressed index scored from its codes (no exact re-rank), calibration included
 
     @property
     def uses_feature_options(self) -> bool:
-        return bool(self.layers or self.tta or self.resize != "crop" or self.normalize or self.whiten)
+        return bool(self.layers or self.tta or self.resize != "crop" or self.normalize or self.whiten or self.pca)
+
+    @property
+    def query_dim(self) -> int:
+        """Dimension of the embeddings this model scores."""
+        return self.input_dim or self.dim
 
 
 @dataclass
@@ -132,7 +142,8 @@ def _model_files(model: FittedModel) -> dict[str, bytes]:
         buf = io.BytesIO()
         np.save(buf, array, allow_pickle=False)
         files[name] = buf.getvalue()
-    version = FORMAT_VERSION if model.meta.uses_feature_options else 2
+    m = model.meta
+    version = 4 if (m.pca or m.approximate) else 3 if m.uses_feature_options else 2
     doc = {"format": FORMAT, "version": version, "k": model.k, "threshold": model.threshold,
            "shards": shard_meta, "meta": asdict(model.meta)}
     files[MODEL_FILE] = json.dumps(doc, indent=2, default=str).encode()
@@ -206,7 +217,7 @@ def load_model(uri: str) -> FittedModel:
                          ["id"].to_pylist(), dtype=object)
         calib = storage.load_npy(fs, storage.join(path, "calibration.npy"))
         transform = load_transform(lambda name: storage.load_npy(fs, storage.join(path, name)), meta.normalize,
-                                   meta.whiten, meta.whiten_shrinkage, meta.dim)
+                                   meta.whiten, meta.whiten_shrinkage, meta.dim, meta.input_dim, meta.pca)
     except (OSError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, ModelError):
             raise
@@ -235,6 +246,7 @@ def model_from_fit(fit, shards: list[Shard], params, **embedding: object) -> Fit
         threshold_reliable=fit.threshold_reliable, index_kind=params.index, n_shards=len(shards),
         reduction=fit.reduction, loo_score_quantiles={str(p): float(np.quantile(calib, p)) for p in (0.5, 0.9, 0.99)},
         normalize=fit.transform.normalize, whiten=fit.transform.whiten, whiten_shrinkage=fit.transform.shrinkage,
-        **embedding)
+        pca=fit.transform.pca, input_dim=fit.input_dim if fit.input_dim != fit.reference.shape[1] else None,
+        approximate=params.approximate, **embedding)
     return FittedModel(list(shards), np.asarray(fit.ids, dtype=object), fit.k, fit.threshold, meta, np.sort(calib),
                        fit.transform)

@@ -27,6 +27,7 @@ from .base import (
     output_path,
     resolve_job_weights,
     status_counts,
+    write_partitioned,
 )
 
 
@@ -117,9 +118,10 @@ class AuditJob(Job):
         images = self.weights is not None
         with t.stage("embed (cache-aware) + score"):
             cache = ray.put(EmbeddingCache.load(self.cache_dir)) if images else None
-            emb = embed_rows(self.query_src, cfg, run.weights_ref, score_actors=cfg.score.actors, cache_ref=cache,
-                             cache_out=self.cache_dir if images else None)
-            Scorer.of(self.model, cfg.score).map(emb).write_parquet(run.staging.path(part), filesystem=run.staging.fs)
+            scorer = Scorer.of(self.model, cfg.score)
+            parts = write_partitioned(run, part, self.query_src, lambda src: scorer.map(embed_rows(
+                src, cfg, run.weights_ref, score_actors=cfg.score.actors, cache_ref=cache,
+                cache_out=self.cache_dir if images else None)))
         fs, path = run.staging.fs, run.staging.path(part)
         summary = summarise(fs, path, self.model, cfg.audit.top, previous_scores(cfg.out, d))
         if images:
@@ -129,7 +131,7 @@ class AuditJob(Job):
             summary.update({"embedded": int(pc.sum(ok).as_py() or 0) - n_cached, "from_cache": n_cached,
                             "cache_dir": self.cache_dir})
         run.fields.update(run_date=d, k=self.model.k, threshold=self.model.threshold, model_dir=cfg.model_dir,
-                          rows=status_counts(fs, path), summary=summary,
+                          rows=status_counts(fs, path), summary=summary, **parts,
                           outputs={"scores": output_path(cfg, part), "report": output_path(cfg, f"reports/{d}.html")})
 
     def report(self, run: Run, record: dict) -> None:

@@ -21,7 +21,8 @@ MODEL_FLAGS = {"k": "--k", "shards": "--shards", "index": "--index", "reduce": "
                "quantile": "--quantile", "contamination": "--contamination", "backbone": "--backbone",
                "weights": "--weights", "image_size": "--image-size", "normal": "--normal",
                "exclude_duplicates": "--exclude-duplicates", "layers": "--layers", "tta": "--tta",
-               "resize": "--resize", "normalize": "--normalize", "whiten": "--whiten"}
+               "resize": "--resize", "normalize": "--normalize", "whiten": "--whiten", "pca": "--pca",
+               "approximate": "--approximate"}
 
 
 @dataclass
@@ -151,11 +152,13 @@ def apply_model(cfg: JobConfig, model, explicit: frozenset[str]) -> JobConfig:
     layers = tuple(m.layers or ())
     decided = {"k": m.k_requested, "shards": m.n_shards, "index": m.index_kind, "backbone": m.backbone,
                "weights": m.weights, "image_size": m.image_size, "layers": layers, "tta": m.tta,
-               "resize": m.resize, "normalize": m.normalize, "whiten": m.whiten}
+               "resize": m.resize, "normalize": m.normalize, "whiten": m.whiten, "pca": m.pca,
+               "approximate": m.approximate}
     current = {"k": cfg.score.k, "shards": cfg.index.shards, "index": cfg.index.kind,
                "backbone": cfg.embed.backbone, "weights": cfg.embed.weights, "image_size": cfg.embed.image_size,
                "layers": cfg.embed.layers, "tta": cfg.embed.tta, "resize": cfg.embed.resize,
-               "normalize": cfg.features.normalize, "whiten": cfg.features.whiten}
+               "normalize": cfg.features.normalize, "whiten": cfg.features.whiten, "pca": cfg.features.pca,
+               "approximate": cfg.index.approximate}
     for name in sorted(explicit & set(MODEL_FLAGS)):
         if name in decided and current[name] == decided[name]:
             continue
@@ -166,12 +169,14 @@ def apply_model(cfg: JobConfig, model, explicit: frozenset[str]) -> JobConfig:
         if uses_images(cfg.query):
             raise ConfigError("--model holds a model fitted on precomputed embeddings; score a source with "
                               "--embedding-column")
-        return replace(cfg, features=replace(cfg.features, normalize=m.normalize, whiten=m.whiten))
+        return replace(cfg, features=replace(cfg.features, normalize=m.normalize, whiten=m.whiten, pca=m.pca),
+                       index=replace(cfg.index, kind=m.index_kind, shards=m.n_shards, approximate=m.approximate))
     if cfg.query is not None and cfg.query.embedding_column:
         raise ConfigError("--model was fitted on images; --embedding-column vectors cannot be scored against it")
     return replace(cfg, embed=replace(cfg.embed, backbone=m.backbone, weights=m.weights, image_size=m.image_size,
                                       layers=layers, tta=m.tta, resize=m.resize),
-                   features=replace(cfg.features, normalize=m.normalize, whiten=m.whiten))
+                   features=replace(cfg.features, normalize=m.normalize, whiten=m.whiten, pca=m.pca),
+                   index=replace(cfg.index, kind=m.index_kind, shards=m.n_shards, approximate=m.approximate))
 
 
 def check_model_weights(model, weights) -> None:

@@ -46,8 +46,9 @@ class ScoreJob(Job):
             raise ConfigError("--embedding-column must name the vectors of both --normal and --query")
         if self.model is None and self.normal_src.dim != self.query_src.dim:
             raise ConfigError(f"--normal vectors have {self.normal_src.dim} dimensions, --query {self.query_src.dim}")
-        if self.model is not None and self.query_src.dim not in (None, self.model.meta.dim):
-            raise ConfigError(f"--query vectors have {self.query_src.dim} dimensions, the model {self.model.meta.dim}")
+        if self.model is not None and self.query_src.dim not in (None, self.model.meta.query_dim):
+            raise ConfigError(f"--query vectors have {self.query_src.dim} dimensions, the model "
+                              f"{self.model.meta.query_dim}")
         self.weights = resolve_job_weights(cfg, cfg.normal if self.model is None else None, cfg.query)
         if self.model is not None:
             check_model_weights(self.model, self.weights)

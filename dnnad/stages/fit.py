@@ -21,19 +21,24 @@ class RayBackend:
 
     def __init__(self, cfg: ScoreConfig):
         self.cfg = cfg
+        self.exact = True
 
-    def build(self, X: np.ndarray, n_shards: int, kind: str) -> list:
+    def build(self, X: np.ndarray, n_shards: int, kind: str, exact: bool = True) -> list:
         import ray
 
+        self.exact = exact
+        bounds = shard_bounds(len(X), n_shards)
+        self.rows = [b - a for a, b in bounds]
+        self.bytes = [r * X.shape[1] * 4 for r in self.rows]
         task = ray.remote(build_shard)
-        return [task.remote(X[a:b], a, kind) for a, b in shard_bounds(len(X), n_shards)]
+        return [task.remote(X[a:b], a, kind) for a, b in bounds]
 
     def search(self, handle: list, Xq: np.ndarray, k: int, positions: np.ndarray | None = None,
                groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import ray
 
         cpus, _ = cluster_resources()
-        scorer = Scorer(handle, None, k, None, self.cfg)
+        scorer = Scorer(handle, None, k, None, self.cfg, exact=self.exact, shard_rows=self.rows, shard_bytes=self.bytes)
         ds = as_dataset(np.arange(len(Xq)).astype(str).astype(object), Xq, cpus)
         exclude = None if positions is None else "duplicates" if groups is not None else "self"
         scored = scorer.map(ds, exclude=exclude, groups_ref=ray.put(groups) if groups is not None else None,
@@ -47,7 +52,7 @@ def fit_params(cfg: JobConfig) -> FitParams:
     return FitParams(k=cfg.score.k, quantile=cfg.score.quantile, contamination=cfg.score.contamination,
                      n_shards=cfg.index.shards, index=cfg.index.kind, reduce=cfg.index.reduce,
                      exclude_duplicates=cfg.score.exclude_duplicates, normalize=cfg.features.normalize,
-                     whiten=cfg.features.whiten)
+                     whiten=cfg.features.whiten, pca=cfg.features.pca, approximate=cfg.index.approximate)
 
 
 def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int = 0) -> tuple[FittedModel, Fit]:

@@ -2,6 +2,12 @@
 
 ``KnnScorer`` is the ``map_batches`` callable; ``Scorer`` is the handle a job holds (object-store refs
 of the shards and reference ids, k, threshold, calibration scores) and maps over a dataset.
+
+With ``--shard-groups G`` no actor holds the whole index: G actor pools each hold a contiguous group of the
+shards (``GroupSearch``), every query batch passes through all of them, each adding the exact top-k of its
+group to the k nearest found so far (``core.index.merge_neighbours``), and ``KnnScorer`` only writes the
+scores. For indexes larger than one node's memory: each pool asks Ray for its group's memory, so the groups
+land on different nodes. Results are identical to one group's.
 """
 from __future__ import annotations
 
@@ -11,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ScoreConfig
-from ..core.dn2 import score_against, self_exclusions
-from ..core.index import ShardedIndex
+from ..core.dn2 import knn_score, score_against, self_exclusions
+from ..core.index import ShardedIndex, merge_neighbours, shard_groups
 from ..core.threshold import normal_percentile
 from ..runtime import SCORE_ACTOR_CPUS, SCORE_ACTOR_GPUS, cluster_resources, score_pool
 from .read import PASSTHROUGH
@@ -23,6 +29,17 @@ SCORE_COLUMNS = pa.schema([
     ("neighbor_dists", pa.list_(pa.float64())), ("status", pa.string()), ("error", pa.string()),
 ])  # then the passthrough columns a source has (group, label, split, n_members)
 CARRIED = (*PASSTHROUGH, "n_members", "cached", "_pos")  # group sizes, cache hits, calibration positions
+NEAREST = ("_nn_dist", "_nn_pos")  # the k nearest so far, carried between shard-group stages
+
+
+def _get(ref):
+    import ray
+
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def _exclusion(batch: dict, rows: np.ndarray, exclude: str | None, groups):
+    return self_exclusions(batch["_pos"][rows], groups) if exclude else None
 
 
 def _list_column(values: pa.Array, ok: np.ndarray, k: int, type_: pa.DataType) -> pa.Array:
@@ -39,18 +56,19 @@ class KnnScorer:
     ``positions`` adds the neighbours' reference positions (``_nbr_pos``), for calibration.
     ``transform`` (``core.features.FeatureTransform``) is applied to query embeddings first; None when the
     queries are already transformed (the reference set itself, in a fit).
+    ``shards`` None: the batches carry their k nearest (``NEAREST``, from the ``GroupSearch`` stages).
     """
 
     def __init__(self, shards, ids, k: int, threshold: float | None, calibration=None,
                  exclude: str | None = None, groups=None, positions: bool = False, threads: int | None = None,
-                 transform=None, device: str = "cpu"):
+                 transform=None, device: str = "cpu", exact: bool = True):
         import faiss
-        import ray
 
         if threads:
             faiss.omp_set_num_threads(threads)
-        get = lambda r: ray.get(r) if isinstance(r, ray.ObjectRef) else r  # noqa: E731
-        self.index = ShardedIndex([get(s) for s in get(shards)], device=device)
+        get = _get
+        self.index = (ShardedIndex([get(s) for s in get(shards)], device=device, exact=exact)
+                      if shards is not None else None)
         ids = get(ids)  # None: neighbours are named by position (calibration of a fit)
         self.ids = None if ids is None else pa.array(np.asarray(ids, dtype=object).tolist(), pa.string())
         self.k, self.threshold, self.exclude, self.positions = k, threshold, exclude, positions
@@ -68,8 +86,11 @@ class KnnScorer:
         score = np.full(n, np.nan)
         dist = np.empty((0, self.k))
         pos = np.empty((0, self.k), dtype=np.int64)
-        if len(rows):
-            excl = self_exclusions(batch["_pos"][rows], self.groups) if self.exclude else None
+        if len(rows) and self.index is None:
+            dist, pos = batch[NEAREST[0]][rows], batch[NEAREST[1]][rows]
+            score[rows] = knn_score(dist)
+        elif len(rows):
+            excl = _exclusion(batch, rows, self.exclude, self.groups)
             X = batch["embedding"][rows]
             if self.transform is not None:
                 X = self.transform.transform(X)
@@ -97,6 +118,46 @@ class KnnScorer:
         return table
 
 
+class GroupSearch:
+    """One shard group's actor: adds the exact top-k of its group to each row's k nearest so far (``NEAREST``).
+    The first group's stage applies ``transform`` and hands the transformed embeddings on."""
+
+    def __init__(self, shards, k: int, exclude: str | None = None, groups=None, threads: int | None = None,
+                 transform=None, device: str = "cpu", exact: bool = True):
+        import faiss
+
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        self.index = ShardedIndex([_get(s) for s in _get(shards)], device=device, exact=exact)
+        self.k, self.exclude, self.transform = k, exclude, _get(transform)
+        self.groups = _get(groups) if exclude == "duplicates" else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        rows = np.flatnonzero(batch["status"] == "ok")
+        if NEAREST[0] not in batch:
+            batch[NEAREST[0]], batch[NEAREST[1]] = np.full((n, self.k), np.inf), np.full((n, self.k), -1, np.int64)
+        if not len(rows):
+            return batch
+        X = batch["embedding"][rows]
+        if self.transform is not None:
+            X = self.transform.transform(X)
+            emb = np.full((n, X.shape[1]), np.nan, dtype=np.float32)
+            emb[rows] = X
+            batch["embedding"] = emb
+        excl = _exclusion(batch, rows, self.exclude, self.groups)
+        need = self.k + (excl.max_rows if excl is not None else 0)
+        if self.index.ntotal < need:
+            raise ValueError(f"a shard group holds {self.index.ntotal} reference rows; k={self.k} with "
+                             f"exclusions needs {need}: use fewer --shard-groups")
+        D, I = self.index.search(X, self.k, exclude=excl)
+        D, I = merge_neighbours(batch[NEAREST[0]][rows], batch[NEAREST[1]][rows], D, I, self.k)
+        batch[NEAREST[0]] = batch[NEAREST[0]].copy()
+        batch[NEAREST[1]] = batch[NEAREST[1]].copy()
+        batch[NEAREST[0]][rows], batch[NEAREST[1]][rows] = D, I
+        return batch
+
+
 @dataclass
 class Scorer:
     """What every scoring actor reads, as object-store handles, plus how to score."""
@@ -108,6 +169,9 @@ class Scorer:
     cfg: ScoreConfig
     calibration: object = None  # ObjectRef of the sorted calibration scores (normal_percentile)
     transform: object = None  # ObjectRef of the model's core.features.FeatureTransform (None: identity)
+    exact: bool = True  # False: compressed kinds score from their codes (a model fitted with --approximate)
+    shard_rows: list | None = None  # rows per shard (shard groups are balanced by rows)
+    shard_bytes: list | None = None  # memory a scoring actor holds per shard (Ray's memory request per group)
 
     @classmethod
     def of(cls, model, cfg: ScoreConfig) -> Scorer:
@@ -116,7 +180,8 @@ class Scorer:
 
         return cls([ray.put(s) for s in model.shards], ray.put(model.ids), model.k, model.threshold, cfg,
                    ray.put(model.calibration_scores),
-                   None if model.transform.is_identity else ray.put(model.transform))
+                   None if model.transform.is_identity else ray.put(model.transform), not model.meta.approximate,
+                   [len(s.vectors) for s in model.shards], [s.memory_bytes for s in model.shards])
 
     def map(self, ds, exclude: str | None = None, groups_ref=None, positions: bool = False):
         """``ds`` scored (lazily): one output row per input row."""
@@ -127,12 +192,27 @@ class Scorer:
         res = {"num_cpus": SCORE_ACTOR_CPUS}
         if gpus:  # a share of one GPU per scoring actor: FAISS searches there
             actors, res = min(actors, gpus), {**res, "num_gpus": SCORE_ACTOR_GPUS}
+        device = "cuda" if gpus else "cpu"
+        groups = shard_groups(self.shard_rows or [1] * len(self.shards), self.cfg.shard_groups)
+        shards, transform = self.shards, self.transform
+        if len(groups) > 1:  # each pool holds one group; its actors ask Ray for the group's memory
+            for i, group in enumerate(groups):
+                memory = sum(self.shard_bytes[j] for j in group) if self.shard_bytes else None
+                ds = ds.map_batches(
+                    GroupSearch, batch_size=self.cfg.batch_size, batch_format="numpy",
+                    compute=ActorPoolStrategy(size=max(1, actors // len(groups))), **res,
+                    **({"memory": memory} if memory else {}),
+                    fn_constructor_kwargs={"shards": [self.shards[j] for j in group], "k": self.k,
+                                           "exclude": exclude, "groups": groups_ref, "threads": threads,
+                                           "transform": transform if i == 0 else None, "device": device,
+                                           "exact": self.exact})
+            shards, transform, exclude, actors = None, None, None, max(1, actors // len(groups))
         return ds.map_batches(
             KnnScorer, batch_size=self.cfg.batch_size, compute=ActorPoolStrategy(size=actors),
             batch_format="numpy", **res,
-            fn_constructor_kwargs={"shards": self.shards, "ids": self.ids, "k": self.k,
+            fn_constructor_kwargs={"shards": shards, "ids": self.ids, "k": self.k,
                                    "threshold": self.threshold, "calibration": self.calibration,
                                    "exclude": exclude, "groups": groups_ref, "positions": positions,
-                                   "threads": threads, "transform": self.transform,
-                                   "device": "cuda" if gpus else "cpu"},
+                                   "threads": threads, "transform": transform, "device": device,
+                                   "exact": self.exact},
         )
