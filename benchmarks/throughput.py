@@ -25,15 +25,18 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int) -> list[str]:
+def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int, actors: int | None = None
+                ) -> list[str]:
     """Images/s, decode included: the Ray embedding stage vs a plain torch loop (torchvision transforms per
-    image, same model and threads); per-image time outside the forward pass for both."""
+    image, same model, ``threads`` torch threads); per-image time outside the forward pass for both. The Ray
+    stage splits the same threads over ``actors`` actors (default: dnnad's own plan for this machine)."""
     import ray
     import torch
 
     from dnnad.config import DEFAULT_MAX_FILE_BYTES, EmbedConfig
     from dnnad.runtime import start_ray
     from dnnad.stages.embed import embed
+    from dnnad.stages.read import ROWS_PER_BLOCK  # blocks as the read stage makes them
     from dnnad.vision.backbones import FeatureExtractor, preprocess_fn
     from dnnad.vision.decode import decode_image
     from dnnad.vision.specs import get_spec
@@ -43,29 +46,35 @@ def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int) -> l
     table = pa.concat_tables([table] * -(-n // table.num_rows)).slice(0, n)
     spec = get_spec(backbone, size)
     w = resolve_weights(spec, "imagenet")
-    fe, prep = FeatureExtractor(spec, w.state_dict, device="cpu", threads=threads), preprocess_fn(spec)
+    prep = preprocess_fn(spec)
     images = table["image"].to_pylist()
-    forward = [0.0]
 
-    def plain():
-        out = []
-        for i in range(0, n, batch):
-            x = torch.stack([prep(decode_image(b)) for b in images[i:i + batch]])
-            y, t = timed(lambda x=x: fe(x))
-            forward[0] += t
-            out.append(y)
-        return np.concatenate(out)
+    def plain(n_threads: int) -> tuple[float, float]:
+        """(seconds, forward seconds per image) of a plain loop with ``n_threads`` torch threads."""
+        fe = FeatureExtractor(spec, w.state_dict, device="cpu", threads=n_threads)
+        torch.set_num_threads(n_threads)
+        forward = 0.0
+        for _rep in range(2):  # the first pass warms up (first-call allocations), as the actors do while starting
+            forward, t0 = 0.0, time.perf_counter()
+            for i in range(0, n, batch):
+                x = torch.stack([prep(decode_image(b)) for b in images[i:i + batch]])
+                _, t = timed(lambda x=x: fe(x))
+                forward += t
+        return time.perf_counter() - t0, forward / n
 
-    plain()  # warm-up (first-call allocations), as the actors get theirs while starting
-    forward[0] = 0.0
-    _, t_plain = timed(plain)
-    t_fwd = forward[0] / n
+    t_plain, t_fwd = plain(threads)
+    t_one, t_fwd1 = plain(1)  # one plain loop per core would run at threads x this rate
+    best = max(n / t_plain, threads * n / t_one)
     start_ray(quiet=True)
-    cfg = EmbedConfig(backbone, "imagenet", size, batch, "cpu", threads, 1)
+    from dnnad.runtime import cluster_resources, embed_pool
+
+    actors = actors or embed_pool(cluster_resources()[0], None, None)[0]
+    ray_threads = max(1, threads // actors)
+    cfg = EmbedConfig(backbone, "imagenet", size, batch, "cpu", ray_threads, actors)
     wref = ray.put(w.state_dict)
 
     def run_ray(rows: pa.Table) -> float:
-        ds = ray.data.from_arrow([rows.slice(i, 1024) for i in range(0, rows.num_rows, 1024)])
+        ds = ray.data.from_arrow([rows.slice(i, ROWS_PER_BLOCK) for i in range(0, rows.num_rows, ROWS_PER_BLOCK)])
         got, t = timed(lambda: embed(ds, cfg, wref, DEFAULT_MAX_FILE_BYTES).materialize())
         assert got.count() == rows.num_rows
         return t
@@ -74,11 +83,15 @@ def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int) -> l
     t_ray = run_ray(table)  # wall time, including the actor pool's start (model build) for this dataset
     t_ray2 = run_ray(pa.concat_tables([table, table]))
     steady = n / (t_ray2 - t_ray) if t_ray2 > t_ray else float("nan")  # differential: the start cost cancels
-    return [f"| embed {backbone} @{size}px, {n:,} CIFAR-10 JPEGs, batch {batch}, {threads} threads, decode "
-            f"included | {n / t_plain:.1f} img/s; {1e3 * (t_plain / n - t_fwd):.2f} ms/img outside forward "
+    fwd_actor = t_fwd1 if ray_threads == 1 else t_fwd
+    return [f"| embed {backbone} @{size}px, {n:,} CIFAR-10 JPEGs, batch {batch}, {threads} cores, decode "
+            f"included | plain loop: {n / t_plain:.1f} img/s with {threads} threads ({1e3 * (t_plain / n - t_fwd):.2f} "
+            f"ms/img outside forward); {n / t_one:.1f} img/s with 1 thread ({1e3 * (t_one / n - t_fwd1):.2f} ms), "
+            f"x{threads} = {threads * n / t_one:.1f} img/s; best {best:.1f} img/s "
             f"| {n / t_ray:.1f} img/s incl. actor start; {steady:.1f} img/s steady; "
-            f"{1e3 * (1 / steady - t_fwd):.2f} ms/img outside forward "
-            f"| **{t_plain / t_ray:.2f}x** incl. start; **{steady * t_plain / n:.2f}x** steady |"]
+            f"{1e3 * (actors / steady - fwd_actor):.2f} ms/img outside forward per actor "
+            f"({actors} actor(s) x {ray_threads} thread(s)) "
+            f"| **{n / t_ray / best:.2f}x** incl. start; **{steady / best:.2f}x** steady (of the best plain) |"]
 
 
 def query_dataset(Xq: np.ndarray):
@@ -194,6 +207,7 @@ def main() -> None:
     ap.add_argument("--embed-n32", type=int, default=10_000, help="images at 32 px (0: skip)")
     ap.add_argument("--embed-n224", type=int, default=512, help="images at 224 px (0: skip)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ap.add_argument("--embed-actors", type=int, default=None, help="Ray embedding actors (default: dnnad's plan)")
     ap.add_argument("--knn-n", type=int, default=20_000, help="normal rows of the kNN and shard measurements")
     ap.add_argument("--knn-queries", type=int, default=100_000)
     ap.add_argument("--shard-queries", type=int, default=100_000)
@@ -213,7 +227,7 @@ def main() -> None:
         for size, n in ((32, a.embed_n32), (224, a.embed_n224)):
             if not n:
                 continue
-            lines += embed_bench(a.backbone, size, n, 64, a.threads)
+            lines += embed_bench(a.backbone, size, n, 64, a.threads, a.embed_actors)
             print(lines[-1], flush=True)
     if "knn" in parts:
         lines += knn_bench(a.knn_n, 512, a.knn_queries, 2, a.score_batch)

@@ -107,11 +107,21 @@ def score_pool(cpus: int, actors: int | None) -> tuple[int, int]:
     return n, max(1, cpus // n)
 
 
+MAX_EMBED_ACTORS = 8
+
+
 def embed_pool(cpus: int, actors: int | None, threads: int | None, score_actors: int | None = None
                ) -> tuple[int, int, float]:
-    """(CPU embedding actors, torch threads per actor, logical CPUs per actor)."""
-    threads = threads or min(4, cpus)
-    n = actors or max(1, cpus // threads)
+    """(CPU embedding actors, torch threads per actor, logical CPUs per actor).
+
+    By default one single-threaded actor per CPU (up to MAX_EMBED_ACTORS, then more threads each), as for
+    scoring: a small image's forward pass barely parallelises inside one process, and independent processes
+    do not wait on each other (measured on 2 cores, Lite0 at 32 px: 2 actors x 1 thread 1.8x the images/s of
+    one plain 2-thread loop; 1 actor x 2 threads 0.91x)."""
+    if actors and not threads:
+        threads = max(1, cpus // actors)
+    n = actors or max(1, min(MAX_EMBED_ACTORS, cpus // (threads or 1)))
+    threads = threads or max(1, cpus // n)
     free = cpus - READ_RESERVE_CPUS - SCORE_ACTOR_CPUS * score_pool(cpus, score_actors)[0]
     return n, threads, max(0.25, min(float(threads), free / n))
 

@@ -9,7 +9,8 @@ before any work starts.
 
 The record is written last, so its presence means "finished". On a local disk outputs are staged in
 ``OUT/.staging-*`` and committed by rename; on an object store (no atomic rename) they are written in place
-under the owner file and the record is the commit marker.
+under the owner file and the record is the commit marker. Either way a killed run of the same configuration
+is resumed from the partitions it committed.
 """
 from __future__ import annotations
 
@@ -138,11 +139,21 @@ class OutDir:
                     continue
                 storage.delete(self.fs, f.rsplit("/", 1)[0])
             else:
+                if resume is None and self.fingerprint and owner.get("fingerprint") == self.fingerprint:
+                    resume = self.path  # written in place: continue from the partitions it committed
+                    continue
                 for name in owner.get("outputs", ()):
                     if name not in self.names:
                         storage.delete(self.fs, self.at(name))
                 storage.delete(self.fs, f)
         return Staging(self, resume)
+
+
+def _committed_work(fs, path: str) -> bool:
+    """An output a killed run can be resumed from: a partitioned output with commit markers, or a finished
+    model (its model.json is written last)."""
+    names = storage.listdir(fs, path)
+    return "model.json" in names or any(n.startswith(".part-") and n.endswith(".done") for n in names)
 
 
 class Staging:
@@ -159,6 +170,8 @@ class Staging:
             target.own_owner = target.at(IN_PROGRESS)
             old = read_record(self.fs, target.at(target.record))
             for name in target.names:  # replaced outputs of a finished run (--overwrite), or a dead run's
+                if self.resumed and _committed_work(self.fs, target.at(name)):
+                    continue  # the killed run's committed partitions, or the model it finished
                 if storage.exists(self.fs, target.at(name)):
                     if old is not None:
                         storage.delete(self.fs, target.at(target.record))  # no longer "finished"
