@@ -45,18 +45,30 @@ def write_vectors(path: Path, n: int, dim: int, seed: int, prefix: str, chunk: i
             w.write_table(t.set_column(0, "id", pa.array([f"{prefix}{j:09d}" for j in range(i, i + t.num_rows)])))
 
 
-def baseline(normal: Path, query: Path, out: Path, k: int = 2, batch: int = 8192) -> float:
-    """One process: read the query in batches, faiss.knn against the normal vectors, write Parquet."""
+def baseline(normal: Path, query: Path, out: Path, model: Path, k: int = 2, batch: int = 8192) -> float:
+    """One process: read the query in batches, faiss.knn against the normal vectors, and write the same output
+    columns dnnad writes (score, flag, normal percentile, neighbour ids and distances, status, error), built
+    with vectorised Arrow calls."""
     import faiss
 
     t0 = time.perf_counter()
     nt = pq.read_table(normal)
     Xn = nt["vec"].combine_chunks().flatten().to_numpy().reshape(nt.num_rows, -1)
+    names = nt["id"].combine_chunks()
+    threshold = json.loads((model / "model.json").read_text())["threshold"]
+    calib = np.sort(np.load(model / "calibration.npy"))
     writer = None
     for b in pq.ParquetFile(query).iter_batches(batch_size=batch):
         Xq = b.column(1).flatten().to_numpy(zero_copy_only=False).reshape(b.num_rows, -1)
         D, I = faiss.knn(Xq, Xn, k)
-        t = pa.table({"id": b.column(0), "score": np.sqrt(np.maximum(D, 0)).mean(1)})
+        dist = np.sqrt(np.maximum(D, 0)).astype(np.float64)
+        score = dist.mean(1)
+        offsets = pa.array(np.arange(0, k * b.num_rows + 1, k, dtype=np.int32))
+        t = pa.table({"id": b.column(0), "score": score, "is_anomaly": score > threshold,
+                      "normal_percentile": 100.0 * np.searchsorted(calib, score) / len(calib),
+                      "neighbor_ids": pa.ListArray.from_arrays(offsets, names.take(pa.array(I.ravel()))),
+                      "neighbor_dists": pa.ListArray.from_arrays(offsets, pa.array(dist.ravel())),
+                      "status": pa.array(["ok"] * b.num_rows), "error": pa.nulls(b.num_rows, pa.string())})
         writer = writer or pq.ParquetWriter(out, t.schema)
         writer.write_table(t)
     writer.close()
@@ -120,7 +132,7 @@ def main() -> None:
     for n in a.sizes:
         query = work / f"query-{n}.parquet"
         write_vectors(query, n, a.dim, 7, "q")
-        base_s = baseline(normal, query, work / f"base-{n}.parquet")
+        base_s = baseline(normal, query, work / f"base-{n}.parquet", model)
         s, rss, shm = run_dnnad(["score", "--model", str(model), "--query", str(query), "--out", str(work / f"out-{n}"),
                             *common])
         rows.append({"rows": n, "baseline_s": base_s, "dnnad_s": s, "baseline_rows_per_s": n / base_s,

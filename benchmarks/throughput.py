@@ -101,7 +101,7 @@ def query_dataset(Xq: np.ndarray):
     return as_dataset(np.arange(len(Xq)).astype(str).astype(object), Xq, max(1, len(Xq) // 10_000)).materialize()
 
 
-def ray_score(shards: list, Xq_ds, n_ref: int, k: int, batch: int) -> float:
+def ray_score(shards: list, Xq_ds, n_ref: int, k: int, batch: int, groups: int = 1) -> float:
     """Seconds for the Ray scoring stage over ``Xq_ds`` (actor start included), output checked."""
     import ray
 
@@ -109,7 +109,8 @@ def ray_score(shards: list, Xq_ds, n_ref: int, k: int, batch: int) -> float:
     from dnnad.stages.score import Scorer
 
     scorer = Scorer([ray.put(s) for s in shards], ray.put(np.arange(n_ref).astype(str).astype(object)), k, None,
-                    ScoreConfig(k=k, batch_size=batch))
+                    ScoreConfig(k=k, batch_size=batch, shard_groups=groups),
+                    shard_rows=[len(s.vectors) for s in shards], shard_bytes=[s.memory_bytes for s in shards])
     res, t = timed(lambda: scorer.map(Xq_ds).materialize())
     assert res.count() == Xq_ds.count()
     return t
@@ -150,9 +151,15 @@ def shards_bench(n: int, d: int, nq: int, k: int, batch: int, counts=(1, 2, 4, 8
     ray_score(build_index(Xb, 1).shards, ds.limit(batch), n, k, batch)  # warm-up
     times = {s: ray_score(build_index(Xb, s).shards, ds, n, k, batch) for s in counts}
     base = times[counts[0]]
-    return [f"| {s} shard(s), {n:,} x {d} normal, {nq:,} queries (Ray scoring stage, one node) | "
-            f"{nq / times[counts[0]]:,.0f} q/s with 1 shard | {nq / t:,.0f} q/s | **{base / t:.2f}x** of 1 shard |"
-            for s, t in times.items()]
+    lines = [f"| {s} shard(s), {n:,} x {d} normal, {nq:,} queries (Ray scoring stage, one node) | "
+             f"{nq / times[counts[0]]:,.0f} q/s with 1 shard | {nq / t:,.0f} q/s | **{base / t:.2f}x** of 1 shard |"
+             for s, t in times.items()]
+    for g in (2, 4):  # --shard-groups: each actor pool holds 1/g of the index
+        t = ray_score(build_index(Xb, counts[-1]).shards, ds, n, k, batch, groups=g)
+        lines.append(f"| {counts[-1]} shards in {g} shard groups (`--shard-groups {g}`: each actor holds "
+                     f"{Xb.nbytes / g / 2**20:,.0f} of {Xb.nbytes / 2**20:,.0f} MiB), same queries | "
+                     f"{nq / base:,.0f} q/s with 1 shard | {nq / t:,.0f} q/s | **{base / t:.2f}x** of 1 shard |")
+    return lines
 
 
 def scale_bench(n: int, d: int, nq: int, k: int, kinds: list[str]) -> list[str]:
@@ -234,7 +241,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     if "shards" in parts:
         lines += shards_bench(a.knn_n, 512, a.shard_queries, 2, a.score_batch)
-        print("\n".join(lines[-4:]), flush=True)
+        print("\n".join(lines[-6:]), flush=True)
     if "scale" in parts:
         lines += scale_bench(a.scale_n, 512, a.scale_queries, 2, a.scale_kinds.split(","))
     out = ROOT / "benchmarks" / "results"

@@ -6,7 +6,12 @@ full suite (the README's test command) runs everything.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
+import pyarrow.fs as pafs
 import pytest
 
 from tests.helpers import cifar_rows, write_folder
@@ -18,7 +23,7 @@ for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "
                    ("AWS_DEFAULT_REGION", "us-east-1")):
     os.environ.setdefault(key, value)
 
-RAY_FIXTURES = {"ray_local", "one_shard_run", "nights", "clean_rank"}
+RAY_FIXTURES = {"ray_local", "one_shard_run", "nights", "clean_rank", "s3"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,3 +57,29 @@ def corpus(tmp_path_factory):
     (query / "corrupt" / "empty.jpg").write_bytes(b"")
     return {"normal": normal, "query": query, "good": good,
             "bad": ["corrupt/truncated.jpg", "corrupt/text.png", "corrupt/empty.jpg"]}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on a free port (this test's own process, stopped by pid) and a bucket."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                               access_key="testing", secret_key="testing", allow_bucket_creation=True)
+        deadline = time.time() + 30
+        while True:
+            try:
+                fs.create_dir("bucket")
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield fs, f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -122,3 +122,46 @@ def test_ray_job_submit_runs_on_both_nodes_and_matches_a_single_node_run(cluster
     np.testing.assert_array_equal(a["score"].to_numpy(zero_copy_only=False), b["score"].to_numpy(zero_copy_only=False))
     assert a["neighbor_ids"].to_pylist() == b["neighbor_ids"].to_pylist()
     assert json.loads((out / "run.json").read_text())["cluster"]["cpus"] == 4
+
+
+def test_corpus_larger_than_the_object_store_streams_into_s3(cluster, s3, tmp_path):
+    """10^6 vectors (1.95 GiB of float32, 2.4x the two nodes' 800 MB of object store) scored through ``ray job
+    submit`` into an S3 bucket: every row once, and the driver's memory stays far below the corpus."""
+    import psutil
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    address, env = cluster
+    fs, opts = s3
+    rng = np.random.default_rng(0)
+    dim, rows, chunk = 512, 1_000_000, 50_000
+
+    def table(n: int, start: int, prefix: str) -> pa.Table:
+        X = rng.standard_normal((n, dim), dtype=np.float32)
+        return pa.table({"id": pa.array([f"{prefix}{i:07d}" for i in range(start, start + n)]),
+                         "vec": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), dim)})
+
+    pq.write_table(table(300, 0, "n"), tmp_path / "normal.parquet")
+    with pq.ParquetWriter(tmp_path / "corpus.parquet", table(1, 0, "q").schema) as w:
+        for start in range(0, rows, chunk):
+            w.write_table(table(chunk, start, "q"))
+    assert (tmp_path / "corpus.parquet").stat().st_size > 2.4 * 800 * 2**20
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+              sys.executable, "jobs/score.py", "--normal", str(tmp_path / "normal.parquet"),
+              "--query", str(tmp_path / "corpus.parquet"), "--embedding-column", "vec",
+              "--out", f"s3://bucket/corpus{opts}", "--quiet"]
+    proc = subprocess.Popen(submit, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    peak = 0
+    while proc.poll() is None:  # the job's driver: the entrypoint process the cluster started
+        for p in psutil.process_iter(["cmdline", "memory_info"]):
+            cmd = p.info["cmdline"] or []
+            if "jobs/score.py" in cmd and "s3://bucket/corpus" in " ".join(cmd) and p.info["memory_info"]:
+                peak = max(peak, p.info["memory_info"].rss)
+        time.sleep(0.5)
+    assert proc.returncode == 0, proc.stdout.read()[-4000:]
+    record = json.loads(fs.open_input_stream("bucket/corpus/run.json").read())
+    assert record["rows"] == {"ok": rows}
+    ids = pq.read_table("bucket/corpus/scores", columns=["id"], filesystem=fs)["id"]
+    assert len(ids) == rows and pc.count_distinct(ids).as_py() == rows
+    print(f"corpus {rows:,} x {dim}: driver peak RSS {peak / 2**20:.0f} MiB")  # shown with pytest -s
+    assert 0 < peak < 1.5 * 2**30, f"driver peak RSS {peak / 2**20:.0f} MiB"

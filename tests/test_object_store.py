@@ -18,32 +18,6 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on a free port (this test's own process, stopped by pid) and a bucket."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                               access_key="testing", secret_key="testing", allow_bucket_creation=True)
-        deadline = time.time() + 30
-        while True:
-            try:
-                fs.create_dir("bucket")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield fs, f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("s3-data")
     write_folder(root / "normal", cifar_rows("train", 1, 20))

@@ -185,6 +185,9 @@ def check_model_weights(model, weights) -> None:
         raise ConfigError(f"weights {weights.identity} differ from the model's {model.meta.weights_identity}")
 
 
+MIN_ROWS_PER_FILE = 65_536  # output rows per Parquet file (blocks are smaller: a file per block would be tiny)
+
+
 def write_partitioned(run: Run, name: str, src, scored_of) -> dict:
     """Write output ``name`` partition by partition of ``src`` (``scored_of(part)`` is the lazy scored
     dataset of one partition), each committed by a marker; partitions a killed run committed are kept."""
@@ -201,6 +204,7 @@ def write_partitioned(run: Run, name: str, src, scored_of) -> dict:
             continue
         prefix = log.start(i)
         scored_of(part).write_parquet(run.staging.path(name), filesystem=run.staging.fs,
+                                      min_rows_per_file=MIN_ROWS_PER_FILE,
                                       filename_provider=FilenameProvider(dataset_uuid=prefix, file_format="parquet"))
         log.finish(i)
     log.clear_markers()

@@ -262,7 +262,7 @@ def read_source(src: PreparedSource):
         t = src.listing
         return ray.data.from_arrow([t.slice(i, ROWS_PER_BLOCK) for i in range(0, t.num_rows, ROWS_PER_BLOCK)])
     cfg, schema = src.cfg, src.schema
-    block_rows = VECTOR_ROWS_PER_BLOCK if src.cfg.embedding_column else ROWS_PER_BLOCK
+    block_rows = VECTOR_ROWS_PER_BLOCK if cfg.embedding_column else ROWS_PER_BLOCK
     ds = ray.data.read_parquet(list(src.files) if src.files else src.path, filesystem=src.fs, num_cpus=READ_CPUS)
     expr = _all_of([col(name) == value for name, value in filter_values(schema, cfg.filters)])
     if expr is not None:
