@@ -146,6 +146,17 @@ class JobConfig:
     def run_date(self) -> str:
         return self.audit.date or dt.date.today().isoformat()
 
+    def _loads_model(self) -> bool:
+        """``--model`` names a saved model (which decides the index settings)."""
+        if not self.model_dir:
+            return False
+        from .core.model import is_model_dir
+
+        try:
+            return is_model_dir(self.model_dir)
+        except (OSError, ValueError):  # an unusable --model is reported by the job's own checks
+            return False
+
     def validate(self) -> JobConfig:
         """Raise ConfigError on anything that would fail later; returns self. Reads no data."""
         if self.kind not in JOB_KINDS:
@@ -180,7 +191,7 @@ class JobConfig:
         _in_range("--shards", self.index.shards, 1, 100_000)
         _in_range("--reduce kmeans:N", self.index.reduce, 2, 1 << 31)
         _in_range("--pca", self.features.pca, 1, 1 << 20)
-        if self.index.approximate and self.index.kind not in ("ivfpq", "sq8"):
+        if self.index.approximate and self.index.kind not in ("ivfpq", "sq8") and not self._loads_model():
             raise ConfigError(f"--approximate scores a compressed index from its codes: it needs --index ivfpq or "
                               f"sq8, not {self.index.kind}")
         for role, src in (("normal", self.normal), ("query", self.query)):

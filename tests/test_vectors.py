@@ -70,22 +70,24 @@ def test_pca_and_approximate_models_score_through_the_job_as_in_the_library(ray_
 
 
 def test_shard_groups_score_queries_as_one_index_does(ray_local, tmp_path):
-    """``--shards 4 --shard-groups 2``: two actor pools each hold half the index; scores and neighbours are
-    those of the library's single index."""
+    """``--shards 4 --shard-groups 2 --pca 8``: two actor pools each hold half the index; scores and neighbours
+    are those of the library's single index, and a batch of error rows only passes through."""
     X, _ = planted(n_normal=300, n_anom=0, d=16, seed=1)
     Q, _ = planted(n_normal=40, n_anom=8, d=16, seed=2)
     ids = [f"n{i:03d}" for i in range(len(X))]
     pq.write_table(vector_table(X, ids), tmp_path / "normal.parquet")
-    pq.write_table(vector_table(Q, [f"q{i}" for i in range(len(Q))]), tmp_path / "query.parquet")
+    bad = pa.table({"id": pa.array([f"e{i}" for i in range(16)]), "vec": pa.nulls(16, pa.list_(pa.float32()))})
+    good = vector_table(Q, [f"q{i}" for i in range(len(Q))], fixed=False)
+    pq.write_table(pa.concat_tables([good, bad]), tmp_path / "query.parquet")
     assert main(["score", "--normal", str(tmp_path / "normal.parquet"), "--query", str(tmp_path / "query.parquet"),
-                 "--shards", "4", "--shard-groups", "2", "--embedding-column", "vec", "--out", str(tmp_path / "o"),
-                 "--score-batch-size", "16", "--quiet"]) == 0
-    api = DN2(k=2).fit(X, ids=np.array(ids, dtype=object))
+                 "--shards", "4", "--shard-groups", "2", "--pca", "8", "--embedding-column", "vec",
+                 "--out", str(tmp_path / "o"), "--score-batch-size", "16", "--quiet"]) == 0
+    api = DN2(k=2, pca=8).fit(X, ids=np.array(ids, dtype=object))
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "o" / "scores").to_pylist()}
-    assert len(rows) == len(Q)
+    assert len(rows) == len(Q) + 16 and {rows[f"e{i}"]["status"] for i in range(16)} == {"error"}
     dist, pos = api.kneighbors(Q)
     for i in range(len(Q)):
         r = rows[f"q{i}"]
         assert r["neighbor_ids"] == [ids[p] for p in pos[i]]
-        np.testing.assert_array_equal(r["neighbor_dists"], dist[i])
-    assert load_model(str(tmp_path / "o" / "model")).threshold == api.threshold_
+        np.testing.assert_allclose(r["neighbor_dists"], dist[i], rtol=1e-6)
+    assert load_model(str(tmp_path / "o" / "model")).threshold == pytest.approx(api.threshold_, rel=1e-9)

@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import pyarrow as pa
 
-from ..config import JobConfig, ScoreConfig
+from ..config import ConfigError, JobConfig, ScoreConfig
 from ..core.dn2 import Fit, FitParams, fit_reference
 from ..core.index import build_shard, shard_bounds
 from ..core.model import FittedModel, model_from_fit
@@ -62,6 +62,10 @@ def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int =
     import ray
 
     params = replace(fit_params(cfg), extra_neighbours=extra_neighbours)
+    n, d = normal.X.shape
+    if params.pca and params.pca > min(n, d):
+        raise ConfigError(f"--pca {params.pca} needs at most min(normal rows, embedding dimensions) = "
+                          f"min({n}, {d}) components")
     fit = fit_reference(normal.X, normal.ids, params, RayBackend(cfg.score))
     labels = normal.extra.get("label")
     images = weights is not None

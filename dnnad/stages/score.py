@@ -30,6 +30,7 @@ SCORE_COLUMNS = pa.schema([
 ])  # then the passthrough columns a source has (group, label, split, n_members)
 CARRIED = (*PASSTHROUGH, "n_members", "cached", "_pos")  # group sizes, cache hits, calibration positions
 NEAREST = ("_nn_dist", "_nn_pos")  # the k nearest so far, carried between shard-group stages
+FINAL_POOL_CPUS = 0.05  # with shard groups, the pool that only turns merged neighbours into output rows
 
 
 def _get(ref):
@@ -137,14 +138,15 @@ class GroupSearch:
         rows = np.flatnonzero(batch["status"] == "ok")
         if NEAREST[0] not in batch:
             batch[NEAREST[0]], batch[NEAREST[1]] = np.full((n, self.k), np.inf), np.full((n, self.k), -1, np.int64)
+        if self.transform is not None:  # every batch leaves with the transformed width, error rows NaN
+            X = self.transform.transform(batch["embedding"][rows]) if len(rows) else None
+            emb = np.full((n, self.transform.dim or batch["embedding"].shape[1]), np.nan, dtype=np.float32)
+            if X is not None:
+                emb[rows] = X
+            batch["embedding"] = emb
         if not len(rows):
             return batch
         X = batch["embedding"][rows]
-        if self.transform is not None:
-            X = self.transform.transform(X)
-            emb = np.full((n, X.shape[1]), np.nan, dtype=np.float32)
-            emb[rows] = X
-            batch["embedding"] = emb
         excl = _exclusion(batch, rows, self.exclude, self.groups)
         need = self.k + (excl.max_rows if excl is not None else 0)
         if self.index.ntotal < need:
@@ -195,18 +197,21 @@ class Scorer:
         device = "cuda" if gpus else "cpu"
         groups = shard_groups(self.shard_rows or [1] * len(self.shards), self.cfg.shard_groups)
         shards, transform = self.shards, self.transform
-        if len(groups) > 1:  # each pool holds one group; its actors ask Ray for the group's memory
+        if len(groups) > 1:  # each pool holds one group; its actors share the group's memory request
+            per_pool = max(1, actors // len(groups))
+            group_res = {**res, **({"num_gpus": SCORE_ACTOR_GPUS / len(groups)} if gpus else {})}
             for i, group in enumerate(groups):
-                memory = sum(self.shard_bytes[j] for j in group) if self.shard_bytes else None
+                memory = sum(self.shard_bytes[j] for j in group) // per_pool if self.shard_bytes else 0
                 ds = ds.map_batches(
                     GroupSearch, batch_size=self.cfg.batch_size, batch_format="numpy",
-                    compute=ActorPoolStrategy(size=max(1, actors // len(groups))), **res,
+                    compute=ActorPoolStrategy(size=per_pool), **group_res,
                     **({"memory": memory} if memory else {}),
                     fn_constructor_kwargs={"shards": [self.shards[j] for j in group], "k": self.k,
                                            "exclude": exclude, "groups": groups_ref, "threads": threads,
                                            "transform": transform if i == 0 else None, "device": device,
                                            "exact": self.exact})
-            shards, transform, exclude, actors = None, None, None, max(1, actors // len(groups))
+            # the final pool only writes the scores: no index, no GPU, a sliver of a CPU
+            shards, transform, exclude, actors, res = None, None, None, per_pool, {"num_cpus": FINAL_POOL_CPUS}
         return ds.map_batches(
             KnnScorer, batch_size=self.cfg.batch_size, compute=ActorPoolStrategy(size=actors),
             batch_format="numpy", **res,

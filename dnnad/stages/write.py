@@ -133,13 +133,15 @@ class OutDir:
         self.check()
         resume = None
         for f, owner in self.owners():  # a killed run's leftovers, proved dnnad's by their owner file
+            same_run = bool(self.fingerprint) and owner.get("fingerprint") == self.fingerprint \
+                and owner.get("outputs") == self.names  # same configuration and outputs (an audit's date)
             if f.endswith(OWNER_FILE):
-                if resume is None and self.fingerprint and owner.get("fingerprint") == self.fingerprint:
+                if resume is None and same_run:
                     resume = f.rsplit("/", 1)[0]  # the same run, killed: continue from what it committed
                     continue
                 storage.delete(self.fs, f.rsplit("/", 1)[0])
             else:
-                if resume is None and self.fingerprint and owner.get("fingerprint") == self.fingerprint:
+                if resume is None and same_run:
                     resume = self.path  # written in place: continue from the partitions it committed
                     continue
                 for name in owner.get("outputs", ()):
@@ -150,10 +152,9 @@ class OutDir:
 
 
 def _committed_work(fs, path: str) -> bool:
-    """An output a killed run can be resumed from: a partitioned output with commit markers, or a finished
-    model (its model.json is written last)."""
-    names = storage.listdir(fs, path)
-    return "model.json" in names or any(n.startswith(".part-") and n.endswith(".done") for n in names)
+    """An output a killed run can be resumed from: a partitioned output with commit markers. Everything else
+    (a model, a report) is written again."""
+    return any(n.startswith(".part-") and n.endswith(".done") for n in storage.listdir(fs, path))
 
 
 class Staging:
@@ -171,7 +172,7 @@ class Staging:
             old = read_record(self.fs, target.at(target.record))
             for name in target.names:  # replaced outputs of a finished run (--overwrite), or a dead run's
                 if self.resumed and _committed_work(self.fs, target.at(name)):
-                    continue  # the killed run's committed partitions, or the model it finished
+                    continue  # the killed run's committed partitions
                 if storage.exists(self.fs, target.at(name)):
                     if old is not None:
                         storage.delete(self.fs, target.at(target.record))  # no longer "finished"
