@@ -25,7 +25,7 @@ from ..config import ConfigError, SourceConfig
 from ..storage import resolve
 from ..vision.decode import IMAGE_EXTENSIONS, DecodeError
 
-ROWS_PER_BLOCK = 256  # image rows: small blocks spread decoding and embedding over the actors
+ROWS_PER_BLOCK = 64  # image rows: one forward batch a block, so even a few hundred images reach every actor
 VECTOR_ROWS_PER_BLOCK = 4096  # vector rows: a block is about one scoring batch (FAISS's 4096-query blocks)
 # Logical CPUs of a read task: the embedding and scoring actors hold theirs for the whole streaming run, and
 # reads must still be schedulable beside them on a small node (they are I/O, not compute).
