@@ -72,6 +72,13 @@ def send_ray_console_to_file() -> str:
     return path
 
 
+def resolved(ref):
+    """The value behind an object-store ref (actor state shared by every actor), or ``ref`` itself."""
+    import ray
+
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
 def cluster_resources() -> tuple[int, int]:
     """(CPUs, GPUs) of the running cluster."""
     import ray

@@ -14,7 +14,7 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from ..config import DEFAULT_MAX_FILE_BYTES, ConfigError, EmbedConfig
-from ..runtime import EMBED_ACTOR_GPUS, cluster_resources, embed_pool
+from ..runtime import EMBED_ACTOR_GPUS, cluster_resources, embed_pool, resolved
 from ..vision.backbones import FeatureExtractor, crop_fn, normalize_batch
 from ..vision.decode import DecodeError, decode_image
 from ..vision.specs import BackboneSpec
@@ -30,11 +30,8 @@ class Embedder:
     def __init__(self, spec: BackboneSpec, weights, device: str = "auto", threads: int | None = None,
                  max_pixels: int | None = None, cache=None, cache_out: str | None = None, batch_size: int = 64,
                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, hash_bytes: bool = False):
-        import ray
-
-        get = lambda r: ray.get(r) if isinstance(r, ray.ObjectRef) else r  # noqa: E731
-        state = get(weights)
-        self.cache = get(cache)
+        state = resolved(weights)
+        self.cache = resolved(cache)
         self.cache_out = cache_out  # where this actor adds the embeddings it computed (content-keyed parts)
         self.extractor = FeatureExtractor(spec, state, device=device, threads=threads)
         self.spec = spec

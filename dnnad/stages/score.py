@@ -20,7 +20,7 @@ from ..config import ScoreConfig
 from ..core.dn2 import knn_score, score_against, self_exclusions
 from ..core.index import ShardedIndex, merge_neighbours, shard_groups
 from ..core.threshold import normal_percentile
-from ..runtime import SCORE_ACTOR_CPUS, SCORE_ACTOR_GPUS, cluster_resources, score_pool
+from ..runtime import SCORE_ACTOR_CPUS, SCORE_ACTOR_GPUS, cluster_resources, resolved, score_pool
 from .read import PASSTHROUGH
 
 SCORE_COLUMNS = pa.schema([
@@ -31,12 +31,6 @@ SCORE_COLUMNS = pa.schema([
 CARRIED = (*PASSTHROUGH, "n_members", "cached", "_pos")  # group sizes, cache hits, calibration positions
 NEAREST = ("_nn_dist", "_nn_pos")  # the k nearest so far, carried between shard-group stages
 FINAL_POOL_CPUS = 0.05  # with shard groups, the pool that only turns merged neighbours into output rows
-
-
-def _get(ref):
-    import ray
-
-    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def _exclusion(batch: dict, rows: np.ndarray, exclude: str | None, groups):
@@ -67,15 +61,14 @@ class KnnScorer:
 
         if threads:
             faiss.omp_set_num_threads(threads)
-        get = _get
-        self.index = (ShardedIndex([get(s) for s in get(shards)], device=device, exact=exact)
+        self.index = (ShardedIndex([resolved(s) for s in resolved(shards)], device=device, exact=exact)
                       if shards is not None else None)
-        ids = get(ids)  # None: neighbours are named by position (calibration of a fit)
+        ids = resolved(ids)  # None: neighbours are named by position (calibration of a fit)
         self.ids = None if ids is None else pa.array(np.asarray(ids, dtype=object).tolist(), pa.string())
         self.k, self.threshold, self.exclude, self.positions = k, threshold, exclude, positions
-        self.calibration = get(calibration)
-        self.groups = get(groups) if exclude == "duplicates" else None
-        self.transform = get(transform)
+        self.calibration = resolved(calibration)
+        self.groups = resolved(groups) if exclude == "duplicates" else None
+        self.transform = resolved(transform)
 
     def _names(self, pos: np.ndarray) -> pa.Array:
         return pa.array(pos).cast(pa.string()) if self.ids is None else self.ids.take(pa.array(pos))
@@ -129,9 +122,9 @@ class GroupSearch:
 
         if threads:
             faiss.omp_set_num_threads(threads)
-        self.index = ShardedIndex([_get(s) for s in _get(shards)], device=device, exact=exact)
-        self.k, self.exclude, self.transform = k, exclude, _get(transform)
-        self.groups = _get(groups) if exclude == "duplicates" else None
+        self.index = ShardedIndex([resolved(s) for s in resolved(shards)], device=device, exact=exact)
+        self.k, self.exclude, self.transform = k, exclude, resolved(transform)
+        self.groups = resolved(groups) if exclude == "duplicates" else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
