@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from ..config import ConfigError, SourceConfig
 from ..storage import resolve
@@ -28,8 +29,10 @@ from ..vision.decode import IMAGE_EXTENSIONS, DecodeError
 ROWS_PER_BLOCK = 64  # image rows: one forward batch a block, so even a few hundred images reach every actor
 VECTOR_ROWS_PER_BLOCK = 4096  # vector rows: a block is about one scoring batch (FAISS's 4096-query blocks)
 # Logical CPUs of a read task: the embedding and scoring actors hold theirs for the whole streaming run, and
-# reads must still be schedulable beside them on a small node (they are I/O, not compute).
-READ_CPUS = 0.25
+# reads must still be schedulable beside them on a small node (they are I/O, not compute). Not the scoring
+# actors' 0.25: Ray Data fuses a task map into the next actor map when their resources match, and a read
+# fused into a scoring actor would score a whole row group in one actor.
+READ_CPUS = 0.2
 PASSTHROUGH = ("group", "label", "split")  # source columns carried unchanged to every output row
 NULL_ID = "null id"
 
@@ -262,7 +265,8 @@ def read_source(src: PreparedSource):
         t = src.listing
         return ray.data.from_arrow([t.slice(i, ROWS_PER_BLOCK) for i in range(0, t.num_rows, ROWS_PER_BLOCK)])
     cfg, schema = src.cfg, src.schema
-    block_rows = VECTOR_ROWS_PER_BLOCK if cfg.embedding_column else ROWS_PER_BLOCK
+    if cfg.embedding_column:
+        return _read_vectors(src)
     ds = ray.data.read_parquet(list(src.files) if src.files else src.path, filesystem=src.fs, num_cpus=READ_CPUS)
     expr = _all_of([col(name) == value for name, value in filter_values(schema, cfg.filters)])
     if expr is not None:
@@ -271,7 +275,39 @@ def read_source(src: PreparedSource):
     ds = ds.select_columns(cols)
     ds = ds.map_batches(_normalise_columns, batch_format="pyarrow", num_cpus=READ_CPUS,
                         fn_kwargs={"rename": keep, "group_col": group_col})
-    return ds.repartition(target_num_rows_per_block=block_rows)
+    return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+
+
+def _read_vectors(src: PreparedSource):
+    """A vector source streamed in blocks of ``VECTOR_ROWS_PER_BLOCK`` rows: one read task per row group,
+    decoding page by page (no whole row group in memory, the first block leaves at once, no re-blocking)."""
+    import ray.data
+
+    dataset = pads.dataset(list(src.files) if src.files else src.path, filesystem=src.fs, format="parquet")
+    units = [{"path": frag.path, "row_group": rg.id} for frag in dataset.get_fragments() for rg in frag.row_groups]
+    keep, group_col, cols = _columns(src.cfg, src.schema)
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    # Ray Data merges a task's outputs up to this size: a bit below one block, so each leaves on its own.
+    ds.context.target_max_block_size = int(VECTOR_ROWS_PER_BLOCK * (4 * src.dim + 32) * 0.8)
+    return ds.map_batches(
+        read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        fn_kwargs={"fs": src.fs, "columns": cols, "filters": filter_values(src.schema, src.cfg.filters),
+                   "rename": keep, "group_col": group_col})
+
+
+def read_row_groups(units: pa.Table, fs: pafs.FileSystem, columns: list[str], filters: list[tuple[str, object]],
+                    rename: dict[str, str], group_col: str | None):
+    """Rows of the (path, row_group) units, normalised and filtered, in ``VECTOR_ROWS_PER_BLOCK``-row tables."""
+    expr = _all_of([pc.field(name) == value for name, value in filters])
+    for path, rg in zip(units["path"].to_pylist(), units["row_group"].to_pylist()):
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 23)
+            for batch in pf.iter_batches(batch_size=VECTOR_ROWS_PER_BLOCK, row_groups=[rg], columns=columns):
+                table = pa.Table.from_batches([batch])
+                if expr is not None:
+                    table = table.filter(expr)
+                if table.num_rows:
+                    yield _normalise_columns(table, rename, group_col)
 
 
 def partitions(src: PreparedSource, rows: int) -> list[PreparedSource]:
