@@ -14,6 +14,7 @@ includes starting Ray in-process. ``--s3`` repeats the largest size writing to a
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import shutil
@@ -28,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, git_rev, machine
 
 
 def vectors(n: int, dim: int, seed: int, prefix: str) -> pa.Table:
@@ -128,7 +128,7 @@ def main() -> None:
     common = ["--embedding-column", "vec"]
     run_dnnad(["score", "--normal", str(normal), "--query", str(normal), "--out", str(work / "fit"),
                "--model", str(model), *common])
-    rows = []
+    rows, s3_row = [], None
     for n in a.sizes:
         query = work / f"query-{n}.parquet"
         write_vectors(query, n, a.dim, 7, "q")
@@ -160,18 +160,33 @@ def main() -> None:
             local = next((r["dnnad_s"] for r in rows if r["rows"] == n), None) or run_dnnad(
                 ["score", "--model", str(model), "--query", str(work / f"query-{n}.parquet"), "--out",
                  str(work / "out-local"), *common])[0]
-            print(json.dumps({"rows": n, "s3_s": s3_s, "local_s": local, "s3_vs_local": local / s3_s,
-                              "driver_peak_rss_mib": rss}), flush=True)
+            s3_row = {"rows": n, "s3_s": s3_s, "local_s": local, "s3_vs_local": local / s3_s,
+                      "driver_peak_rss_mib": rss}
+            print(json.dumps(s3_row), flush=True)
         finally:
             server.terminate()
             server.wait()
     shutil.rmtree(work)  # this run's own temporary folder
-    print("| query rows | baseline rows/s | dnnad rows/s | dnnad / baseline | driver peak RSS | object-store peak |")
-    print("|---|---|---|---|---|---|")
+    lines = [f"## Scaling curve ({dt.date.today()}, commit {git_rev()})", "",
+             f"- command: `python benchmarks/scale.py --sizes {' '.join(map(str, a.sizes))} --normal {a.normal} "
+             f"--dim {a.dim}{' --s3 --s3-size ' + str(a.s3_size) if a.s3 else ''}`", f"- machine: {machine()}", "",
+             "| query rows | baseline rows/s | dnnad rows/s | dnnad / baseline | driver peak RSS | object-store peak |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['rows']:,} | {r['baseline_rows_per_s']:,.0f} | {r['dnnad_rows_per_s']:,.0f} | {r['ratio']:.2f}x | "
-              f"{r['driver_peak_rss_mib']:.0f} MiB | {r['object_store_peak_mib']:.0f} MiB |")
-
+        lines.append(f"| {r['rows']:,} | {r['baseline_rows_per_s']:,.0f} | {r['dnnad_rows_per_s']:,.0f} | "
+                     f"{r['ratio']:.2f}x | {r['driver_peak_rss_mib']:.0f} MiB | {r['object_store_peak_mib']:.0f} MiB |")
+    if len(rows) > 1:
+        top = rows[-1]["dnnad_rows_per_s"]
+        lines += ["", "dnnad rows/s as a fraction of the largest size's: " + ", ".join(
+            f"{r['rows']:,}: {r['dnnad_rows_per_s'] / top:.2f}" for r in rows)]
+    if s3_row:
+        lines += ["", f"{s3_row['rows']:,} rows to a local S3 server (moto) vs local disk: {s3_row['s3_s']:.1f} s vs "
+                  f"{s3_row['local_s']:.1f} s ({s3_row['s3_vs_local']:.2f}x), driver peak RSS "
+                  f"{s3_row['driver_peak_rss_mib']:.0f} MiB"]
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"scale-{a.normal}-{max(a.sizes)}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 if __name__ == "__main__":
     main()
