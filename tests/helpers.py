@@ -4,6 +4,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,22 @@ CIFAR = SHARED_DATA / "cifar10-jpeg.parquet"
 
 # Fast mechanics runs: random-init ResNet-18 on 32 px crops. Accuracy tests use the pretrained Lite2.
 FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--quiet"]
+# Runs slow enough to be killed between partitions: 200 query images make 5 partitions of 40.
+RESUMABLE = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "8",
+             "--score-batch-size", "8", "--partition-rows", "40", "--quiet"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kill_once(cmd: list[str], committed: Callable[[], bool], timeout: float = 300) -> None:
+    """Start the job ``cmd`` and SIGKILL it, with the Ray it started in-process, once ``committed()`` holds."""
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.time() + timeout
+    while not committed():
+        assert run.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
 
 
 def need_shared_data() -> None:

@@ -4,7 +4,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnnad.cli import main
-from tests.helpers import FAST, cifar_rows, write_folder
+from tests.helpers import FAST, RESUMABLE, ROOT, cifar_rows, kill_once, write_folder
 
 pytestmark = pytest.mark.ray
 
@@ -70,31 +69,16 @@ def test_user_objects_are_never_replaced_and_a_dead_runs_leftovers_are(ray_local
 def test_killed_run_into_s3_resumes_from_its_committed_partitions(s3, tmp_path):
     """No rename on S3: the run writes in place under its in-progress file; killed and run again with the same
     command, it keeps the partitions it committed and writes the rest, every row once."""
-    import os
-    import signal
-    from pathlib import Path
-
-    from tests.helpers import cifar_rows as rows
-
     fs, opts = s3
-    write_folder(tmp_path / "normal", rows("train", 1, 30))
-    write_folder(tmp_path / "query", rows("test", None, 200))
+    write_folder(tmp_path / "normal", cifar_rows("train", 1, 30))
+    write_folder(tmp_path / "query", cifar_rows("test", None, 200))
     cmd = [sys.executable, "jobs/score.py", "--normal", str(tmp_path / "normal"), "--query", str(tmp_path / "query"),
-           "--out", f"s3://bucket/runs/resumed{opts}", "--backbone", "resnet18", "--weights", "none",
-           "--image-size", "64", "--batch-size", "8", "--score-batch-size", "8", "--partition-rows", "40", "--quiet"]
-    root = Path(__file__).resolve().parents[1]
-    first = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.time() + 300
+           "--out", f"s3://bucket/runs/resumed{opts}", *RESUMABLE]
     marker = "bucket/runs/resumed/scores/.part-00001.done"
-    while fs.get_file_info(marker).type == pafs.FileType.NotFound:
-        assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started in-process
-    first.wait()
+    kill_once(cmd, lambda: fs.get_file_info(marker).type != pafs.FileType.NotFound)
     assert fs.get_file_info("bucket/runs/resumed/run.json").type == pafs.FileType.NotFound  # not committed
 
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(fs.open_input_stream("bucket/runs/resumed/run.json").read())
     assert record["partitions"] == 5 and record["partitions_resumed"] >= 2

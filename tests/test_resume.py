@@ -2,21 +2,14 @@
 missing rows, and gives the same output as an undisturbed run."""
 import glob
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import cifar_rows, write_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "8",
-        "--score-batch-size", "8", "--partition-rows", "40", "--quiet"]
+from tests.helpers import RESUMABLE as ARGS
+from tests.helpers import ROOT, cifar_rows, kill_once, write_folder
 
 pytestmark = pytest.mark.ray
 
@@ -27,14 +20,7 @@ def test_killed_driver_resumes_from_committed_partitions(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "jobs/score.py", "--normal", str(tmp_path / "normal"), "--query", str(tmp_path / "query"),
            "--out", str(out), *ARGS]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.time() + 300
-    while not glob.glob(str(out / ".staging-*" / "scores" / ".part-00001.done")):
-        assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started in-process
-    first.wait()
+    kill_once(cmd, lambda: bool(glob.glob(str(out / ".staging-*" / "scores" / ".part-00001.done"))))
     assert not (out / "run.json").exists() and not (out / "scores").exists()  # readers see no result
 
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600).returncode == 0

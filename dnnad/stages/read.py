@@ -256,56 +256,58 @@ def check_unique_ids(ids: pa.ChunkedArray, flag: str) -> None:
 
 
 def read_source(src: PreparedSource):
-    """A Ray Dataset with ``id`` (string, null ids kept as nulls) and ``path`` (folders) or ``image``
-    bytes (Parquet), plus ``group`` when grouping and the ``label``/``split`` columns a source has."""
+    """A Ray Dataset with ``id`` (string, null ids kept as nulls) and ``path`` (folders), ``image`` bytes or
+    ``vector`` (Parquet), plus ``group`` when grouping and the ``label``/``split`` columns a source has.
+
+    Blocks hold ``ROWS_PER_BLOCK`` images or ``VECTOR_ROWS_PER_BLOCK`` vectors, so a small source still reaches
+    every actor. A Parquet source is read by one task per row group, page by page: no row group is ever
+    whole in memory, its first block leaves at once, and no re-blocking pass copies the data again."""
     import ray.data
-    from ray.data.expressions import col
 
     if src.listing is not None:
         t = src.listing
         return ray.data.from_arrow([t.slice(i, ROWS_PER_BLOCK) for i in range(0, t.num_rows, ROWS_PER_BLOCK)])
-    cfg, schema = src.cfg, src.schema
-    if cfg.embedding_column:
-        return _read_vectors(src)
-    ds = ray.data.read_parquet(list(src.files) if src.files else src.path, filesystem=src.fs, num_cpus=READ_CPUS)
-    expr = _all_of([col(name) == value for name, value in filter_values(schema, cfg.filters)])
-    if expr is not None:
-        ds = ds.filter(expr=expr)
-    keep, group_col, cols = _columns(cfg, schema)
-    ds = ds.select_columns(cols)
-    ds = ds.map_batches(_normalise_columns, batch_format="pyarrow", num_cpus=READ_CPUS,
-                        fn_kwargs={"rename": keep, "group_col": group_col})
-    return ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-
-
-def _read_vectors(src: PreparedSource):
-    """A vector source streamed in blocks of ``VECTOR_ROWS_PER_BLOCK`` rows: one read task per row group,
-    decoding page by page (no whole row group in memory, the first block leaves at once, no re-blocking)."""
-    import ray.data
-
-    dataset = pads.dataset(list(src.files) if src.files else src.path, filesystem=src.fs, format="parquet")
-    units = [{"path": frag.path, "row_group": rg.id} for frag in dataset.get_fragments() for rg in frag.row_groups]
-    keep, group_col, cols = _columns(src.cfg, src.schema)
+    cfg = src.cfg
+    rows = VECTOR_ROWS_PER_BLOCK if cfg.embedding_column else ROWS_PER_BLOCK
+    keep, group_col, cols = _columns(cfg, src.schema)
+    cols = list(dict.fromkeys([*cols, *(name for name, _ in cfg.filters)]))  # filter columns are read, not kept
+    fragments = list(pads.dataset(list(src.files) if src.files else src.path, filesystem=src.fs,
+                                  format="parquet").get_fragments())
+    units = [{"path": f.path, "row_group": rg.id} for f in fragments for rg in f.row_groups]
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     # Ray Data merges a task's outputs up to this size: a bit below one block, so each leaves on its own.
-    ds.context.target_max_block_size = int(VECTOR_ROWS_PER_BLOCK * (4 * src.dim + 32) * 0.8)
+    ds.context.target_max_block_size = max(1, int(0.8 * rows * _bytes_per_row(fragments, cols)))
     return ds.map_batches(
         read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-        fn_kwargs={"fs": src.fs, "columns": cols, "filters": filter_values(src.schema, src.cfg.filters),
-                   "rename": keep, "group_col": group_col})
+        fn_kwargs={"fs": src.fs, "columns": cols, "filters": filter_values(src.schema, cfg.filters),
+                   "rename": keep, "group_col": group_col, "rows": rows})
+
+
+def _bytes_per_row(fragments: list, columns: list[str]) -> float:
+    """Uncompressed Parquet bytes per row of the read columns (near their size in Arrow)."""
+    size = n = 0
+    for frag in fragments:
+        md = frag.metadata
+        for i in range(md.num_row_groups):
+            rg = md.row_group(i)
+            n += rg.num_rows
+            size += sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
+                        if any(rg.column(j).path_in_schema == c or rg.column(j).path_in_schema.startswith(c + ".")
+                               for c in columns))
+    return size / max(n, 1)
 
 
 def read_row_groups(units: pa.Table, fs: pafs.FileSystem, columns: list[str], filters: list[tuple[str, object]],
-                    rename: dict[str, str], group_col: str | None):
-    """Rows of the (path, row_group) units, normalised and filtered, in ``VECTOR_ROWS_PER_BLOCK``-row tables."""
-    expr = _all_of([pc.field(name) == value for name, value in filters])
+                    rename: dict[str, str], group_col: str | None, rows: int):
+    """The selected rows of (path, row_group) units, normalised, in tables of at most ``rows`` rows."""
     for path, rg in zip(units["path"].to_pylist(), units["row_group"].to_pylist()):
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 23)
-            for batch in pf.iter_batches(batch_size=VECTOR_ROWS_PER_BLOCK, row_groups=[rg], columns=columns):
+            for batch in pf.iter_batches(batch_size=rows, row_groups=[rg], columns=columns):
                 table = pa.Table.from_batches([batch])
-                if expr is not None:
-                    table = table.filter(expr)
+                if filters:
+                    table = table.filter(_all_of([pc.field(name) == pa.scalar(value, table.schema.field(name).type)
+                                                  for name, value in filters]))
                 if table.num_rows:
                     yield _normalise_columns(table, rename, group_col)
 
