@@ -91,3 +91,13 @@ def test_random_tables_either_fail_early_or_give_one_row_per_selected_row(ray_lo
     assert len(non_null) == len(set(non_null))  # unique: duplicates were refused above
     assert {r["status"] for r in got} <= {"ok", "error"}
     assert tree_digest(tmp_path) == before
+
+
+def test_duplicate_ids_are_found_across_batches_and_unique_ids_pass():
+    from dnnad.stages.read import check_unique_ids
+
+    ids = pa.array([f"img-{i:06d}" for i in range(200_000)])
+    check_unique_ids(lambda: iter([ids.slice(0, 70_000), ids.slice(70_000)]), "--query")
+    dup = pa.concat_arrays([ids, pa.array(["img-000007", None, None])])
+    with pytest.raises(ConfigError, match=r"--query has 1 duplicate ids \(e.g. 'img-000007'\)"):
+        check_unique_ids(lambda: iter([dup.slice(0, 100), dup.slice(100)]), "--query")

@@ -13,6 +13,7 @@ import operator
 import os
 import posixpath
 import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -219,19 +220,21 @@ def _prepare_parquet(cfg: SourceConfig, fs, path: str, flag: str) -> PreparedSou
     values = filter_values(schema, cfg.filters)
     expr = _all_of([pc.field(name) == pa.scalar(value, schema.field(name).type) for name, value in values])
     try:
-        ids = dataset.to_table(columns=[cfg.id_column], filter=expr)[cfg.id_column]
+        n = dataset.count_rows(filter=expr)  # from the footers alone when there is no filter
+        positions = sample_positions(n, cfg.sample)
+        if len(positions) == 0:
+            what = f" with {' and '.join(f'{c}={v}' for c, v in cfg.filters)}" if cfg.filters else ""
+            raise ConfigError(f"{flag} selects no rows: {cfg.uri}{what}")
+        if cfg.sample is None:
+            check_unique_ids(lambda: (b.column(0) for b in dataset.to_batches(columns=[cfg.id_column], filter=expr,
+                                                                              batch_size=65_536)), flag)
+            return PreparedSource(cfg, fs, path, n, schema=schema, dim=dim)
+        # A sample: read its rows here so that it is the same on every run and every cluster.
+        keep, group_col, cols = _columns(cfg, schema)
+        picked = dataset.take(positions, columns=cols, filter=expr)
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{flag} cannot be read: {cfg.uri}: {e}") from None
-    positions = sample_positions(len(ids), cfg.sample)
-    if len(positions) == 0:
-        what = f" with {' and '.join(f'{c}={v}' for c, v in cfg.filters)}" if cfg.filters else ""
-        raise ConfigError(f"{flag} selects no rows: {cfg.uri}{what}")
-    check_unique_ids(ids.take(pa.array(positions)) if cfg.sample is not None else ids, flag)
-    if cfg.sample is None:
-        return PreparedSource(cfg, fs, path, len(ids), schema=schema, dim=dim)
-    # A sample: read its rows here so that it is the same on every run and every cluster.
-    keep, group_col, cols = _columns(cfg, schema)
-    picked = dataset.take(positions, columns=cols, filter=expr)
+    check_unique_ids(lambda: iter([picked[cfg.id_column].combine_chunks()]), flag)
     return PreparedSource(cfg, fs, path, picked.num_rows, schema=schema, dim=dim,
                           listing=_normalise_columns(picked, keep, group_col))
 
@@ -245,9 +248,24 @@ def _first_length(dataset: pads.Dataset, column: str) -> int:
     raise ConfigError(f"--embedding-column {column!r} holds no vectors")
 
 
-def check_unique_ids(ids: pa.ChunkedArray, flag: str) -> None:
-    """Refuse duplicate (non-null) ids: neighbour ids, kept and dropped would be ambiguous."""
-    counts = pc.value_counts(pc.drop_null(ids))
+def check_unique_ids(batches: Callable[[], Iterable[pa.Array]], flag: str) -> None:
+    """Refuse duplicate (non-null) ids: neighbour ids, kept and dropped would be ambiguous. ``batches`` gives the
+    ids afresh on each call; the driver keeps 8 bytes a row (64-bit hashes), and a second pass confirms equal
+    hashes on the ids themselves, so memory stays small however long the ids are."""
+    from pandas.util import hash_array
+
+    def hashes(ids: pa.Array) -> np.ndarray:
+        return hash_array(np.asarray(pc.drop_null(ids).to_numpy(zero_copy_only=False)))
+
+    h = np.concatenate([np.empty(0, np.uint64), *map(hashes, batches())])
+    h.sort()
+    clash = np.unique(h[1:][h[1:] == h[:-1]])
+    del h
+    pa.default_memory_pool().release_unused()
+    if not len(clash):
+        return
+    ids = pa.chunked_array([pc.drop_null(b).filter(np.isin(hashes(b), clash)) for b in batches()])
+    counts = pc.value_counts(ids)
     dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
     if len(dup):
         shown = ", ".join(repr(v) for v in dup.slice(0, 3).to_pylist())
