@@ -8,7 +8,7 @@ import platform
 from dataclasses import dataclass, field, replace
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
 from .. import __version__
 from ..config import ConfigError, JobConfig
@@ -212,9 +212,13 @@ def write_partitioned(run: Run, name: str, src, scored_of) -> dict:
 
 
 def status_counts(fs, path: str) -> dict:
-    """Rows per status of a written table, reading only its status column."""
-    counts = pc.value_counts(pq.read_table(path, columns=["status"], filesystem=fs)["status"]).to_pylist()
-    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+    """Rows per status of a written table, streaming only its status column."""
+    total: dict[str, int] = {}
+    for batch in pads.dataset(path, format="parquet", filesystem=fs).to_batches(columns=["status"],
+                                                                                batch_size=65_536):
+        for c in pc.value_counts(batch.column(0)).to_pylist():
+            total[c["values"]] = total.get(c["values"], 0) + c["counts"]
+    return dict(sorted(total.items()))
 
 
 def output_path(cfg: JobConfig, name: str) -> str:

@@ -9,6 +9,8 @@ import json
 
 import numpy as np
 
+ONE_AT_A_TIME = {"batch_readahead": 0, "fragment_readahead": 0}  # scans hold one batch, not Arrow's read-ahead
+
 
 def thumbnail_uri(data: bytes | None, size: int = 96) -> str | None:
     from ..vision.decode import DecodeError, decode_image
@@ -104,28 +106,35 @@ threshold {threshold:.4g};
 
 
 def run_report(record: dict, fs, scores_path: str, model, query_source, top_n: int = 20) -> str:
-    """The report of a written scores table against a fitted model; reads only the columns it plots and
-    fetches thumbnails for the rows it shows, from this run's query source and the model's normal source."""
+    """The report of a written scores table against a fitted model. Streams only the columns it plots (the
+    driver keeps a float per scored row and the running top-N) and fetches thumbnails for the rows it shows,
+    from this run's query source and the model's normal source."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
 
     from .images import fetch_images
 
-    names = pads.dataset(scores_path, format="parquet", filesystem=fs).schema.names
-    cols = ["id", "score", "status"] + (["label"] if "label" in names else [])
-    ok = pq.read_table(scores_path, columns=cols, filesystem=fs).filter(pc.field("status") == "ok")
-    top_ids = ok.sort_by([("score", "descending"), ("id", "ascending")]).slice(0, top_n)["id"]
-    top = pq.read_table(scores_path, columns=["id", "score", "normal_percentile", "neighbor_ids", "neighbor_dists"],
-                        filesystem=fs,
-                        filters=pc.field("id").isin(top_ids)).sort_by([("score", "descending"), ("id", "ascending")])
-    top = top.to_pylist()
+    dataset = pads.dataset(scores_path, format="parquet", filesystem=fs)
+    normal_labels = set(model.meta.normal_labels or ())
+    with_labels = "label" in dataset.schema.names and bool(normal_labels)
+    order = [("score", "descending"), ("id", "ascending")]
+    scores, labels, best = [], [], None
+    for batch in dataset.to_batches(columns=["id", "score"] + (["label"] if with_labels else []),
+                                    filter=pc.field("status") == "ok", batch_size=65_536, **ONE_AT_A_TIME):
+        scores.append(batch.column(1).to_numpy(zero_copy_only=False))
+        if with_labels:
+            labels.append([int(v is not None and str(v) not in normal_labels) for v in batch.column(2).to_pylist()])
+        rows = pa.Table.from_batches([batch]).select(["id", "score"])
+        best = (rows if best is None else pa.concat_tables([best, rows])).sort_by(order).slice(0, top_n)
+    top_ids = best["id"] if best is not None else pa.array([], pa.string())
+    shown = ["id", "score", "normal_percentile", "neighbor_ids", "neighbor_dists"]
+    top = pa.Table.from_batches(dataset.to_batches(columns=shown, filter=pc.field("id").isin(top_ids), **ONE_AT_A_TIME),
+                                schema=pa.schema([dataset.schema.field(c) for c in shown])).sort_by(order).to_pylist()
     images = fetch_images(query_source, [r["id"] for r in top])
     normal_src = model.meta.normal_source
     normal_images = fetch_images(normal_src, [n for r in top for n in r["neighbor_ids"]]) if normal_src else {}
-    labels = None
-    if "label" in ok.column_names and model.meta.normal_labels:
-        normal_labels = set(model.meta.normal_labels)
-        labels = np.array([int(v is not None and str(v) not in normal_labels) for v in ok["label"].to_pylist()])
-    return render(record, ok["score"].to_numpy(), model.calibration_scores, model.threshold, top, images,
+    scores = np.concatenate([np.empty(0), *scores])
+    labels = np.concatenate([np.empty(0, int), *map(np.asarray, labels)]) if with_labels else None
+    return render(record, scores, model.calibration_scores, model.threshold, top, images,
                   normal_images, labels)
