@@ -129,6 +129,12 @@ def filter_values(schema: pa.Schema, filters: tuple[tuple[str, str], ...]) -> li
     return out
 
 
+def filter_expression(schema: pa.Schema, filters: tuple[tuple[str, str], ...]) -> pc.Expression | None:
+    """The ``column=value`` filters as one pyarrow expression (values cast to their column types); None if none."""
+    return _all_of([pc.field(name) == pa.scalar(value, schema.field(name).type)
+                    for name, value in filter_values(schema, filters)])
+
+
 def sample_positions(n: int, size: int | None, seed: int = 0) -> np.ndarray:
     """Sorted positions of a fixed-seed random sample of ``size`` out of ``n`` rows (all when None or >= n)."""
     if size is None or size >= n:
@@ -217,8 +223,7 @@ def _prepare_parquet(cfg: SourceConfig, fs, path: str, flag: str) -> PreparedSou
                           f"has no string form") from None
     if cfg.group_by and not cfg.group_by.startswith("dir:") and cfg.group_by not in schema.names:
         raise ConfigError(f"--group-by column {cfg.group_by!r} not in {cfg.uri}")
-    values = filter_values(schema, cfg.filters)
-    expr = _all_of([pc.field(name) == pa.scalar(value, schema.field(name).type) for name, value in values])
+    expr = filter_expression(schema, cfg.filters)
     try:
         n = dataset.count_rows(filter=expr)  # from the footers alone when there is no filter
         positions = sample_positions(n, cfg.sample)
@@ -297,7 +302,7 @@ def read_source(src: PreparedSource):
     ds.context.target_max_block_size = max(1, int(0.8 * rows * _bytes_per_row(fragments, cols)))
     return ds.map_batches(
         read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-        fn_kwargs={"fs": src.fs, "columns": cols, "filters": filter_values(src.schema, cfg.filters),
+        fn_kwargs={"fs": src.fs, "columns": cols, "filters": filter_expression(src.schema, cfg.filters),
                    "rename": keep, "group_col": group_col, "rows": rows})
 
 
@@ -315,7 +320,7 @@ def _bytes_per_row(fragments: list, columns: list[str]) -> float:
     return size / max(n, 1)
 
 
-def read_row_groups(units: pa.Table, fs: pafs.FileSystem, columns: list[str], filters: list[tuple[str, object]],
+def read_row_groups(units: pa.Table, fs: pafs.FileSystem, columns: list[str], filters: pc.Expression | None,
                     rename: dict[str, str], group_col: str | None, rows: int):
     """The selected rows of (path, row_group) units, normalised, in tables of at most ``rows`` rows."""
     for path, rg in zip(units["path"].to_pylist(), units["row_group"].to_pylist()):
@@ -323,9 +328,8 @@ def read_row_groups(units: pa.Table, fs: pafs.FileSystem, columns: list[str], fi
             pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 23)
             for batch in pf.iter_batches(batch_size=rows, row_groups=[rg], columns=columns):
                 table = pa.Table.from_batches([batch])
-                if filters:
-                    table = table.filter(_all_of([pc.field(name) == pa.scalar(value, table.schema.field(name).type)
-                                                  for name, value in filters]))
+                if filters is not None:
+                    table = table.filter(filters)
                 if table.num_rows:
                     yield _normalise_columns(table, rename, group_col)
 
