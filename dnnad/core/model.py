@@ -213,7 +213,9 @@ def load_model(uri: str) -> FittedModel:
                    f"shard {i} holds {vec.dtype} {vec.shape}, expected float32 ({sm['rows']}, {meta.dim})")
             _check(bool(np.isfinite(vec).all()), path, f"shard {i} holds NaN or inf")
             shards.append(Shard(int(sm["offset"]), vec if mapped else np.ascontiguousarray(vec), fb))
-        ids = np.asarray(pq.read_table(io.BytesIO(storage.read_bytes(fs, storage.join(path, "normal.parquet"))))
+        # Read through the filesystem, not from Python bytes: Arrow frees a pre-buffered Python-owned buffer
+        # on a pool thread, which aborts the process when that lands during interpreter exit (apache/arrow#34314).
+        ids = np.asarray(pq.read_table(storage.join(path, "normal.parquet"), filesystem=fs, columns=["id"])
                          ["id"].to_pylist(), dtype=object)
         calib = storage.load_npy(fs, storage.join(path, "calibration.npy"))
         transform = load_transform(lambda name: storage.load_npy(fs, storage.join(path, name)), meta.normalize,
