@@ -87,6 +87,15 @@ def cluster_resources() -> tuple[int, int]:
     return max(1, int(res.get("CPU", 1))), int(res.get("GPU", 0))
 
 
+def one_host() -> bool:
+    """Whether every live node of the cluster runs on the driver's host, so a local file the driver opens is
+    there for every actor (a model's memory-mapped shards travel as their paths only then)."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    return all(n["NodeManagerAddress"] == here for n in ray.nodes() if n.get("Alive"))
+
+
 # The query path streams read → embed → score at once, so Ray's logical CPUs are planned here, in one place:
 # Ray Data's file listing and read tasks ask for 1 CPU each and must stay schedulable beside the actor pools,
 # so the pools leave READ_RESERVE_CPUS free; each actor sets its own thread count for the real work.

@@ -145,3 +145,17 @@ def test_a_memory_mapped_shard_pickles_as_its_path(data, tmp_path):
     back = pickle.loads(blob)
     assert isinstance(back.vectors, np.memmap)
     np.testing.assert_array_equal(back.vectors, Xb)
+
+
+def test_a_memory_mapped_shard_by_value_pickles_its_rows(data, tmp_path):
+    """For a process on another host, which cannot open the file."""
+    import pickle
+
+    from dnnad.core.index import mapped_shard
+
+    Xb, _ = data
+    np.save(tmp_path / "s.npy", Xb)
+    s = mapped_shard(0, str(tmp_path / "s.npy")).by_value()
+    back = pickle.loads(pickle.dumps(s))
+    assert not isinstance(back.vectors, np.memmap) and back.memory_bytes == Xb.nbytes
+    np.testing.assert_array_equal(back.vectors, Xb)

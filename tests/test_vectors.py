@@ -123,3 +123,38 @@ def test_a_vector_dataset_streams_every_selected_row_once_in_scoring_sized_block
     expected = {f"{f}-{i}" for f, n in enumerate((9_000, 5_000)) for i in range(0, n, 3)}
     assert len(ids) == len(expected) == src.rows and set(ids) == expected
     assert not [line for line in scored.stats().splitlines() if "read_row_groups" in line and "KnnScorer" in line]
+
+
+def test_a_compressed_model_sends_its_rows_to_actors_that_cannot_open_its_files(ray_local, tmp_path):
+    """A loaded sq8 model maps its vectors from disk. Its shards reach the scoring actors as file paths on one
+    host, and with their rows otherwise (another host has no such file): the scores are the same either way."""
+    import ray
+
+    from dnnad.config import ScoreConfig, SourceConfig
+    from dnnad.runtime import one_host
+    from dnnad.stages.read import prepare_source, read_source
+    from dnnad.stages.score import Scorer
+    from dnnad.stages.vectors import vectors
+
+    X, _ = planted(n_normal=600, n_anom=0, d=16, seed=3)
+    Q, _ = planted(n_normal=60, n_anom=10, d=16, seed=4)
+    pq.write_table(vector_table(X, [f"n{i}" for i in range(len(X))]), tmp_path / "normal.parquet")
+    pq.write_table(vector_table(Q, list(range(len(Q)))), tmp_path / "query.parquet")
+    assert main(["score", "--normal", str(tmp_path / "normal.parquet"), "--query", str(tmp_path / "query.parquet"),
+                 "--embedding-column", "vec", "--index", "sq8", "--shards", "2", "--out", str(tmp_path / "fit"),
+                 "--quiet"]) == 0
+    model = load_model(str(tmp_path / "fit" / "model"))
+    assert one_host() and all(isinstance(s.vectors, np.memmap) for s in model.shards)
+    src = prepare_source(SourceConfig(str(tmp_path / "query.parquet"), embedding_column="vec"), "query")
+
+    def scores(files_shared: bool) -> tuple[dict, list]:
+        scorer = Scorer.of(model, ScoreConfig(), files_shared=files_shared)
+        t = scorer.map(vectors(read_source(src), src.dim)).to_pandas()
+        return dict(zip(t["id"], t["score"])), [ray.get(ref).vectors for ref in scorer.shards]
+
+    by_path, mapped = scores(True)
+    by_rows, held = scores(False)
+    assert all(isinstance(v, np.memmap) for v in mapped) and not any(isinstance(v, np.memmap) for v in held)
+    assert len(by_rows) == len(Q) and by_rows == by_path
+    written = pq.read_table(tmp_path / "fit" / "scores").to_pandas()
+    assert by_path == dict(zip(written["id"], written["score"]))

@@ -39,6 +39,13 @@ class Shard:
         codes = 0 if self.faiss_bytes is None else int(self.faiss_bytes.nbytes)
         return codes + (0 if isinstance(self.vectors, np.memmap) and codes else int(self.vectors.nbytes))
 
+    def by_value(self) -> Shard:
+        """This shard as one that travels with its rows: for processes that cannot open its memory-mapped file
+        (another host). The rows are read from the file only while being serialized."""
+        if not isinstance(self.vectors, np.memmap):
+            return self
+        return Shard(self.offset, self.vectors.view(np.ndarray), self.faiss_bytes)
+
     def __reduce__(self):
         """A shard memory-mapped from a whole .npy file travels (to Ray actors) as its path, not its rows."""
         path = getattr(self.vectors, "filename", None)

@@ -20,7 +20,7 @@ from ..config import ScoreConfig
 from ..core.dn2 import knn_score, score_against, self_exclusions
 from ..core.index import ShardedIndex, merge_neighbours, shard_groups
 from ..core.threshold import normal_percentile
-from ..runtime import SCORE_ACTOR_CPUS, SCORE_ACTOR_GPUS, cluster_resources, resolved, score_pool
+from ..runtime import SCORE_ACTOR_CPUS, SCORE_ACTOR_GPUS, cluster_resources, one_host, resolved, score_pool
 from .read import PASSTHROUGH
 
 SCORE_COLUMNS = pa.schema([
@@ -169,14 +169,21 @@ class Scorer:
     shard_bytes: list | None = None  # memory a scoring actor holds per shard (Ray's memory request per group)
 
     @classmethod
-    def of(cls, model, cfg: ScoreConfig) -> Scorer:
-        """A handle on a fitted or loaded ``core.model.FittedModel``."""
+    def of(cls, model, cfg: ScoreConfig, files_shared: bool | None = None, shard_refs: list | None = None) -> Scorer:
+        """A handle on a fitted or loaded ``core.model.FittedModel``. Memory-mapped shards travel as their file
+        paths where every actor can open them (``files_shared``; default: every node on the driver's host),
+        else with their rows, through the object store. ``shard_refs``: the object-store copies of
+        ``model.shards`` the fit made (``Fit.handle``), used as they are rather than put again."""
         import ray
 
-        return cls([ray.put(s) for s in model.shards], ray.put(model.ids), model.k, model.threshold, cfg,
+        if files_shared is None:
+            files_shared = one_host()
+        shards = model.shards if files_shared else [s.by_value() for s in model.shards]
+        refs = list(shard_refs) if shard_refs is not None else [ray.put(s) for s in shards]
+        return cls(refs, ray.put(model.ids), model.k, model.threshold, cfg,
                    ray.put(model.calibration_scores),
                    None if model.transform.is_identity else ray.put(model.transform), not model.meta.approximate,
-                   [len(s.vectors) for s in model.shards], [s.memory_bytes for s in model.shards])
+                   [len(s.vectors) for s in shards], [s.memory_bytes for s in shards])
 
     def map(self, ds, exclude: str | None = None, groups_ref=None, positions: bool = False):
         """``ds`` scored (lazily): one output row per input row."""
