@@ -55,11 +55,16 @@ def listdir(fs: pafs.FileSystem, path: str) -> list[str]:
 
 
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    write_with(fs, path, lambda f: f.write(data))
+
+
+def write_with(fs: pafs.FileSystem, path: str, write) -> None:
+    """Create ``path`` and let ``write(file)`` stream its content (no whole copy of it in memory)."""
     parent = posixpath.dirname(path)
     if parent:
         fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as f:
-        f.write(data)
+        write(f)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
@@ -78,14 +83,6 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def save_npy(fs: pafs.FileSystem, path: str, array) -> None:
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    write_bytes(fs, path, buf.getvalue())
 
 
 def load_npy(fs: pafs.FileSystem, path: str):

@@ -6,12 +6,12 @@ is validated when loaded, and a directory that is not a dnnad model is never del
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -122,31 +122,30 @@ def check_model_target(uri: str, replace: bool) -> None:
         raise ModelError(f"{uri} already holds a dnnad model; pass --overwrite to replace it")
 
 
-def _model_files(model: FittedModel) -> dict[str, bytes]:
-    """Every file of the saved model, ``model.json`` (the marker) last."""
+def _model_files(model: FittedModel) -> dict[str, Callable]:
+    """Every file of the saved model as a function that writes it to an open file, ``model.json`` (the marker)
+    last. Arrays stream out as they are: saving never holds a second copy of the reference vectors."""
+    def npy(array):
+        return lambda f: np.save(f, array, allow_pickle=False)
+
+    def raw(data):
+        return lambda f: f.write(data)
+
     files, shard_meta = {}, []
     for i, s in enumerate(model.shards):
-        buf = io.BytesIO()
-        np.save(buf, s.vectors, allow_pickle=False)
-        files[f"shard-{i:03d}.npy"] = buf.getvalue()
+        files[f"shard-{i:03d}.npy"] = npy(s.vectors)
         if s.faiss_bytes is not None:
-            files[f"shard-{i:03d}.faiss"] = s.faiss_bytes.tobytes()
+            files[f"shard-{i:03d}.faiss"] = raw(s.faiss_bytes.data)
         shard_meta.append({"offset": s.offset, "rows": len(s.vectors), "faiss": s.faiss_bytes is not None})
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"id": pa.array(model.ids.tolist(), pa.string())}), buf)
-    files["normal.parquet"] = buf.getvalue()
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(model.calibration_scores, np.float64), allow_pickle=False)
-    files["calibration.npy"] = buf.getvalue()
+    files["normal.parquet"] = lambda f: pq.write_table(pa.table({"id": pa.array(model.ids.tolist(), pa.string())}), f)
+    files["calibration.npy"] = npy(np.asarray(model.calibration_scores, np.float64))
     for name, array in transform_files(model.transform).items():
-        buf = io.BytesIO()
-        np.save(buf, array, allow_pickle=False)
-        files[name] = buf.getvalue()
+        files[name] = npy(array)
     m = model.meta
     version = 4 if (m.pca or m.approximate) else 3 if m.uses_feature_options else 2
     doc = {"format": FORMAT, "version": version, "k": model.k, "threshold": model.threshold,
            "shards": shard_meta, "meta": asdict(model.meta)}
-    files[MODEL_FILE] = json.dumps(doc, indent=2, default=str).encode()
+    files[MODEL_FILE] = raw(json.dumps(doc, indent=2, default=str).encode())
     return files
 
 
@@ -159,16 +158,16 @@ def save_model(model: FittedModel, uri: str, replace: bool = False) -> None:
     if not storage.is_local(fs):
         if storage.exists(fs, path):
             storage.delete(fs, path)  # a dnnad model, checked above
-        for name, data in files.items():
-            storage.write_bytes(fs, storage.join(path, name), data)
+        for name, write in files.items():
+            storage.write_with(fs, storage.join(path, name), write)
         return
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".model-", dir=parent)
     try:
-        for name, data in files.items():
+        for name, write in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
+                write(f)
         old = None
         if os.path.isdir(path):  # empty, or a dnnad model with replace: checked above
             old = tempfile.mkdtemp(prefix=".model-old-", dir=parent)

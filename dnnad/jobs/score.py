@@ -61,7 +61,7 @@ class ScoreJob(Job):
 
         cfg, t = self.cfg, run.timings
         grouped = bool(cfg.query.group_by)
-        model, normal_rows = self.model, None
+        model, normal_rows, shard_refs = self.model, None, None
         staged = run.staging.uri("model") if not cfg.model_dir else None
         if model is None and staged and run.staging.resumed and is_model_dir(staged):
             model = load_model(staged)  # fitted and saved by the killed run we resume
@@ -72,9 +72,10 @@ class ScoreJob(Job):
                 raise ConfigError(f"the normal set has {len(normal.X)} readable images; DN2 needs at least 2")
             normal_rows = {"ok": len(normal.X), "error": normal.errors.num_rows}
             with t.stage("fit index + threshold"):
-                model, _ = fit_model(pool_groups(normal) if grouped else normal, cfg, self.weights)
+                model, fit = fit_model(pool_groups(normal) if grouped else normal, cfg, self.weights)
                 save_model(model, cfg.model_dir or run.staging.uri("model"))
-        scorer = Scorer.of(model, cfg.score)
+                shard_refs = fit.handle  # the fitted shards, already in the object store
+        scorer = Scorer.of(model, cfg.score, shard_refs=shard_refs)
         with t.stage("embed + score query"):
             if grouped:  # a group may span partitions: one pass
                 query = embed_rows(self.query_src, cfg, run.weights_ref, score_actors=cfg.score.actors)

@@ -23,22 +23,50 @@ class Embedded:
 
 
 def collect(emb_ds) -> Embedded:
-    """Materialise an embedded dataset on the driver: ok rows sorted by (id, vector), error rows apart."""
+    """Materialise an embedded dataset on the driver: ok rows sorted by (id, vector), error rows apart.
+    The driver holds at most two copies of the vectors (the batches as they arrive, then the sorted rows)."""
     ids, embs, status, errors, extra = [], [], [], [], {}
     for b in emb_ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        ids.append(b["id"]), embs.append(b["embedding"]), status.append(b["status"]), errors.append(b["error"])
+        ok = b["status"] == "ok"
+        ids.append(b["id"]), embs.append(b["embedding"][ok]), status.append(b["status"]), errors.append(b["error"])
         for c in (*PASSTHROUGH, "hash"):
             if c in b:
-                extra.setdefault(c, []).append(b[c])
-    ids, X = np.concatenate(ids).astype(object), np.concatenate(embs).astype(np.float32)
-    status, errors = np.concatenate(status), np.concatenate(errors)
-    extra = {c: np.concatenate(v) for c, v in extra.items()}
+                extra.setdefault(c, []).append(b[c][ok])
+    ids, status, errors = np.concatenate(ids).astype(object), np.concatenate(status), np.concatenate(errors)
     ok = status == "ok"
-    order = sorted(np.flatnonzero(ok), key=lambda i: (ids[i], X[i].tobytes()))
     bad = np.flatnonzero(~ok)
-    return Embedded(ids[order], np.ascontiguousarray(X[order]), {c: v[order] for c, v in extra.items()},
-                    pa.table({"id": pa.array(ids[bad].tolist(), pa.string()),
-                              "error": pa.array(errors[bad].tolist(), pa.string())}))
+    error_rows = pa.table({"id": pa.array(ids[bad].tolist(), pa.string()),
+                           "error": pa.array(errors[bad].tolist(), pa.string())})
+    ids, extra = ids[ok], {c: np.concatenate(v) for c, v in extra.items()}
+    order = sort_order(ids, embs)
+    X = take_rows(embs, order)
+    return Embedded(ids[order], X, {c: v[order] for c, v in extra.items()}, error_rows)
+
+
+def sort_order(ids: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
+    """Positions that sort the stacked rows by id, then (equal ids only) by vector bytes: the same order on
+    every run, whatever order the rows arrived in."""
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    if len(s) > 1 and bool((s[1:] == s[:-1]).any()):  # only when the unique-id check is off
+        X = np.concatenate(blocks)
+        order = np.array(sorted(order, key=lambda i: (ids[i], X[i].tobytes())), dtype=np.int64)
+    return order
+
+
+def take_rows(blocks: list[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Rows ``order`` of the blocks stacked, as one C-contiguous float32 (n, d) array, without stacking them
+    first. ``blocks`` is emptied as it is read, so each block is freed once its rows are placed."""
+    d = blocks[0].shape[1] if blocks else 0
+    X = np.empty((len(order), d), np.float32)
+    where = np.empty(len(order), np.int64)
+    where[order] = np.arange(len(order))  # the sorted position of each stacked row
+    start = 0
+    while blocks:
+        b = blocks.pop(0)
+        X[where[start:start + len(b)]] = b
+        start += len(b)
+    return X
 
 
 def as_dataset(ids: np.ndarray, X: np.ndarray, blocks: int, extra: dict | None = None):

@@ -1,0 +1,51 @@
+"""Embeddings brought to the driver for the fit and the ranking: every readable row once, in a fixed order."""
+import numpy as np
+import pyarrow as pa
+
+
+def embedded_blocks(rows: list[tuple]) -> list[pa.Table]:
+    """(id, vector, error, label) rows as embed-stage output tables, two rows a block."""
+    from ray.data.extensions import ArrowTensorArray
+
+    tables = []
+    for i in range(0, len(rows), 2):
+        part = rows[i:i + 2]
+        tables.append(pa.table({
+            "id": pa.array([r[0] for r in part], pa.string()),
+            "embedding": ArrowTensorArray.from_numpy(np.array([r[1] for r in part], np.float32)),
+            "status": pa.array(["error" if r[2] else "ok" for r in part], pa.string()),
+            "error": pa.array([r[2] for r in part], pa.string()),
+            "label": pa.array([r[3] for r in part], pa.string()),
+        }))
+    return tables
+
+
+def test_collect_sorts_readable_rows_by_id_and_keeps_errors_apart(ray_local):
+    import ray.data
+
+    from dnnad.stages.collect import collect
+
+    rows = [("c", [3.0, 0.0], None, "cat"), ("bad", [0.0, 0.0], "cannot identify image file", None),
+            ("a", [1.0, 0.0], None, "ant"), ("b", [2.0, 0.0], None, "bee"),
+            ("z", [0.0, 0.0], "empty file", None), ("d", [4.0, 0.0], None, "dog")]
+    emb = collect(ray.data.from_arrow(embedded_blocks(rows)))
+    assert emb.ids.tolist() == ["a", "b", "c", "d"]
+    assert emb.X.dtype == np.float32 and emb.X.flags.c_contiguous
+    np.testing.assert_array_equal(emb.X[:, 0], [1, 2, 3, 4])
+    assert emb.extra["label"].tolist() == ["ant", "bee", "cat", "dog"]
+    assert sorted(emb.errors.to_pylist(), key=lambda r: r["id"]) == [
+        {"id": "bad", "error": "cannot identify image file"}, {"id": "z", "error": "empty file"}]
+
+
+def test_equal_ids_are_ordered_by_their_vectors_whatever_order_they_arrive_in(ray_local):
+    import ray.data
+
+    from dnnad.stages.collect import collect
+
+    rows = [("x", [2.0, 1.0], None, "p"), ("w", [9.0, 9.0], None, "q"), ("x", [1.0, 5.0], None, "r"),
+            ("x", [1.0, 2.0], None, "s")]
+    first = collect(ray.data.from_arrow(embedded_blocks(rows)))
+    again = collect(ray.data.from_arrow(embedded_blocks(rows[::-1])))
+    assert first.ids.tolist() == again.ids.tolist() == ["w", "x", "x", "x"]
+    np.testing.assert_array_equal(first.X, again.X)
+    assert first.extra["label"].tolist() == again.extra["label"].tolist() == ["q", "p", "s", "r"]  # by bytes
