@@ -87,11 +87,14 @@ def cluster_resources() -> tuple[int, int]:
     return max(1, int(res.get("CPU", 1))), int(res.get("GPU", 0))
 
 
-def one_host() -> bool:
-    """Whether every live node of the cluster runs on the driver's host, so a local file the driver opens is
-    there for every actor (a model's memory-mapped shards travel as their paths only then)."""
+def files_reach_every_actor() -> bool:
+    """Whether a local file the driver opens is there for every actor, so a model's memory-mapped shards may
+    travel as their paths: Ray runs on this machine alone, started here rather than joined through
+    ``RAY_ADDRESS`` (a cluster may add hosts after this check, as autoscalers do)."""
     import ray
 
+    if os.environ.get("RAY_ADDRESS"):
+        return False
     here = ray.util.get_node_ip_address()
     return all(n["NodeManagerAddress"] == here for n in ray.nodes() if n.get("Alive"))
 

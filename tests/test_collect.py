@@ -49,3 +49,26 @@ def test_equal_ids_are_ordered_by_their_vectors_whatever_order_they_arrive_in(ra
     assert first.ids.tolist() == again.ids.tolist() == ["w", "x", "x", "x"]
     np.testing.assert_array_equal(first.X, again.X)
     assert first.extra["label"].tolist() == again.extra["label"].tolist() == ["q", "p", "s", "r"]  # by bytes
+
+
+def test_rows_from_uneven_batches_land_in_sorted_order_in_one_array():
+    """Batches of 3, 0 (every row unreadable) and 2 readable rows: each row lands at its sorted position."""
+    from dnnad.stages.collect import sort_order, take_rows
+
+    ids = np.array(["e", "a", "d", "c", "b"], dtype=object)
+    blocks = [np.array([[5, 0], [1, 0], [4, 0]], np.float32), np.zeros((0, 2), np.float32),
+              np.array([[3, 0], [2, 0]], np.float64)]
+    order = sort_order(ids, blocks)
+    X = take_rows(blocks, order)
+    assert ids[order].tolist() == ["a", "b", "c", "d", "e"] and blocks == []
+    assert X.dtype == np.float32 and X.flags.c_contiguous
+    np.testing.assert_array_equal(X[:, 0], [1, 2, 3, 4, 5])
+    assert take_rows([np.zeros((0, 4), np.float32)], np.zeros(0, np.int64)).shape == (0, 4)
+
+
+def test_ray_address_means_a_cluster_whose_hosts_may_not_share_files(ray_local, monkeypatch):
+    from dnnad.runtime import files_reach_every_actor
+
+    assert files_reach_every_actor()  # Ray started here, on this machine alone
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # how `ray job submit` runs a driver
+    assert not files_reach_every_actor()

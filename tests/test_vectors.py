@@ -126,12 +126,13 @@ def test_a_vector_dataset_streams_every_selected_row_once_in_scoring_sized_block
 
 
 def test_a_compressed_model_sends_its_rows_to_actors_that_cannot_open_its_files(ray_local, tmp_path):
-    """A loaded sq8 model maps its vectors from disk. Its shards reach the scoring actors as file paths on one
-    host, and with their rows otherwise (another host has no such file): the scores are the same either way."""
+    """A loaded sq8 model maps its vectors from disk. Its shards reach the scoring actors as file paths where Ray
+    runs on this machine alone, and with their rows otherwise (another host has no such file): the scores are
+    the same either way."""
     import ray
 
     from dnnad.config import ScoreConfig, SourceConfig
-    from dnnad.runtime import one_host
+    from dnnad.runtime import files_reach_every_actor
     from dnnad.stages.read import prepare_source, read_source
     from dnnad.stages.score import Scorer
     from dnnad.stages.vectors import vectors
@@ -144,7 +145,7 @@ def test_a_compressed_model_sends_its_rows_to_actors_that_cannot_open_its_files(
                  "--embedding-column", "vec", "--index", "sq8", "--shards", "2", "--out", str(tmp_path / "fit"),
                  "--quiet"]) == 0
     model = load_model(str(tmp_path / "fit" / "model"))
-    assert one_host() and all(isinstance(s.vectors, np.memmap) for s in model.shards)
+    assert files_reach_every_actor() and all(isinstance(s.vectors, np.memmap) for s in model.shards)
     src = prepare_source(SourceConfig(str(tmp_path / "query.parquet"), embedding_column="vec"), "query")
 
     def scores(files_shared: bool) -> tuple[dict, list]:

@@ -25,22 +25,19 @@ class Embedded:
 def collect(emb_ds) -> Embedded:
     """Materialise an embedded dataset on the driver: ok rows sorted by (id, vector), error rows apart.
     The driver holds at most two copies of the vectors (the batches as they arrive, then the sorted rows)."""
-    ids, embs, status, errors, extra = [], [], [], [], {}
+    ids, embs, bad_ids, errors, extra = [], [], [], [], {}
     for b in emb_ds.iter_batches(batch_size=4096, batch_format="numpy"):
         ok = b["status"] == "ok"
-        ids.append(b["id"]), embs.append(b["embedding"][ok]), status.append(b["status"]), errors.append(b["error"])
+        ids.append(b["id"][ok]), embs.append(b["embedding"][ok])
+        bad_ids.append(b["id"][~ok]), errors.append(b["error"][~ok])
         for c in (*PASSTHROUGH, "hash"):
             if c in b:
                 extra.setdefault(c, []).append(b[c][ok])
-    ids, status, errors = np.concatenate(ids).astype(object), np.concatenate(status), np.concatenate(errors)
-    ok = status == "ok"
-    bad = np.flatnonzero(~ok)
-    error_rows = pa.table({"id": pa.array(ids[bad].tolist(), pa.string()),
-                           "error": pa.array(errors[bad].tolist(), pa.string())})
-    ids, extra = ids[ok], {c: np.concatenate(v) for c, v in extra.items()}
+    ids, extra = np.concatenate(ids).astype(object), {c: np.concatenate(v) for c, v in extra.items()}
+    error_rows = pa.table({"id": pa.array(np.concatenate(bad_ids).tolist(), pa.string()),
+                           "error": pa.array(np.concatenate(errors).tolist(), pa.string())})
     order = sort_order(ids, embs)
-    X = take_rows(embs, order)
-    return Embedded(ids[order], X, {c: v[order] for c, v in extra.items()}, error_rows)
+    return Embedded(ids[order], take_rows(embs, order), {c: v[order] for c, v in extra.items()}, error_rows)
 
 
 def sort_order(ids: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:

@@ -20,7 +20,14 @@ from ..config import ScoreConfig
 from ..core.dn2 import knn_score, score_against, self_exclusions
 from ..core.index import ShardedIndex, merge_neighbours, shard_groups
 from ..core.threshold import normal_percentile
-from ..runtime import SCORE_ACTOR_CPUS, SCORE_ACTOR_GPUS, cluster_resources, one_host, resolved, score_pool
+from ..runtime import (
+    SCORE_ACTOR_CPUS,
+    SCORE_ACTOR_GPUS,
+    cluster_resources,
+    files_reach_every_actor,
+    resolved,
+    score_pool,
+)
 from .read import PASSTHROUGH
 
 SCORE_COLUMNS = pa.schema([
@@ -171,16 +178,18 @@ class Scorer:
     @classmethod
     def of(cls, model, cfg: ScoreConfig, files_shared: bool | None = None, shard_refs: list | None = None) -> Scorer:
         """A handle on a fitted or loaded ``core.model.FittedModel``. Memory-mapped shards travel as their file
-        paths where every actor can open them (``files_shared``; default: every node on the driver's host),
-        else with their rows, through the object store. ``shard_refs``: the object-store copies of
-        ``model.shards`` the fit made (``Fit.handle``), used as they are rather than put again."""
+        paths where every actor can open them (``files_shared``; default: ``files_reach_every_actor()``),
+        else with their rows, through the object store. ``shard_refs``: object-store refs of exactly
+        ``model.shards`` (the fit's ``Fit.handle``), used as they are rather than put again."""
         import ray
 
-        if files_shared is None:
-            files_shared = one_host()
-        shards = model.shards if files_shared else [s.by_value() for s in model.shards]
-        refs = list(shard_refs) if shard_refs is not None else [ray.put(s) for s in shards]
-        return cls(refs, ray.put(model.ids), model.k, model.threshold, cfg,
+        shards = model.shards
+        if shard_refs is None:
+            if files_shared is None:
+                files_shared = files_reach_every_actor()
+            shards = shards if files_shared else [s.by_value() for s in shards]
+            shard_refs = [ray.put(s) for s in shards]
+        return cls(list(shard_refs), ray.put(model.ids), model.k, model.threshold, cfg,
                    ray.put(model.calibration_scores),
                    None if model.transform.is_identity else ray.put(model.transform), not model.meta.approximate,
                    [len(s.vectors) for s in shards], [s.memory_bytes for s in shards])
