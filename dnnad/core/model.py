@@ -154,20 +154,21 @@ def save_model(model: FittedModel, uri: str, replace: bool = False) -> None:
     object store file by file with ``model.json`` last, so a partial model is never taken for one."""
     check_model_target(uri, replace)
     fs, path = storage.resolve(uri)
-    files = _model_files(model)
+
+    def write_files(directory: str) -> None:
+        for name, write in _model_files(model).items():
+            storage.write_with(fs, storage.join(directory, name), write)
+
     if not storage.is_local(fs):
         if storage.exists(fs, path):
             storage.delete(fs, path)  # a dnnad model, checked above
-        for name, write in files.items():
-            storage.write_with(fs, storage.join(path, name), write)
+        write_files(path)
         return
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".model-", dir=parent)
     try:
-        for name, write in files.items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                write(f)
+        write_files(tmp)
         old = None
         if os.path.isdir(path):  # empty, or a dnnad model with replace: checked above
             old = tempfile.mkdtemp(prefix=".model-old-", dir=parent)
