@@ -19,6 +19,16 @@ sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("DNNAD_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DATASETS = {"cifar10": SHARED / "cifar10-jpeg.parquet", "fashion-mnist": SHARED / "fashion-mnist.parquet"}
 CACHE = ROOT / "benchmarks" / ".cache"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def write_results(stem: str, lines: list[str]) -> Path:
+    """Print a benchmark's Markdown lines and write them to ``benchmarks/results/<stem>.md``; returns that folder."""
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.md").write_text(text + "\n")
+    return RESULTS
 
 
 def machine() -> str:

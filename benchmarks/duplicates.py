@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from common import CACHE, DATASETS, ROOT, git_rev, machine
+from common import CACHE, DATASETS, git_rev, machine, write_results
 from PIL import Image
 
 from dnnad.core.dn2 import FitParams, fit_reference
@@ -187,11 +187,7 @@ def main() -> None:
         lines.append(f"| {r['threshold']:.2f} | {r['recall']:.3f} | {r['precision']:.3f} | "
                      f"{r['distinct_merged']:.3f} | " + " | ".join(f"{r[k]:.3f}" for k in KINDS) + " |")
     lines += ["", "L2-normalised embedding distances:", "", *distances(X, source, kinds, n_distinct)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(text)
+    write_results(stem, lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, git_rev, machine
+from common import ROOT, git_rev, machine, write_results
 from scale import write_vectors
 
 BASELINE = """
@@ -89,10 +89,7 @@ def main() -> None:
              f"{base_s:.1f} s |",
              f"| dnnad driver (fit + score 100 rows, Ray in-process) | {rss:,.0f} MiB | {shm:,.0f} MiB | {s:.1f} s |",
              "", f"dnnad / plain peak private RSS: {rss / base_rss:.2f}x"]
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"fit-memory-{a.normal}x{a.dim}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(f"fit-memory-{a.normal}x{a.dim}", lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 import warnings
 
 import numpy as np
-from common import ROOT, cached_embeddings, cached_taps, git_rev, machine, raw_pixels, subsample
+from common import cached_embeddings, cached_taps, git_rev, machine, raw_pixels, subsample, write_results
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
@@ -165,13 +165,10 @@ def main() -> None:
     if "variants" in protocols:
         lines += variants(a, ids, train, test, labels, rng, csv_rows)
 
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
     stem = f"oneclass-{a.dataset}-{a.backbone}-{a.train_per_class}x{a.test_n}" + ("-variants" if not plain else "")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    out = write_results(stem, lines)
     with open(out / f"{stem}.csv", "w", newline="") as f:
         csv.writer(f).writerows([["protocol", "param", "k", "dn2", "baseline_or_cleaned", "sklearn"], *csv_rows])
-    print("\n".join(lines))
     print(f"wrote {out / stem}.md and .csv")
 
 

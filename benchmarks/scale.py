@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import ROOT, git_rev, machine
+from common import ROOT, git_rev, machine, write_results
 
 
 def vectors(n: int, dim: int, seed: int, prefix: str) -> pa.Table:
@@ -183,10 +183,7 @@ def main() -> None:
         lines += ["", f"{s3_row['rows']:,} rows to a local S3 server (moto) vs local disk: {s3_row['s3_s']:.1f} s vs "
                   f"{s3_row['local_s']:.1f} s ({s3_row['s3_vs_local']:.2f}x), driver peak RSS "
                   f"{s3_row['driver_peak_rss_mib']:.0f} MiB"]
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"scale-{a.normal}-{max(a.sizes)}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(f"scale-{a.normal}-{max(a.sizes)}", lines)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import DATASETS, ROOT, git_rev, machine
+from common import DATASETS, git_rev, machine, write_results
 
 
 def timed(fn):
@@ -244,10 +244,7 @@ def main() -> None:
         print("\n".join(lines[-6:]), flush=True)
     if "scale" in parts:
         lines += scale_bench(a.scale_n, 512, a.scale_queries, 2, a.scale_kinds.split(","))
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
-    (out / f"throughput-{a.parts.replace(',', '-')}-{a.scale_n}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(f"throughput-{a.parts.replace(',', '-')}-{a.scale_n}", lines)
 
 
 if __name__ == "__main__":
