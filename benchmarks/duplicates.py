@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 from common import CACHE, DATASETS, git_rev, machine, write_results
 from PIL import Image
 
+from dnnad.core.arrays import l2_normalize
 from dnnad.core.dn2 import FitParams, fit_reference
-from dnnad.core.duplicates import EXTRA_NEIGHBOURS, find_duplicates, l2_normalise
+from dnnad.core.duplicates import EXTRA_NEIGHBOURS, find_duplicates
 
 CLASSES = {"cifar10": (3, 5), "fashion-mnist": (0, 6)}  # cat/dog; t-shirt/shirt: the closest look-alikes
 KINDS = ("exact", "jpeg", "resize", "crop", "flip", "combined")
@@ -134,7 +135,7 @@ def evaluate(X: np.ndarray, hashes: np.ndarray, source: np.ndarray, kinds: list,
 
 
 def distances(X: np.ndarray, source: np.ndarray, kinds: list, n_distinct: int) -> list[str]:
-    Xn = l2_normalise(X)
+    Xn = l2_normalize(X, np.float64)
     copies = np.arange(n_distinct, len(X))
     d_copy = np.linalg.norm(Xn[copies] - Xn[source[copies]], axis=1)
     kind_of = np.array([k[0] for k in kinds[n_distinct:]])

@@ -167,7 +167,8 @@ def scale_bench(n: int, d: int, nq: int, k: int, kinds: list[str]) -> list[str]:
     memory a scoring actor holds (compressed kinds: codes only; their vectors are memory-mapped)."""
     import psutil
 
-    from dnnad.core.index import COMPRESSED_KINDS, ShardedIndex, build_shard, mapped_shard, shard_bounds
+    from dnnad.core.index import ShardedIndex, build_shard, mapped_shard, shard_bounds
+    from dnnad.core.settings import COMPRESSED_KINDS
 
     rng = np.random.default_rng(1)
     centers = rng.normal(size=(1000, d)).astype(np.float32) * 3

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from .config import (
+    AUDIT_MAX_ERROR_FRACTION,
     DEFAULT_MAX_FILE_BYTES,
     DUPLICATE_THRESHOLD,
     INDEX_KINDS,
@@ -23,6 +26,7 @@ from .config import (
     ScoreConfig,
     SourceConfig,
 )
+from .storage import redact, scrub, secrets
 from .vision.specs import DEFAULT_BACKBONE, backbone_names
 
 
@@ -95,6 +99,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "no backbone runs")
     p.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
                    help="larger image files become error rows without being read")
+    p.add_argument("--max-error-fraction", type=float, default=None, metavar="F",
+                   help="exit with status 3 (outputs still written) when more than this fraction of the input rows "
+                        f"are error rows (default: {AUDIT_MAX_ERROR_FRACTION} for audits, no limit otherwise)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dnnad run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines (cron)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own logs and per-operator progress")
@@ -166,6 +173,8 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
                         getattr(a, "duplicates", True), getattr(a, "duplicate_threshold", DUPLICATE_THRESHOLD),
                         getattr(a, "drop_duplicates", False)),
         audit=AuditConfig(getattr(a, "date", None), getattr(a, "cache", None), getattr(a, "top", 20)),
+        max_error_fraction=(a.max_error_fraction if a.max_error_fraction is not None
+                            else AUDIT_MAX_ERROR_FRACTION if a.command == "audit" else None),
         overwrite=a.overwrite, quiet=a.quiet, verbose=a.verbose, explicit=explicit,
     )
 
@@ -176,17 +185,48 @@ def explicit_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> tup
     return tuple(sorted(k for k, v in vars(a).items() if k != "command" and v != sub.get_default(k)))
 
 
+def failure(e: BaseException) -> str:
+    """One line for an I/O error, however deep Ray wrapped it (task errors carry their cause)."""
+    while getattr(e, "cause", None) is not None and e.cause is not e:
+        e = e.cause
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "") + f" (errno {e.errno})"
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler's kill) raised in the driver, so the job unwinds as on Ctrl-C."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
+    argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
+    secret = sorted({v for arg in argv for v in secrets(arg)}, key=len, reverse=True)
+    if secret:  # Ray records the driver's command line: keep credentials out of it
+        sys.argv[:] = [redact(arg) for arg in sys.argv]
     explicit = explicit_settings(ap, a)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
     try:
         cfg = config_from_args(a, explicit).validate()
         from .jobs import JOBS
 
         record = JOBS[cfg.kind](cfg).run()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Ray's work ends with this process (ray.shutdown at exit)
+        signum = e.args[0] if isinstance(e, Stopped) else signal.SIGINT
+        print(f"dnnad: stopped by {signal.Signals(signum).name}; nothing was committed, and the same command "
+              f"resumes from the partitions already written", file=sys.stderr)
+        return 128 + signum
     except ConfigError as e:
-        print(f"dnnad: error: {e}", file=sys.stderr)
+        print(f"dnnad: error: {scrub(str(e), secret)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a quota, a read-only or refused output: nothing was committed
+        print(f"dnnad: error: {scrub(failure(e), secret)}; nothing was committed", file=sys.stderr)
         return 2
     summary = {k: record[k] for k in ("kind", "rows", "k", "threshold", "duplicates", "outputs", "timings_s")
                if k in record}
@@ -195,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     if "warning" in record:
         summary["warning"] = record["warning"]
     if not a.quiet:
-        print(json.dumps(summary, indent=2, default=str))
+        print(scrub(json.dumps(summary, indent=2, default=str), secret))
+    errors = record.get("errors", {})
+    if errors.get("over_limit"):
+        print(f"dnnad: error: {errors['rows']} of {errors['of']} input rows ({errors['fraction']:.1%}) are error rows, "
+              f"more than --max-error-fraction {errors['limit']}; the outputs are written", file=sys.stderr)
+        return 3
     return 0
 
 

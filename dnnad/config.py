@@ -10,13 +10,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from .core.settings import COMPRESSED_KINDS, INDEX_KINDS, NORMALIZE_KINDS
 from .vision.specs import DEFAULT_BACKBONE, BackboneSpec, get_spec
 
-INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq", "sq8")
-NORMALIZE_KINDS = ("l2",)
 JOB_KINDS = ("score", "rank", "audit")
 MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+AUDIT_MAX_ERROR_FRACTION = 0.5  # a nightly audit with most rows unreadable (a lost mount) fails loudly for cron
 DUPLICATE_THRESHOLD = 0.3  # L2-normalised embedding distance; measured in benchmarks/duplicates.py
 
 
@@ -128,39 +128,64 @@ class JobConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     rank: RankConfig = field(default_factory=RankConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    max_error_fraction: float | None = None  # more error rows than this fraction: outputs written, exit non-zero
     overwrite: bool = False
     quiet: bool = False
     verbose: bool = False
     explicit: tuple[str, ...] = ()  # settings the user gave (not defaults): a saved model may not contradict them
 
+    def locations(self) -> dict[str, str]:
+        """Every location the run names (paths or URIs), by flag."""
+        named = (("--out", self.out), ("--model", self.model_dir), ("--cache", self.audit.cache),
+                 ("--data" if self.kind == "rank" else "--normal", self.normal.uri if self.normal else None),
+                 ("--query", self.query.uri if self.query else None))
+        return {flag: uri for flag, uri in named if uri}
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The configuration as it is recorded: locations with their credentials removed."""
+        from .storage import redact
+
+        doc = asdict(self)
+        doc["out"], doc["model_dir"], doc["audit"]["cache"] = redact(self.out), redact(self.model_dir), \
+            redact(self.audit.cache)
+        for role in ("normal", "query"):
+            if doc[role] is not None:
+                doc[role]["uri"] = redact(doc[role]["uri"])
+        return doc
 
     def fingerprint(self) -> str:
         """Identity of what a run computes (not how it reports or whether it may overwrite): a killed run
         with the same fingerprint is resumed."""
-        doc = {k: v for k, v in self.to_dict().items() if k not in ("overwrite", "quiet", "verbose", "explicit")}
+        doc = {k: v for k, v in self.to_dict().items() if k not in ("overwrite", "quiet", "verbose", "explicit",
+                                                                    "max_error_fraction")}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
     def run_date(self) -> str:
         return self.audit.date or dt.date.today().isoformat()
 
-    def _loads_model(self) -> bool:
-        """``--model`` names a saved model (which decides the index settings)."""
-        if not self.model_dir:
-            return False
-        from .core.model import is_model_dir
+    @property
+    def _sample_flag(self) -> str:
+        """The flag sampling the fitted set: the rank job calls its one set --data."""
+        return "--sample" if self.kind == "rank" else "--normal-sample"
 
-        try:
-            return is_model_dir(self.model_dir)
-        except (OSError, ValueError):  # an unusable --model is reported by the job's own checks
-            return False
+    def check_fit_settings(self) -> None:
+        """Checks of the settings a fit decides, for a job that fits (a saved model decides them otherwise)."""
+        if self.index.approximate and self.index.kind not in COMPRESSED_KINDS:
+            raise ConfigError(f"--approximate scores a compressed index from its codes: it needs --index "
+                              f"{' or '.join(COMPRESSED_KINDS)}, not {self.index.kind}")
 
     def validate(self) -> JobConfig:
         """Raise ConfigError on anything that would fail later; returns self. Reads no data."""
         if self.kind not in JOB_KINDS:
             raise ConfigError(f"unknown job kind {self.kind!r}")
+        from .storage import StorageError, resolve
+
+        for flag, uri in self.locations().items():
+            try:
+                resolve(uri)
+            except StorageError as e:
+                raise ConfigError(f"{flag}: {e}") from None
         try:
             self.embed.spec()
         except ValueError as e:
@@ -177,6 +202,8 @@ class JobConfig:
         _in_range("--actors", self.embed.actors, 1, 100_000)
         if self.embed.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.embed.device!r}")
+        if self.max_error_fraction is not None and not 0.0 <= self.max_error_fraction <= 1.0:
+            raise ConfigError(f"--max-error-fraction must be in [0, 1], got {self.max_error_fraction}")
         _in_range("--k", self.score.k, 1, 10_000)
         if not 0.0 < self.score.quantile <= 1.0:
             raise ConfigError(f"--quantile must be in (0, 1], got {self.score.quantile}")
@@ -191,13 +218,10 @@ class JobConfig:
         _in_range("--shards", self.index.shards, 1, 100_000)
         _in_range("--reduce kmeans:N", self.index.reduce, 2, 1 << 31)
         _in_range("--pca", self.features.pca, 1, 1 << 20)
-        if self.index.approximate and self.index.kind not in ("ivfpq", "sq8") and not self._loads_model():
-            raise ConfigError(f"--approximate scores a compressed index from its codes: it needs --index ivfpq or "
-                              f"sq8, not {self.index.kind}")
-        for role, src in (("normal", self.normal), ("query", self.query)):
+        for sample_flag, src in ((self._sample_flag, self.normal), ("--query-sample", self.query)):
             if src is None:
                 continue
-            _in_range(f"--{role}-sample", src.sample, 1, 1 << 40)
+            _in_range(sample_flag, src.sample, 1, 1 << 40)
             _in_range("--max-file-bytes", src.max_file_bytes, 1, 1 << 40)
             if src.group_by and src.group_by.startswith("dir:"):
                 level = src.group_by[4:]
@@ -231,7 +255,7 @@ class JobConfig:
                 raise ConfigError("--query is needed")
             if not self.model_dir:
                 raise ConfigError("the audit needs --model DIR holding a saved model "
-                                  "(fit one with jobs/score.py --model DIR)")
+                                  "(fit one with the score job: dnnad score ... --model DIR)")
             try:
                 dt.date.fromisoformat(self.run_date)
             except ValueError:

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 
 
@@ -21,6 +22,8 @@ def start_ray(quiet: bool = False, verbose: bool = False) -> None:
     """
     import ray
 
+    if quiet:  # under cron every line is mail: Ray's own Python warnings stay off the console too
+        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     if not verbose:
         quiet_ray_data_console()
     if not ray.is_initialized():

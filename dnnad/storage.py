@@ -6,19 +6,61 @@ import io
 import json
 import os
 import posixpath
+import re
+import urllib.parse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+SECRET_OPTION = re.compile(r"key|secret|token|password|credential|signature", re.IGNORECASE)
+
+
+class StorageError(ValueError):
+    """A location that cannot be used; the message is one line, credentials removed."""
+
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) of a local path or a pyarrow URI (``s3://bucket/key?endpoint_override=...``)."""
+    """(filesystem, path inside it) of a local path or a pyarrow URI (``s3://bucket/key?endpoint_override=...``).
+
+    A URI with a scheme is an object-store location or a ``StorageError``, never a local path: an option or a
+    scheme pyarrow does not take must not send a run's outputs to the driver's disk."""
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, ValueError):
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    except (pa.ArrowInvalid, ValueError, OSError) as e:
+        raise StorageError(f"{redact(uri)} is not a usable URI: {scrub(str(e).splitlines()[0], secrets(uri))}") from None
+
+
+def secrets(uri: str) -> list[str]:
+    """The credentials a URI carries: its user info (``s3://KEY:SECRET@bucket``) and the values of options
+    named like keys, secrets, tokens or passwords."""
+    if "://" not in uri:
+        return []
+    parts = urllib.parse.urlsplit(uri)
+    found = [v for v in (parts.username, parts.password) if v]
+    found += [v for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=False) if SECRET_OPTION.search(k)]
+    found += [urllib.parse.unquote(v) for v in found] + [urllib.parse.quote(v, safe="") for v in found]
+    return sorted({v for v in found if v}, key=len, reverse=True)
+
+
+def redact(uri: str | None) -> str | None:
+    """``uri`` as it may be recorded or shown: user info and secret option values replaced by ``***``."""
+    if uri is None or "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{netloc}" if "@" in parts.netloc else netloc
+    query = "&".join(f"{kv.partition('=')[0]}=***" if SECRET_OPTION.search(kv.partition("=")[0]) else kv
+                     for kv in parts.query.split("&") if kv)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def scrub(text: str, secret_values: list[str]) -> str:
+    """``text`` with every given secret replaced by ``***`` (error messages may quote a URI or an option)."""
+    for v in secret_values:
+        text = text.replace(v, "***")
+    return text
 
 
 def child_uri(base_uri: str, path: str) -> str:
@@ -61,10 +103,13 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 def write_with(fs: pafs.FileSystem, path: str, write) -> None:
     """Create ``path`` and let ``write(file)`` stream its content (no whole copy of it in memory)."""
     parent = posixpath.dirname(path)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        write(f)
+    try:
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as f:
+            write(f)
+    except OSError as e:  # name the file: a full disk or a refused write is one line saying where
+        raise OSError(e.errno, e.strerror or str(e).splitlines()[0], path) from None
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

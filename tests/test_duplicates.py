@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
+from dnnad.core.arrays import l2_normalize
 from dnnad.core.dn2 import FitParams, fit_reference
-from dnnad.core.duplicates import EXTRA_NEIGHBOURS, candidate_pairs, find_duplicates, l2_normalise
+from dnnad.core.duplicates import EXTRA_NEIGHBOURS, candidate_pairs, find_duplicates
 
 
 def cloud(n: int = 60, d: int = 8, seed: int = 0) -> np.ndarray:
@@ -36,7 +37,7 @@ def test_planted_copies_form_groups_numbered_by_first_member():
     assert g.members.tolist() == [3, 40, 41, 42, 10, 50]
     assert g.redundant.tolist() == [40, 41, 42, 50]
     assert g.distance[3] == 0.0 and g.distance[40] == pytest.approx(0.0, abs=1e-6)
-    Xn = l2_normalise(X)
+    Xn = l2_normalize(X, np.float64)
     assert g.distance[42] == pytest.approx(np.linalg.norm(Xn[42] - Xn[3]))
     assert (g.group[[3, 40, 41, 42]] == 0).all() and (g.group[[10, 50]] == 1).all()
     assert (g.group[np.setdiff1d(np.arange(60), [3, 40, 41, 42, 10, 50])] == -1).all()
@@ -45,7 +46,7 @@ def test_planted_copies_form_groups_numbered_by_first_member():
 def test_threshold_decides_and_is_inclusive():
     X = cloud()
     X[20] = X[7] + 0.05
-    d = float(np.linalg.norm(l2_normalise(X)[20] - l2_normalise(X)[7]))
+    d = float(np.linalg.norm(l2_normalize(X, np.float64)[20] - l2_normalize(X, np.float64)[7]))
     assert find_duplicates(X, neighbours(X), d).n_groups == 1
     assert find_duplicates(X, neighbours(X), d * 0.99).n_groups == 0
 

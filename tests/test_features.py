@@ -13,11 +13,12 @@ from sklearn.neighbors import NearestNeighbors
 from dnnad import DN2, rank_outliers
 from dnnad.cli import config_from_args, explicit_settings, parser
 from dnnad.config import ConfigError
+from dnnad.core.arrays import l2_normalize
 from dnnad.core.dn2 import FitParams, fit_reference
-from dnnad.core.features import FeatureTransform, fit_transform, l2_normalize
+from dnnad.core.features import FeatureTransform, fit_transform
 from dnnad.core.index import build_shard
 from dnnad.core.model import ModelError, load_model, model_from_fit, save_model
-from dnnad.jobs.base import apply_model
+from dnnad.jobs.model_settings import apply_model
 from dnnad.vision.backbones import FeatureExtractor, embed_from_taps, preprocess_fn
 from dnnad.vision.specs import get_spec
 from dnnad.vision.weights import resolve_weights
@@ -70,14 +71,14 @@ def test_estimator_equals_plain_dn2_on_transformed_vectors(normalize, whiten):
     model = DN2(k=2, normalize=normalize, whiten=whiten).fit(X)
     t = fit_transform(X, normalize, whiten)
     dist, _ = NearestNeighbors(n_neighbors=2).fit(t.transform(X)).kneighbors(t.transform(Q))
-    np.testing.assert_allclose(model.score_samples(Q), dist.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(model.anomaly_score(Q), dist.mean(1), rtol=1e-5)
     plain = DN2(k=2).fit(t.transform(X))
     np.testing.assert_array_equal(model.loo_scores_, plain.loo_scores_)
     assert model.threshold_ == plain.threshold_
     np.testing.assert_array_equal(rank_outliers(X, normalize=normalize, whiten=whiten), model.loo_scores_)
     if not (normalize or whiten):  # no options: exactly the DN2 of before
         dist, _ = NearestNeighbors(n_neighbors=2).fit(X).kneighbors(Q)
-        np.testing.assert_allclose(model.score_samples(Q), dist.mean(1), rtol=1e-5)
+        np.testing.assert_allclose(model.anomaly_score(Q), dist.mean(1), rtol=1e-5)
 
 
 def test_whitening_helps_where_the_normal_set_is_anisotropic():
@@ -88,8 +89,8 @@ def test_whitening_helps_where_the_normal_set_is_anisotropic():
     y = np.r_[np.zeros(200), np.ones(20)]
     from sklearn.metrics import roc_auc_score
 
-    whitened = roc_auc_score(y, DN2(whiten=True).fit(X).score_samples(Q))
-    assert whitened > 0.99 and whitened > roc_auc_score(y, DN2().fit(X).score_samples(Q))
+    whitened = roc_auc_score(y, DN2(whiten=True).fit(X).anomaly_score(Q))
+    assert whitened > 0.99 and whitened > roc_auc_score(y, DN2().fit(X).anomaly_score(Q))
 
 
 def fitted(params, **embedding):
@@ -218,7 +219,7 @@ def test_feature_options_round_trip_through_a_saved_model_and_match_the_library(
     normal_ids = sorted(p.name for p in corpus["normal"].iterdir())
     lib = DN2(k=2, normalize="l2", whiten=True).fit(embed(corpus["normal"], normal_ids))
     ok = fit.filter(pc.equal(fit["status"], "ok"))
-    expected = lib.score_samples(embed(corpus["query"], ok["id"].to_pylist()))
+    expected = lib.anomaly_score(embed(corpus["query"], ok["id"].to_pylist()))
     np.testing.assert_allclose(ok["score"].to_numpy(), expected, rtol=1e-4)
     assert load_model(model).threshold == pytest.approx(lib.threshold_, rel=1e-4)
 
@@ -253,7 +254,7 @@ def test_estimator_with_pca_scores_brute_force_in_the_projected_space():
     model = DN2(k=2, pca=5).fit(X)
     t = fit_transform(X, pca=5)
     dist, _ = NearestNeighbors(n_neighbors=2).fit(t.transform(X)).kneighbors(t.transform(Q))
-    np.testing.assert_allclose(model.score_samples(Q), dist.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(model.anomaly_score(Q), dist.mean(1), rtol=1e-5)
     assert model.index_.d == 5 and model.n_features_in_ == 12
 
 
@@ -284,14 +285,15 @@ def test_approximate_scores_a_compressed_index_from_its_codes_without_reading_ve
     approx = DN2(k=2, index="sq8", approximate=True).fit(X)
     shard = build_shard(X, 0, "sq8")
     D, _ = faiss.deserialize_index(shard.faiss_bytes).search(Q, 2)
-    np.testing.assert_allclose(approx.score_samples(Q), np.sqrt(D).mean(1), rtol=1e-5)
+    np.testing.assert_allclose(approx.anomaly_score(Q), np.sqrt(D).mean(1), rtol=1e-5)
     dist, _ = NearestNeighbors(n_neighbors=2).fit(X).kneighbors(Q)
-    np.testing.assert_allclose(exact.score_samples(Q), dist.mean(1), rtol=1e-5)  # the default stays exact
+    np.testing.assert_allclose(exact.anomaly_score(Q), dist.mean(1), rtol=1e-5)  # the default stays exact
     blind = ShardedIndex([Shard(0, np.full_like(X, np.nan), shard.faiss_bytes)], exact=False)  # vectors unreadable
     np.testing.assert_allclose(blind.search(Q, 2)[0], np.sqrt(np.maximum(D, 0)), rtol=1e-5)
     with pytest.raises(ValueError, match="approximate"):
         DN2(index="flat", approximate=True).fit(X)
     ap = parser()
     a = ap.parse_args(["score", "--query", "q", "--normal", "n", "--out", "o", "--approximate"])
+    cfg = config_from_args(a, explicit_settings(ap, a)).validate()  # a saved --model may decide the index
     with pytest.raises(ConfigError, match="--approximate .* needs --index ivfpq or sq8"):
-        config_from_args(a, explicit_settings(ap, a)).validate()
+        cfg.check_fit_settings()  # a job that fits checks it before reading any data

@@ -76,7 +76,7 @@ def test_four_shards_equal_one_shard_equal_brute_force_and_library_api(one_shard
     assert ok["neighbor_ids"].to_pylist() == model.ids[nn].tolist()
 
     api = DN2(k=2).fit(Xn, ids=model.ids)
-    np.testing.assert_allclose(api.score_samples(Xq), job_scores, rtol=1e-4)
+    np.testing.assert_allclose(api.anomaly_score(Xq), job_scores, rtol=1e-4)
     assert api.ids_[api.kneighbors(Xq)[1]].tolist() == ok["neighbor_ids"].to_pylist()
     np.testing.assert_array_equal(np.sort(api.loo_scores_), model.calibration_scores)  # same core, bit for bit
     assert api.threshold_ == model.threshold
@@ -159,7 +159,7 @@ def test_group_scores_equal_mean_pooled_computation_by_hand(ray_local, tmp_path)
         return np.stack([local_embeddings(root, sorted(f"{g}/{f.name}" for f in (root / g).iterdir())).mean(0)
                          for g in groups])
 
-    expected = DN2(k=2).fit(pooled(normal)).score_samples(pooled(query))
+    expected = DN2(k=2).fit(pooled(normal)).anomaly_score(pooled(query))
     np.testing.assert_allclose(t["score"].to_numpy(), expected, rtol=1e-4)
 
 

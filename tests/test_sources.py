@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dnnad.config import ConfigError, SourceConfig
+from dnnad.sources import prepare_source
 from dnnad.stages.embed import Embedder
-from dnnad.stages.read import prepare_source, read_source
+from dnnad.stages.read import read_source
 from dnnad.vision.specs import get_spec
 from dnnad.vision.weights import resolve_weights
 from tests.helpers import cifar_rows, tree_digest
@@ -94,7 +95,7 @@ def test_random_tables_either_fail_early_or_give_one_row_per_selected_row(ray_lo
 
 
 def test_duplicate_ids_are_found_across_batches_and_unique_ids_pass():
-    from dnnad.stages.read import check_unique_ids
+    from dnnad.sources import check_unique_ids
 
     ids = pa.array([f"img-{i:06d}" for i in range(200_000)])
     check_unique_ids(lambda: iter([ids.slice(0, 70_000), ids.slice(70_000)]), "--query")

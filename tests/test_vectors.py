@@ -38,7 +38,7 @@ def test_embedding_column_scores_equal_the_library_and_bad_vectors_are_error_row
     assert rows["1002"]["error"] == "embedding has NaN or inf"
     api = DN2(k=2).fit(X, ids=np.array([f"n{i}" for i in range(len(X))], dtype=object))
     model = load_model(str(out / "model"))
-    expected = api.score_samples(Q)
+    expected = api.anomaly_score(Q)
     got = np.array([rows[str(i)]["score"] for i in range(len(Q))])
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     record = json.loads((out / "run.json").read_text())
@@ -65,7 +65,7 @@ def test_pca_and_approximate_models_score_through_the_job_as_in_the_library(ray_
     for out in ("fit", "again"):
         rows = {r["id"]: r for r in pq.read_table(tmp_path / out / "scores").to_pylist()}
         got = np.array([rows[f"q{i}"]["score"] for i in range(len(Q))])
-        np.testing.assert_allclose(got, api.score_samples(Q), rtol=1e-5)
+        np.testing.assert_allclose(got, api.anomaly_score(Q), rtol=1e-5)
     assert model.threshold == pytest.approx(api.threshold_, rel=1e-6)
 
 
@@ -98,7 +98,8 @@ def test_a_vector_dataset_streams_every_selected_row_once_in_scoring_sized_block
     once, in blocks of at most ``VECTOR_ROWS_PER_BLOCK`` rows, by read tasks apart from the scoring actors (a
     read fused into an actor would score a whole row group in one actor)."""
     from dnnad.config import ScoreConfig, SourceConfig
-    from dnnad.stages.read import VECTOR_ROWS_PER_BLOCK, prepare_source, read_source
+    from dnnad.sources import prepare_source
+    from dnnad.stages.read import VECTOR_ROWS_PER_BLOCK, read_source
     from dnnad.stages.score import Scorer
     from dnnad.stages.vectors import vectors
 
@@ -133,7 +134,8 @@ def test_a_compressed_model_sends_its_rows_to_actors_that_cannot_open_its_files(
 
     from dnnad.config import ScoreConfig, SourceConfig
     from dnnad.runtime import files_reach_every_actor
-    from dnnad.stages.read import prepare_source, read_source
+    from dnnad.sources import prepare_source
+    from dnnad.stages.read import read_source
     from dnnad.stages.score import Scorer
     from dnnad.stages.vectors import vectors
 

@@ -15,8 +15,10 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from .arrays import as_float32
 from .features import FeatureTransform, fit_transform
-from .index import COMPRESSED_KINDS, Exclusion, ShardedIndex, as_float32, build_index
+from .index import Exclusion, ShardedIndex, build_index
+from .settings import COMPRESSED_KINDS
 from .threshold import effective_quantile, threshold_from_scores, threshold_reliable
 
 

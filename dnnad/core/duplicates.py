@@ -11,6 +11,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .arrays import l2_normalize
+
 EXTRA_NEIGHBOURS = 8  # neighbours asked of the kNN search beyond k: the duplicate candidates of each row
 PAIR_CHUNK = 1 << 16  # candidate pairs whose distances are computed in one vectorised step
 
@@ -43,19 +45,12 @@ class DuplicateGroups:
         return rows[self.first[self.group[rows]] != rows]
 
 
-def l2_normalise(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float64); all-zero rows stay zero."""
-    X = np.asarray(X, dtype=np.float64)
-    norm = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.where(norm > 0, norm, 1.0)
-
-
 def pair_distances(X: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = PAIR_CHUNK) -> np.ndarray:
     """Distances between L2-normalised rows ``a[i]`` and ``b[i]`` of ``X``, in vectorised chunks (float64,
     without a normalised copy of ``X``)."""
     out = np.empty(len(a), dtype=np.float64)
     for s in range(0, len(a), chunk):
-        diff = l2_normalise(X[a[s:s + chunk]]) - l2_normalise(X[b[s:s + chunk]])
+        diff = l2_normalize(X[a[s:s + chunk]], np.float64) - l2_normalize(X[b[s:s + chunk]], np.float64)
         out[s:s + chunk] = np.sqrt(np.einsum("pd,pd->p", diff, diff))
     return out
 

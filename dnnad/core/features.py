@@ -15,16 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import NORMALIZE_KINDS
-from .index import as_float32
+from .arrays import as_float32, l2_normalize
+from .settings import NORMALIZE_KINDS
 
 MEAN_FILE, WHITENER_FILE = "transform-mean.npy", "transform-whitener.npy"
-
-
-def l2_normalize(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit Euclidean norm, float32 (all-zero rows stay zero)."""
-    X = np.asarray(X, dtype=np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.float32(1e-12))
 
 
 @dataclass(frozen=True)

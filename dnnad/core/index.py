@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from ..config import INDEX_KINDS
+from .arrays import as_float32
+from .settings import COMPRESSED_KINDS, INDEX_KINDS
 
 EXACT_KINDS = ("flat",)
-COMPRESSED_KINDS = ("ivfpq", "sq8")
 COMPRESSED_OVERFETCH = 8  # compressed kinds re-rank 8x the candidates: code distances are coarse
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger re-searches run on the CPU
@@ -78,16 +78,6 @@ class Exclusion:
         """Boolean mask of the candidates ``I`` (nq, c), all valid positions, that are excluded."""
         labels = I if self.ref_labels is None else self.ref_labels[I]
         return labels == self.query_labels[:, None]
-
-
-def as_float32(X: np.ndarray) -> np.ndarray:
-    """(n, d) C-contiguous float32 view or copy of ``X``; rejects NaN/inf."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    if X.ndim != 2:
-        raise ValueError(f"expected a 2-d array of shape (n, d), got shape {X.shape}")
-    if not np.isfinite(X).all():
-        raise ValueError("embeddings contain NaN or inf")
-    return X
 
 
 def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -21,14 +21,11 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from .features import FeatureTransform, load_transform, transform_files
-from .index import COMPRESSED_KINDS, Shard
+from .index import Shard
+from .settings import COMPRESSED_KINDS, FIT_SETTINGS, READABLE_VERSIONS, format_version
 from .threshold import normal_percentile
 
 FORMAT = "dnnad-model"
-# The oldest version that can hold a model: 2 plain, 3 with feature options (--layers/--tta/--resize/--normalize/
-# --whiten), 4 with --pca or --approximate. Older dnnad refuses what it cannot read rather than ignore a field.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)
 MODEL_FILE = "model.json"
 
 
@@ -65,10 +62,6 @@ class ModelMeta:
     pca: int | None = None  # principal components kept (then dim == pca)
     input_dim: int | None = None  # dimension of the embeddings before the transform, when it differs from dim
     approximate: bool = False  # compressed index scored from its codes (no exact re-rank), calibration included
-
-    @property
-    def uses_feature_options(self) -> bool:
-        return bool(self.layers or self.tta or self.resize != "crop" or self.normalize or self.whiten or self.pca)
 
     @property
     def query_dim(self) -> int:
@@ -122,6 +115,9 @@ def check_model_target(uri: str, replace: bool) -> None:
         raise ModelError(f"{uri} already holds a dnnad model; pass --overwrite to replace it")
 
 
+META_DEFAULTS = {f.name: f.default for f in fields(ModelMeta) if f.default is not MISSING}
+
+
 def _model_files(model: FittedModel) -> dict[str, Callable]:
     """Every file of the saved model as a function that writes it to an open file, ``model.json`` (the marker)
     last. Arrays stream out as they are: saving never holds a second copy of the reference vectors."""
@@ -141,10 +137,9 @@ def _model_files(model: FittedModel) -> dict[str, Callable]:
     files["calibration.npy"] = npy(np.asarray(model.calibration_scores, np.float64))
     for name, array in transform_files(model.transform).items():
         files[name] = npy(array)
-    m = model.meta
-    version = 4 if (m.pca or m.approximate) else 3 if m.uses_feature_options else 2
-    doc = {"format": FORMAT, "version": version, "k": model.k, "threshold": model.threshold,
-           "shards": shard_meta, "meta": asdict(model.meta)}
+    meta = asdict(model.meta)
+    doc = {"format": FORMAT, "version": format_version(meta, META_DEFAULTS), "k": model.k, "threshold": model.threshold,
+           "shards": shard_meta, "meta": meta}
     files[MODEL_FILE] = raw(json.dumps(doc, indent=2, default=str).encode())
     return files
 
@@ -237,18 +232,21 @@ def load_model(uri: str) -> FittedModel:
     return FittedModel(shards, ids, k, float(threshold), meta, np.sort(calib.astype(np.float64)), transform)
 
 
-def model_from_fit(fit, shards: list[Shard], params, **embedding: object) -> FittedModel:
-    """The saved form of a ``dn2.Fit`` built with ``params`` (``FitParams``); ``embedding`` adds how the
-    vectors were made (backbone, image_size, weights, weights_identity, normal_source, normal_labels, layers,
-    tta, resize); the feature transform comes from the fit."""
+def model_from_fit(fit, shards: list[Shard], params, embedding: dict | None = None,
+                   **provenance: object) -> FittedModel:
+    """The saved form of a ``dn2.Fit`` built with ``params`` (``FitParams``): every fit setting recorded from
+    ``params`` (``core.settings``), how the vectors were made from ``embedding`` (``ModelMeta`` fields of the
+    image settings; None for precomputed vectors) and ``provenance`` (weights_identity, normal_source,
+    normal_labels); the feature transform comes from the fit."""
     calib = np.asarray(fit.calibration_scores, dtype=np.float64)
+    settings = {s.meta: s.to_meta(getattr(params, s.fit)) for s in FIT_SETTINGS if s.meta}
+    settings["n_shards"] = len(shards)  # never more shards than rows
     meta = ModelMeta(
         dim=int(fit.reference.shape[1]), n_normal=int(fit.n_normal), n_reference=len(fit.ids),
-        k_requested=params.k, threshold_quantile=fit.threshold_quantile,
-        threshold_reliable=fit.threshold_reliable, index_kind=params.index, n_shards=len(shards),
+        threshold_quantile=fit.threshold_quantile, threshold_reliable=fit.threshold_reliable,
         reduction=fit.reduction, loo_score_quantiles={str(p): float(np.quantile(calib, p)) for p in (0.5, 0.9, 0.99)},
-        normalize=fit.transform.normalize, whiten=fit.transform.whiten, whiten_shrinkage=fit.transform.shrinkage,
-        pca=fit.transform.pca, input_dim=fit.input_dim if fit.input_dim != fit.reference.shape[1] else None,
-        approximate=params.approximate, **embedding)
+        whiten_shrinkage=fit.transform.shrinkage,
+        input_dim=fit.input_dim if fit.input_dim != fit.reference.shape[1] else None,
+        **settings, **(embedding or {}), **provenance)
     return FittedModel(list(shards), np.asarray(fit.ids, dtype=object), fit.k, fit.threshold, meta, np.sort(calib),
                        fit.transform)

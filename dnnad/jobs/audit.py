@@ -15,20 +15,11 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..config import ConfigError
-from ..stages.read import prepare_source
-from ..stages.write import read_record
-from .base import (
-    Job,
-    Run,
-    apply_model,
-    check_model_weights,
-    embed_rows,
-    load_saved_model,
-    output_path,
-    resolve_job_weights,
-    status_counts,
-    write_partitioned,
-)
+from ..outputs import output_path, read_record, status_counts
+from ..sources import prepare_source
+from .base import Job, Run
+from .embedding import embed_rows, resolve_job_weights
+from .model_settings import apply_model, check_model_weights, load_saved_model
 
 
 def previous_scores(out: str, run_date: str) -> tuple[str, np.ndarray] | None:
@@ -88,7 +79,7 @@ class AuditJob(Job):
         cfg = self.cfg
         if not is_model_dir(cfg.model_dir):
             raise ConfigError(f"--model {cfg.model_dir} holds no saved dnnad model "
-                              f"(fit one with jobs/score.py --model DIR)")
+                              f"(fit one with the score job: dnnad score ... --model DIR)")
         self.model = load_saved_model(cfg.model_dir)
         self.cfg = cfg = apply_model(cfg, self.model, frozenset(cfg.explicit))
         self.query_src = prepare_source(cfg.query, "query")
@@ -112,6 +103,7 @@ class AuditJob(Job):
 
         from ..stages.cache import EmbeddingCache
         from ..stages.score import Scorer
+        from ..stages.write import write_partitioned
 
         cfg, t, d = self.cfg, run.timings, self.cfg.run_date
         part = f"scores/run_date={d}"
@@ -129,10 +121,10 @@ class AuditJob(Job):
             ok = pc.equal(t_cached["status"], "ok")
             n_cached = int(pc.sum(pc.and_(ok, t_cached["cached"])).as_py() or 0)
             summary.update({"embedded": int(pc.sum(ok).as_py() or 0) - n_cached, "from_cache": n_cached,
-                            "cache_dir": self.cache_dir})
-        run.fields.update(run_date=d, k=self.model.k, threshold=self.model.threshold, model_dir=cfg.model_dir,
+                            "cache_dir": storage.redact(self.cache_dir)})
+        run.fields.update(run_date=d, k=self.model.k, threshold=self.model.threshold, model_dir=storage.redact(cfg.model_dir),
                           rows=status_counts(fs, path), summary=summary, **parts,
-                          outputs={"scores": output_path(cfg, part), "report": output_path(cfg, f"reports/{d}.html")})
+                          outputs={"scores": output_path(cfg.out, part), "report": output_path(cfg.out, f"reports/{d}.html")})
 
     def report(self, run: Run, record: dict) -> None:
         from ..report.html import run_report

@@ -12,8 +12,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError
-from ..stages.read import prepare_source
-from .base import Job, Run, embed_rows, output_path, resolve_job_weights
+from ..outputs import output_path
+from ..sources import prepare_source
+from ..storage import redact
+from .base import Job, Run
+from .embedding import embed_rows, resolve_job_weights
 
 DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("round", pa.int32()),
                             ("score", pa.float64())])
@@ -104,6 +107,7 @@ class RankJob(Job):
     def prepare(self) -> None:
         from ..core.model import ModelError, check_model_target
 
+        self.cfg.check_fit_settings()
         if self.cfg.model_dir:
             try:
                 check_model_target(self.cfg.model_dir, replace=self.cfg.overwrite)
@@ -168,8 +172,8 @@ class RankJob(Job):
         run.fields.update(
             k=model.k, threshold=model.threshold, rounds=history, rows={"ok": len(data.X), "error": n_err},
             kept=len(current.ids), dropped=sum(d.num_rows for d in dropped), model=vars(model.meta),
-            model_dir=cfg.model_dir or output_path(cfg, "model"), duplicates=duplicates_record(dups, cfg),
-            outputs={n: output_path(cfg, n) for n in self.outputs() if n != "model"})
+            model_dir=redact(cfg.model_dir) or output_path(cfg.out, "model"), duplicates=duplicates_record(dups, cfg),
+            outputs={n: output_path(cfg.out, n) for n in self.outputs() if n != "model"})
 
 
 def duplicates_record(dups, cfg) -> dict:

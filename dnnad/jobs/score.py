@@ -2,19 +2,12 @@
 from __future__ import annotations
 
 from ..config import ConfigError
-from ..stages.read import prepare_source
-from .base import (
-    Job,
-    Run,
-    apply_model,
-    check_model_weights,
-    embed_rows,
-    load_saved_model,
-    output_path,
-    resolve_job_weights,
-    status_counts,
-    write_partitioned,
-)
+from ..outputs import output_path, status_counts
+from ..sources import prepare_source
+from ..storage import redact
+from .base import Job, Run
+from .embedding import embed_rows, resolve_job_weights
+from .model_settings import apply_model, check_model_weights, load_saved_model
 
 
 class ScoreJob(Job):
@@ -33,6 +26,7 @@ class ScoreJob(Job):
         else:
             if cfg.normal is None:
                 raise ConfigError("--normal is needed unless --model names a saved model")
+            cfg.check_fit_settings()
             if cfg.model_dir:
                 try:
                     check_model_target(cfg.model_dir, replace=False)
@@ -58,6 +52,7 @@ class ScoreJob(Job):
         from ..stages.collect import collect, pool_groups, pool_groups_dataset
         from ..stages.fit import fit_model
         from ..stages.score import Scorer
+        from ..stages.write import write_partitioned
 
         cfg, t = self.cfg, run.timings
         grouped = bool(cfg.query.group_by)
@@ -88,10 +83,10 @@ class ScoreJob(Job):
         self.fitted = model
         run.fields.update(
             k=model.k, threshold=model.threshold, model=vars(model.meta),
-            model_dir=cfg.model_dir or output_path(cfg, "model"),
+            model_dir=redact(cfg.model_dir) or output_path(cfg.out, "model"),
             rows=status_counts(run.staging.fs, run.staging.path("scores")), normal_rows=normal_rows, grouped=grouped,
             **parts,
-            outputs={"scores": output_path(cfg, "scores"), "report": output_path(cfg, "report.html")})
+            outputs={"scores": output_path(cfg.out, "scores"), "report": output_path(cfg.out, "report.html")})
 
     def report(self, run: Run, record: dict) -> None:
         from ..report.html import run_report

@@ -8,7 +8,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from ..config import SourceConfig
-from ..stages.read import is_parquet, read_bytes, resolve
+from ..sources import is_parquet, read_bytes
+from ..storage import resolve
 from ..vision.decode import DecodeError
 
 THUMBNAIL_MAX_BYTES = 32 * 1024 * 1024

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from .read import PASSTHROUGH
+from ..sources import PASSTHROUGH
 
 
 @dataclass

@@ -15,10 +15,10 @@ from ray.data.extensions import ArrowTensorArray
 
 from ..config import DEFAULT_MAX_FILE_BYTES, ConfigError, EmbedConfig
 from ..runtime import EMBED_ACTOR_GPUS, cluster_resources, embed_pool, resolved
+from ..sources import NULL_ID, PASSTHROUGH, read_bytes
 from ..vision.backbones import FeatureExtractor, crop_fn, normalize_batch
 from ..vision.decode import DecodeError, decode_image
 from ..vision.specs import BackboneSpec
-from .read import NULL_ID, PASSTHROUGH, read_bytes
 
 CALL_PIXEL_BYTES = 64 * 2**20
 MAX_CHUNKS_PER_CALL = 16

@@ -2,7 +2,7 @@
 and its calibration queries run by the scoring actors (``RayBackend``)."""
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +11,7 @@ from ..config import ConfigError, JobConfig, ScoreConfig
 from ..core.dn2 import Fit, FitParams, fit_reference
 from ..core.index import build_shard, shard_bounds
 from ..core.model import FittedModel, model_from_fit
+from ..core.settings import FIT_SETTINGS, IMAGE_SETTINGS
 from ..runtime import cluster_resources
 from .collect import Embedded, as_dataset
 from .score import Scorer
@@ -49,10 +50,13 @@ class RayBackend:
 
 
 def fit_params(cfg: JobConfig) -> FitParams:
-    return FitParams(k=cfg.score.k, quantile=cfg.score.quantile, contamination=cfg.score.contamination,
-                     n_shards=cfg.index.shards, index=cfg.index.kind, reduce=cfg.index.reduce,
-                     exclude_duplicates=cfg.score.exclude_duplicates, normalize=cfg.features.normalize,
-                     whiten=cfg.features.whiten, pca=cfg.features.pca, approximate=cfg.index.approximate)
+    """The job's fit settings (``core.settings.FIT_SETTINGS``) as the core's ``FitParams``."""
+    return FitParams(**{s.fit: s.get(cfg) for s in FIT_SETTINGS})
+
+
+def embedding_meta(cfg: JobConfig) -> dict:
+    """How the job embeds images, as the model records it: the image settings, the crop size resolved."""
+    return {**{s.meta: s.to_meta(s.get(cfg)) for s in IMAGE_SETTINGS}, "image_size": cfg.embed.spec().image_size}
 
 
 def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int = 0) -> tuple[FittedModel, Fit]:
@@ -70,11 +74,8 @@ def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int =
     labels = normal.extra.get("label")
     images = weights is not None
     model = model_from_fit(
-        fit, ray.get(fit.handle), params, backbone=cfg.embed.backbone if images else None,
-        image_size=cfg.embed.spec().image_size if images else None,
-        layers=(list(cfg.embed.layers) or None) if images else None, tta=cfg.embed.tta if images else None,
-        resize=cfg.embed.resize if images else "crop",
-        weights=cfg.embed.weights if images else None, weights_identity=weights.identity if images else None,
-        normal_source=asdict(cfg.normal) if cfg.normal is not None else None,
+        fit, ray.get(fit.handle), params, embedding_meta(cfg) if images else None,
+        weights_identity=weights.identity if images else None,
+        normal_source=cfg.to_dict()["normal"],  # credentials removed
         normal_labels=sorted({str(v) for v in labels if v is not None}) if labels is not None else None)
     return model, fit

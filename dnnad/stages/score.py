@@ -11,7 +11,7 @@ land on different nodes. Results are identical to one group's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +28,7 @@ from ..runtime import (
     resolved,
     score_pool,
 )
-from .read import PASSTHROUGH
+from ..sources import PASSTHROUGH
 
 SCORE_COLUMNS = pa.schema([
     ("id", pa.string()), ("score", pa.float64()), ("is_anomaly", pa.bool_()),
@@ -40,42 +40,65 @@ NEAREST = ("_nn_dist", "_nn_pos")  # the k nearest so far, carried between shard
 FINAL_POOL_CPUS = 0.05  # with shard groups, the pool that only turns merged neighbours into output rows
 
 
-def _exclusion(batch: dict, rows: np.ndarray, exclude: str | None, groups):
-    return self_exclusions(batch["_pos"][rows], groups) if exclude else None
-
-
 def _list_column(values: pa.Array, ok: np.ndarray, k: int, type_: pa.DataType) -> pa.Array:
     """k values per ok row, an empty list per error row, built without a per-row loop."""
     offsets = np.concatenate([[0], np.cumsum(np.where(ok, k, 0))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), values).cast(type_)
 
 
-class KnnScorer:
-    """Scoring actor. Refs are resolved once per actor: every actor maps the one shared copy.
+@dataclass(frozen=True)
+class SearchSpec:
+    """How a searching actor searches, as object-store handles: built once per actor by ``IndexActor``.
 
-    ``exclude``: None (queries are not the reference set), "self" (leave-one-out: rows carry their
-    reference position in ``_pos``) or "duplicates" (also skip exact duplicates, by ``groups``).
-    ``positions`` adds the neighbours' reference positions (``_nbr_pos``), for calibration.
-    ``transform`` (``core.features.FeatureTransform``) is applied to query embeddings first; None when the
-    queries are already transformed (the reference set itself, in a fit).
-    ``shards`` None: the batches carry their k nearest (``NEAREST``, from the ``GroupSearch`` stages).
+    ``shards``: refs of the ``core.index.Shard`` s it holds (None: batches carry their k nearest, ``NEAREST``).
+    ``exclude``: None (queries are not the reference set), "self" (leave-one-out: rows carry their reference
+    position in ``_pos``) or "duplicates" (also skip exact duplicates, by ``groups``). ``transform``
+    (``core.features.FeatureTransform``) is applied to query embeddings first; None when they are already
+    transformed (the reference set itself, in a fit). ``exact`` False: compressed kinds score from their codes.
     """
 
-    def __init__(self, shards, ids, k: int, threshold: float | None, calibration=None,
-                 exclude: str | None = None, groups=None, positions: bool = False, threads: int | None = None,
-                 transform=None, device: str = "cpu", exact: bool = True):
+    shards: list | None
+    k: int
+    exclude: str | None = None
+    groups: object = None
+    threads: int | None = None
+    transform: object = None
+    device: str = "cpu"
+    exact: bool = True
+
+
+class IndexActor:
+    """The set-up every searching actor shares: FAISS threads, the index over its shards (the one shared copy
+    in the object store), the exclusion groups and the query transform."""
+
+    def __init__(self, search: SearchSpec):
         import faiss
 
-        if threads:
-            faiss.omp_set_num_threads(threads)
-        self.index = (ShardedIndex([resolved(s) for s in resolved(shards)], device=device, exact=exact)
-                      if shards is not None else None)
-        ids = resolved(ids)  # None: neighbours are named by position (calibration of a fit)
+        if search.threads:
+            faiss.omp_set_num_threads(search.threads)
+        self.index = (ShardedIndex([resolved(s) for s in resolved(search.shards)], device=search.device,
+                                   exact=search.exact) if search.shards is not None else None)
+        self.k, self.exclude, self.transform = search.k, search.exclude, resolved(search.transform)
+        self.groups = resolved(search.groups) if search.exclude == "duplicates" else None
+
+    def exclusion(self, batch: dict, rows: np.ndarray):
+        return self_exclusions(batch["_pos"][rows], self.groups) if self.exclude else None
+
+
+class KnnScorer(IndexActor):
+    """Scoring actor: the score columns of every row (error rows carried with their reason).
+
+    ``ids`` name the neighbours (None: by position, for the calibration of a fit); ``threshold`` and
+    ``calibration`` (the model's sorted calibration scores) add ``is_anomaly`` and ``normal_percentile``;
+    ``positions`` adds the neighbours' reference positions (``_nbr_pos``).
+    """
+
+    def __init__(self, search: SearchSpec, ids, threshold: float | None, calibration=None, positions: bool = False):
+        super().__init__(search)
+        ids = resolved(ids)
         self.ids = None if ids is None else pa.array(np.asarray(ids, dtype=object).tolist(), pa.string())
-        self.k, self.threshold, self.exclude, self.positions = k, threshold, exclude, positions
+        self.threshold, self.positions = threshold, positions
         self.calibration = resolved(calibration)
-        self.groups = resolved(groups) if exclude == "duplicates" else None
-        self.transform = resolved(transform)
 
     def _names(self, pos: np.ndarray) -> pa.Array:
         return pa.array(pos).cast(pa.string()) if self.ids is None else self.ids.take(pa.array(pos))
@@ -91,11 +114,10 @@ class KnnScorer:
             dist, pos = batch[NEAREST[0]][rows], batch[NEAREST[1]][rows]
             score[rows] = knn_score(dist)
         elif len(rows):
-            excl = _exclusion(batch, rows, self.exclude, self.groups)
             X = batch["embedding"][rows]
             if self.transform is not None:
                 X = self.transform.transform(X)
-            score[rows], dist, pos = score_against(self.index, X, self.k, exclude=excl)
+            score[rows], dist, pos = score_against(self.index, X, self.k, exclude=self.exclusion(batch, rows))
         cols = {
             "id": pa.array(batch["id"].tolist(), pa.string()),
             "score": pa.array(score, pa.float64(), mask=~ok),
@@ -119,19 +141,9 @@ class KnnScorer:
         return table
 
 
-class GroupSearch:
+class GroupSearch(IndexActor):
     """One shard group's actor: adds the exact top-k of its group to each row's k nearest so far (``NEAREST``).
     The first group's stage applies ``transform`` and hands the transformed embeddings on."""
-
-    def __init__(self, shards, k: int, exclude: str | None = None, groups=None, threads: int | None = None,
-                 transform=None, device: str = "cpu", exact: bool = True):
-        import faiss
-
-        if threads:
-            faiss.omp_set_num_threads(threads)
-        self.index = ShardedIndex([resolved(s) for s in resolved(shards)], device=device, exact=exact)
-        self.k, self.exclude, self.transform = k, exclude, resolved(transform)
-        self.groups = resolved(groups) if exclude == "duplicates" else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -147,7 +159,7 @@ class GroupSearch:
         if not len(rows):
             return batch
         X = batch["embedding"][rows]
-        excl = _exclusion(batch, rows, self.exclude, self.groups)
+        excl = self.exclusion(batch, rows)
         need = self.k + (excl.max_rows if excl is not None else 0)
         if self.index.ntotal < need:
             raise ValueError(f"a shard group holds {self.index.ntotal} reference rows; k={self.k} with "
@@ -205,7 +217,7 @@ class Scorer:
             actors, res = min(actors, gpus), {**res, "num_gpus": SCORE_ACTOR_GPUS}
         device = "cuda" if gpus else "cpu"
         groups = shard_groups(self.shard_rows or [1] * len(self.shards), self.cfg.shard_groups)
-        shards, transform = self.shards, self.transform
+        search = SearchSpec(self.shards, self.k, exclude, groups_ref, threads, self.transform, device, self.exact)
         if len(groups) > 1:  # each pool holds one group; its actors share the group's memory request
             per_pool = max(1, actors // len(groups))
             group_res = {**res, **({"num_gpus": SCORE_ACTOR_GPUS / len(groups)} if gpus else {})}
@@ -215,18 +227,14 @@ class Scorer:
                     GroupSearch, batch_size=self.cfg.batch_size, batch_format="numpy",
                     compute=ActorPoolStrategy(size=per_pool), **group_res,
                     **({"memory": memory} if memory else {}),
-                    fn_constructor_kwargs={"shards": [self.shards[j] for j in group], "k": self.k,
-                                           "exclude": exclude, "groups": groups_ref, "threads": threads,
-                                           "transform": transform if i == 0 else None, "device": device,
-                                           "exact": self.exact})
+                    fn_constructor_kwargs={"search": replace(search, shards=[self.shards[j] for j in group],
+                                                             transform=search.transform if i == 0 else None)})
             # the final pool only writes the scores: no index, no GPU, a sliver of a CPU
-            shards, transform, exclude, actors, res = None, None, None, per_pool, {"num_cpus": FINAL_POOL_CPUS}
+            search = replace(search, shards=None, transform=None, exclude=None)
+            actors, res = per_pool, {"num_cpus": FINAL_POOL_CPUS}
         return ds.map_batches(
             KnnScorer, batch_size=self.cfg.batch_size, compute=ActorPoolStrategy(size=actors),
             batch_format="numpy", **res,
-            fn_constructor_kwargs={"shards": shards, "ids": self.ids, "k": self.k,
-                                   "threshold": self.threshold, "calibration": self.calibration,
-                                   "exclude": exclude, "groups": groups_ref, "positions": positions,
-                                   "threads": threads, "transform": transform, "device": device,
-                                   "exact": self.exact},
+            fn_constructor_kwargs={"search": search, "ids": self.ids, "threshold": self.threshold,
+                                   "calibration": self.calibration, "positions": positions},
         )

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.extensions import ArrowTensorArray
 
-from .read import NULL_ID, PASSTHROUGH, READ_CPUS
+from ..sources import NULL_ID, PASSTHROUGH
+from .read import READ_CPUS
 
 
 def check_vectors(batch: pa.Table, dim: int) -> pa.Table:

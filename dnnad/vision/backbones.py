@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.features import l2_normalize
+from ..core.arrays import l2_normalize
 from .specs import FINAL, BackboneSpec
 
 

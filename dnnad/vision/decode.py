@@ -5,10 +5,11 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: ~10k x 10k
+EXIF_ORIENTATION = 0x0112  # 1 = as stored; 2-8 = mirrored and/or turned
 
 
 class DecodeError(Exception):
@@ -27,7 +28,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode encoded image bytes to RGB; grayscale, 16-bit, palette, CMYK and alpha are converted."""
+    """Decode encoded image bytes to RGB as a viewer shows them: turned by their EXIF orientation (camera and
+    phone photos), grayscale, 16-bit, palette, CMYK and alpha converted."""
     if data is None:
         raise DecodeError("null image bytes")
     if len(data) == 0:
@@ -40,6 +42,8 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> Image.Imag
             if w * h > max_pixels:
                 raise DecodeError(f"decompression bomb guard: {w}x{h} pixels exceeds {max_pixels}")
             img.load()
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except DecodeError:
         raise
