@@ -8,7 +8,6 @@ import argparse
 import json
 import signal
 import sys
-import threading
 
 from .config import (
     AUDIT_MAX_ERROR_FRACTION,
@@ -26,6 +25,7 @@ from .config import (
     ScoreConfig,
     SourceConfig,
 )
+from .runtime import Stopped, stop_on_sigterm
 from .storage import redact, scrub, secrets
 from .vision.specs import DEFAULT_BACKBONE, backbone_names
 
@@ -194,14 +194,6 @@ def failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM (``ray job stop``, a scheduler's kill) raised in the driver, so the job unwinds as on Ctrl-C."""
-
-
-def _stop(signum, frame):
-    raise Stopped(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -210,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if secret:  # Ray records the driver's command line: keep credentials out of it
         sys.argv[:] = [redact(arg) for arg in sys.argv]
     explicit = explicit_settings(ap, a)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop)
+    stop_on_sigterm()
     try:
         cfg = config_from_args(a, explicit).validate()
         from .jobs import JOBS

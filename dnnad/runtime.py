@@ -6,11 +6,27 @@ import copy
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, ``kill``, a scheduler) raised in the driver: the job unwinds as on Ctrl-C."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises ``Stopped`` in the driver's main thread (Ray's own handler would abort the process)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
 
 
 def start_ray(quiet: bool = False, verbose: bool = False) -> None:
@@ -35,6 +51,7 @@ def start_ray(quiet: bool = False, verbose: bool = False) -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose,
                  include_dashboard=None if remote else False,
                  logging_level=logging.INFO if verbose else logging.ERROR)
+        stop_on_sigterm()  # ray.init installs a C++ handler that dumps a stack and aborts
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.enable_operator_progress_bars = verbose

@@ -34,14 +34,14 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def secrets(uri: str) -> list[str]:
     """The credentials a URI carries: its user info (``s3://KEY:SECRET@bucket``) and the values of options
-    named like keys, secrets, tokens or passwords."""
+    named like keys, secrets, tokens or passwords, each as written and decoded."""
     if "://" not in uri:
         return []
     parts = urllib.parse.urlsplit(uri)
-    found = [v for v in (parts.username, parts.password) if v]
-    found += [v for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=False) if SECRET_OPTION.search(k)]
-    found += [urllib.parse.unquote(v) for v in found] + [urllib.parse.quote(v, safe="") for v in found]
-    return sorted({v for v in found if v}, key=len, reverse=True)
+    raw = [v for v in (parts.username, parts.password) if v]
+    raw += [kv.partition("=")[2] for kv in parts.query.split("&") if SECRET_OPTION.search(kv.partition("=")[0])]
+    found = {v for r in raw for v in (r, urllib.parse.unquote(r), urllib.parse.unquote_plus(r)) if v}
+    return sorted(found, key=len, reverse=True)
 
 
 def redact(uri: str | None) -> str | None:
