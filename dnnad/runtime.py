@@ -2,6 +2,7 @@
 Ray's own logs go to its log files unless ``--verbose``."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 
@@ -29,8 +31,12 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _stop)
 
 
-def start_ray(quiet: bool = False, verbose: bool = False) -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start Ray in-process.
+OWNER_ENV = "DNNAD_RAY_OWNER"  # inherited by every process of a Ray this job started: how stop_ray finds them
+
+
+def start_ray(quiet: bool = False, verbose: bool = False) -> bool:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start Ray in-process; True when this
+    call started it (then ``stop_ray`` ends it and every process it started).
 
     Unless ``verbose``, Ray's own console output (its Python and C++ logs, which include an ERROR line
     that Ray Data's restartable actor pools always trigger, ray-project/ray#53727) goes to a log file;
@@ -42,12 +48,16 @@ def start_ray(quiet: bool = False, verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     if not verbose:
         quiet_ray_data_console()
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         if not verbose:
             log = send_ray_console_to_file()
             if not quiet:
                 print(f"[dnnad] Ray's logs: {log}", file=sys.stderr, flush=True)
         remote = bool(os.environ.get("RAY_ADDRESS"))
+        started = not remote
+        if started:
+            os.environ[OWNER_ENV] = f"{os.getpid()}-{uuid.uuid4().hex}"
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose,
                  include_dashboard=None if remote else False,
                  logging_level=logging.INFO if verbose else logging.ERROR)
@@ -57,6 +67,38 @@ def start_ray(quiet: bool = False, verbose: bool = False) -> None:
     ctx.enable_operator_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     ctx.enable_auto_log_stats = verbose
+    return started
+
+
+def stop_ray(timeout: float = 20.0) -> list[int]:
+    """Shut down the Ray this process started and end every process it started, however they were reparented
+    (a worker starting while its raylet shuts down outlives it, its parent init): they carry ``OWNER_ENV``.
+    Returns the pids that had to be killed."""
+    import psutil
+    import ray
+
+    token = os.environ.pop(OWNER_ENV, None)
+    ray.shutdown()
+    if token is None:
+        return []
+
+    def ours() -> list:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and p.environ().get(OWNER_ENV) == token:
+                    found.append(p)
+            except (psutil.Error, OSError):
+                continue
+        return found
+
+    left = ours()
+    _, alive = psutil.wait_procs(left, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in alive]
 
 
 def quiet_ray_data_console() -> None:

@@ -240,3 +240,26 @@ def _session(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
+
+
+@pytest.mark.ray
+def test_finished_jobs_leave_no_process_behind_over_many_short_runs(tmp_path):
+    """Short runs are where a worker starting as Ray shuts down used to outlive its job (parent init). Every
+    process the job started carries the environment it was started with: none may be alive once it returns."""
+    data = tmp_path / "data"
+    write_folder(data, cifar_rows("train", 1, 12))
+    for i in range(5):
+        mark = f"run-{i}-{os.getpid()}"
+        env = {**os.environ, "DNNAD_TEST_MARK": mark}
+        kind = ["rank", "--data", str(data)] if i % 2 else ["score", "--normal", str(data), "--query", str(data)]
+        proc = subprocess.run([sys.executable, "-m", "dnnad.cli", *kind, "--out", str(tmp_path / f"out{i}"),
+                               "--score-actors", "2", *FAST], cwd=ROOT, env=env, capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        left = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("DNNAD_TEST_MARK") == mark:
+                    left.append(f"{p.pid} {p.name()}")
+            except (psutil.Error, OSError):
+                continue
+        assert left == [], f"run {i} left {left}"

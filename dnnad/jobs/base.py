@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import JobConfig
 from ..outputs import RUN_RECORD, OutDir, Staging
-from ..runtime import Timings, cluster_resources, start_ray
+from ..runtime import Timings, cluster_resources, start_ray, stop_ray
 
 
 @dataclass
@@ -51,10 +51,17 @@ class Job:
         out.check()
         self.prepare()
         self.cfg.validate()  # prepare may have taken settings from a saved model
-        start_ray(cfg.quiet, cfg.verbose)
+        owned = start_ray(cfg.quiet, cfg.verbose)
+        try:
+            return self._staged(out)
+        finally:
+            if owned:  # a finished job leaves nothing running
+                stop_ray()
+
+    def _staged(self, out: OutDir) -> dict:
         import ray
 
-        timings = Timings(cfg.quiet)
+        timings = Timings(self.cfg.quiet)
         staging = out.open()
         try:
             run = Run(self.cfg, staging, timings)
