@@ -109,7 +109,7 @@ def write_with(fs: pafs.FileSystem, path: str, write) -> None:
         with fs.open_output_stream(path) as f:
             write(f)
     except OSError as e:  # name the file: a full disk or a refused write is one line saying where
-        raise OSError(e.errno, e.strerror or str(e).splitlines()[0], path) from None
+        raise OSError(e.errno, os.strerror(e.errno) if e.errno else e.strerror or str(e).splitlines()[0], path) from None
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

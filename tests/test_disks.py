@@ -263,3 +263,20 @@ def test_finished_jobs_leave_no_process_behind_over_many_short_runs(tmp_path):
             except (psutil.Error, OSError):
                 continue
         assert left == [], f"run {i} left {left}"
+
+
+@pytest.mark.ray
+def test_a_read_only_output_is_a_one_line_error(normal_dir, tmp_path):
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        proc = subprocess.run([sys.executable, "jobs/score.py", "--normal", str(normal_dir), "--query", str(normal_dir),
+                               "--out", str(disk / "out"), *FAST], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith(f"dnnad: error: Read-only file system: {disk / 'out'}/") and line.endswith(
+            "(errno 30); nothing was committed")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
