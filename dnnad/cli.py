@@ -27,7 +27,7 @@ from .config import (
 )
 from .runtime import Stopped, stop_on_sigterm
 from .storage import redact, scrub, secrets
-from .vision.specs import DEFAULT_BACKBONE, backbone_names
+from .vision.specs import DEFAULT_BACKBONE, RUNTIMES, backbone_names
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -72,6 +72,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="crop size (default: the backbone's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="what runs the network: auto = ONNX Runtime on CPU (the backbone exported once, cached), "
+                        "torch on GPU; the embedding is the same within 1e-5 relative")
     p.add_argument("--threads", type=int, default=None, help="torch threads per CPU embedding actor")
     p.add_argument("--actors", type=int, default=None, help="embedding actors (default: per GPU / CPUs)")
     p.add_argument("--score-actors", type=int, default=None, help="kNN scoring actors")
@@ -163,7 +166,7 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
     return JobConfig(
         kind=a.command, out=a.out, normal=normal, query=query, model_dir=a.model,
         embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors,
-                          a.layers, a.tta, a.resize),
+                          a.layers, a.tta, a.resize, a.runtime),
         features=FeatureConfig(a.normalize, a.whiten, a.pca),
         index=IndexConfig(a.index, a.shards, a.reduce, a.approximate),
         score=ScoreConfig(a.k, a.quantile, a.contamination, a.score_actors, a.score_batch_size,

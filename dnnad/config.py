@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from .core.settings import COMPRESSED_KINDS, INDEX_KINDS, NORMALIZE_KINDS
-from .vision.specs import DEFAULT_BACKBONE, BackboneSpec, get_spec
+from .vision.specs import DEFAULT_BACKBONE, RUNTIMES, BackboneSpec, get_spec
 
 JOB_KINDS = ("score", "rank", "audit")
 MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
@@ -50,6 +50,7 @@ class EmbedConfig:
     layers: tuple[str, ...] = ()  # pooled intermediate modules (and/or "final"), each L2-normalised, concatenated
     tta: str | None = None  # "flip": average with the horizontally flipped image
     resize: str = "crop"  # crop (resize + centre crop) | full (whole image to a square)
+    runtime: str = "auto"  # auto | torch | onnxruntime: what runs the network on CPU (same embedding)
 
     def spec(self) -> BackboneSpec:
         """The backbone spec these settings embed with (raises ValueError on an unknown option)."""
@@ -200,6 +201,8 @@ class JobConfig:
         _in_range("--batch-size", self.embed.batch_size, 1, 65536)
         _in_range("--threads", self.embed.threads, 1, 1024)
         _in_range("--actors", self.embed.actors, 1, 100_000)
+        if self.embed.runtime not in RUNTIMES:
+            raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.embed.runtime!r}")
         if self.embed.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.embed.device!r}")
         if self.max_error_fraction is not None and not 0.0 <= self.max_error_fraction <= 1.0:

@@ -80,6 +80,13 @@ class Job:
             staging.abort()
             raise
 
+    def runtime(self, gpus: int) -> dict:
+        """What ran the network in the embedding actors, and its version."""
+        from ..vision.runtimes import resolve_runtime, runtime_version
+
+        name = resolve_runtime(self.cfg.embed.runtime, self.cfg.embed.spec(), gpus > 0 and self.cfg.embed.device != "cpu")
+        return {"name": name, "version": runtime_version(name)}
+
     def record(self, run: Run) -> dict:
         cpus, gpus = cluster_resources()
         w = self.weights
@@ -87,7 +94,7 @@ class Job:
             "dnnad_version": __version__, "kind": self.kind,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), "config": self.cfg.to_dict(),
             "backbone": self.cfg.embed.backbone if w else None, "weights": w.source if w else None,
-            "weights_identity": w.identity if w else None,
+            "weights_identity": w.identity if w else None, "runtime": self.runtime(gpus) if w else None,
             "cluster": {"cpus": cpus, "gpus": gpus, "host": platform.node()},
             **run.fields, "timings_s": dict(run.timings),
         }

@@ -85,10 +85,13 @@ def embed_from_taps(views: list[dict[str, np.ndarray]], layers: tuple[str, ...])
 
 
 class FeatureExtractor:
-    """A backbone ready to embed preprocessed batches: ``(n, 3, H, W) float32 → (n, d) float32``."""
+    """A backbone ready to embed preprocessed batches: ``(n, 3, H, W) float32 → (n, d) float32``.
+
+    ``onnx_model``: the backbone's export (``runtimes.cached_export``) run by ONNX Runtime instead of torch,
+    the same pooled features within 1e-5 relative; an ``onnx:`` backbone always runs there."""
 
     def __init__(self, spec: BackboneSpec, state_dict: dict | None, device: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, onnx_model: bytes | None = None):
         self.spec = spec
         if threads:
             torch.set_num_threads(threads)
@@ -96,16 +99,12 @@ class FeatureExtractor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.half = device.startswith("cuda")
-        if spec.family == "onnx":
-            import onnxruntime as ort
+        self.onnx = None
+        if spec.family == "onnx" or onnx_model is not None:
+            from .runtimes import OnnxTaps
 
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.half else ["CPUExecutionProvider"]
-            self.session = ort.InferenceSession(spec.arch, opts, providers=providers)
-            self.input_name = self.session.get_inputs()[0].name
-            self.output_name = spec.output or self.session.get_outputs()[0].name
+            self.onnx = OnnxTaps(onnx_model if onnx_model is not None else spec.arch, threads, self.half,
+                                 spec.output if spec.family == "onnx" else None)
             return
         model = build_classifier(spec)
         if state_dict is not None:
@@ -117,13 +116,15 @@ class FeatureExtractor:
         for name, module in tap_modules(self.model, spec).items():
             module.register_forward_hook(lambda _m, _i, out, name=name: self._pooled.__setitem__(name, _gap(out)))
 
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self.onnx is not None else "torch"
+
     @torch.inference_mode()
     def taps(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """Pooled features of one view, by layer name (``final`` always included), float32, unnormalised."""
-        if self.spec.family == "onnx":
-            out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
-            out = out.reshape(out.shape[0], out.shape[1], -1).mean(axis=2) if out.ndim > 2 else out
-            return {FINAL: np.ascontiguousarray(out, dtype=np.float32)}
+        if self.onnx is not None:
+            return self.onnx(x.numpy())
         self._pooled.clear()
         x = x.to(self.device, dtype=torch.float16 if self.half else torch.float32, non_blocking=True)
         if self.half:

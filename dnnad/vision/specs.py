@@ -12,6 +12,7 @@ DEFAULT_BACKBONE = "efficientnet_lite2"
 FINAL = "final"  # --layers name of the pooled penultimate features (what plain DN2 uses)
 TTA_MODES = ("flip",)
 RESIZE_MODES = ("crop", "full")
+RUNTIMES = ("auto", "torch", "onnxruntime")  # auto: ONNX Runtime on CPU, torch on GPU (vision.runtimes)
 
 
 @dataclass(frozen=True)

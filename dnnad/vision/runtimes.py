@@ -1,0 +1,144 @@
+"""CPU runtimes for torch backbones: the same network, exported once to ONNX and run by ONNX Runtime.
+
+The export holds the backbone and the global average pools of every ``--layers`` module; L2 normalisation,
+concatenation and ``--tta`` averaging stay in ``backbones.embed_from_taps``, so each runtime makes the same
+embedding from the same pooled features (equal to torch's within 1e-5 relative, ``tests/test_backbones.py``).
+An export is keyed by the weights' content and the read-out and cached on the driver (``$DNNAD_CACHE`` or
+``~/.cache/dnnad``); the job sends its bytes through Ray's object store, so a cluster exports once.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from .backbones import _gap, build_classifier, strip_head, tap_modules
+from .specs import FINAL, BackboneSpec
+
+ONNX_OPSET = 17
+CACHE_ENV = "DNNAD_CACHE"
+EXPORT_MARKER = ".dnnad-onnx-cache"  # a cache directory dnnad made; files in it are written by rename
+
+
+def resolve_runtime(runtime: str, spec: BackboneSpec, gpu: bool) -> str:
+    """The runtime an embedding actor uses: ``auto`` is ONNX Runtime for a torch backbone on CPU, torch on a
+    GPU (fp16, channels_last); an ``onnx:`` backbone always runs in ONNX Runtime."""
+    if spec.family == "onnx":
+        return "onnxruntime"
+    if runtime == "auto":
+        return "torch" if gpu else "onnxruntime"
+    return runtime
+
+
+def runtime_version(name: str) -> str:
+    if name == "onnxruntime":
+        import onnxruntime
+
+        return onnxruntime.__version__
+    return torch.__version__
+
+
+class TapNet(torch.nn.Module):
+    """The backbone returning its pooled penultimate features and the pools of ``spec.layers``, in order."""
+
+    def __init__(self, spec: BackboneSpec, state_dict: dict | None):
+        super().__init__()
+        model = build_classifier(spec)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        self.model = strip_head(model, spec).eval()
+        self.names = [n for n in spec.layers if n != FINAL]
+        self._pooled: dict[str, torch.Tensor] = {}
+        for name, module in tap_modules(self.model, spec).items():
+            module.register_forward_hook(lambda _m, _i, out, name=name: self._pooled.__setitem__(name, _gap(out)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._pooled.clear()
+        final = self.model(x)
+        return (final, *(self._pooled[n] for n in self.names))
+
+
+def weights_digest(state_dict: dict | None) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, values): what an export is keyed by."""
+    h = hashlib.sha256()
+    for name, t in sorted((state_dict or {}).items()):
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def export_key(spec: BackboneSpec, state_dict: dict | None) -> str:
+    what = f"{spec.family}:{spec.arch}:{spec.image_size}:{','.join(spec.layers)}:{ONNX_OPSET}:{torch.__version__}"
+    return hashlib.sha256(f"{what}:{weights_digest(state_dict)}".encode()).hexdigest()[:24]
+
+
+def export_onnx(spec: BackboneSpec, state_dict: dict | None) -> bytes:
+    """The backbone with its taps as ONNX (opset 17, batch dimension dynamic)."""
+    net = TapNet(spec, state_dict)
+    x = torch.zeros(2, 3, spec.image_size, spec.image_size)
+    outputs = [FINAL, *net.names]
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices: not the user's concern
+        torch.onnx.export(net, (x,), buf, input_names=["pixels"], output_names=outputs, opset_version=ONNX_OPSET,
+                          dynamic_axes={"pixels": {0: "n"}, **{o: {0: "n"} for o in outputs}}, dynamo=False)
+    return buf.getvalue()
+
+
+def cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "dnnad")
+
+
+def cached_export(spec: BackboneSpec, state_dict: dict | None, root: str | None = None) -> bytes:
+    """The ONNX export of this backbone and read-out, from the driver's cache or made (and cached) now. The
+    cache lives in its own marked subdirectory; an unwritable cache only costs the export next time."""
+    folder = os.path.join(root or cache_root(), "onnx")
+    path = os.path.join(folder, f"{spec.arch.replace('/', '_')}-{spec.image_size}-{export_key(spec, state_dict)}.onnx")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return f.read()
+    data = export_onnx(spec, state_dict)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, EXPORT_MARKER), "a").close()
+        fd, tmp = tempfile.mkstemp(prefix=".export-", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return data
+
+
+class OnnxTaps:
+    """An ONNX Runtime session of an exported ``TapNet`` (or a user's ``onnx:`` model): pooled features by
+    layer name, float32."""
+
+    def __init__(self, model: bytes | str, threads: int | None = None, gpu: bool = False,
+                 output: str | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(model, opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.outputs = [output] if output else [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        result = self.session.run(self.outputs, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        taps = {}
+        for name, out in zip(self.outputs, result):
+            out = out.reshape(out.shape[0], out.shape[1], -1).mean(axis=2) if out.ndim > 2 else out
+            taps[name] = np.ascontiguousarray(out, dtype=np.float32)
+        if FINAL not in taps:  # a user's model: its (first) output is the embedding
+            taps = {FINAL: taps[self.outputs[0]]}
+        return taps

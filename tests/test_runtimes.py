@@ -1,0 +1,76 @@
+"""CPU runtimes: the same network exported once to ONNX and run by ONNX Runtime gives the torch embedding."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dnnad.cli import main
+from dnnad.vision.backbones import FeatureExtractor
+from dnnad.vision.runtimes import EXPORT_MARKER, cached_export, resolve_runtime
+from dnnad.vision.specs import get_spec
+from dnnad.vision.weights import resolve_weights
+from tests.helpers import FAST, cifar_rows, read_scores, write_folder
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name, size, weights, layers", [
+    ("resnet18", 64, "none", ("layer2", "layer3", "final")),  # torchvision
+    ("efficientnet_lite0", 224, "imagenet", ("blocks.4", "blocks.6", "final")),  # timm, the shipped weights
+])
+def test_onnxruntime_embeds_as_torch_does_within_1e5_relative(name, size, weights, layers, tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, size, size, generator=rng) * 4 - 2
+    for spec in (get_spec(name, size), get_spec(name, size, layers=layers, tta="flip")):
+        state = resolve_weights(spec, weights).state_dict
+        onnx = cached_export(spec, state, root=str(tmp_path))
+        torch_emb = FeatureExtractor(spec, state, "cpu", threads=1)(x)
+        ort = FeatureExtractor(spec, None, "cpu", threads=1, onnx_model=onnx)
+        assert ort.runtime == "onnxruntime"
+        ort_emb = ort(x)
+        assert ort_emb.shape == torch_emb.shape and np.isfinite(ort_emb).all()
+        assert np.abs(ort_emb - torch_emb).max() <= 1e-5 * np.abs(torch_emb).max()
+    files = os.listdir(tmp_path / "onnx")
+    assert EXPORT_MARKER in files and len([f for f in files if f.endswith(".onnx")]) == 2  # one per read-out
+
+
+@pytest.mark.unit
+def test_an_export_is_cached_by_weights_and_read_out(tmp_path):
+    spec = get_spec("resnet18", 32)
+    a = resolve_weights(spec, "none").state_dict
+    first = cached_export(spec, a, root=str(tmp_path))
+    (path,) = (tmp_path / "onnx").glob("*.onnx")
+    mtime = path.stat().st_mtime_ns
+    assert cached_export(spec, {k: v.clone() for k, v in a.items()}, root=str(tmp_path)) == first
+    assert path.stat().st_mtime_ns == mtime  # read from the cache, not exported again
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in a.items()}
+    cached_export(spec, changed, root=str(tmp_path))
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2  # other weights, another export
+
+
+@pytest.mark.unit
+def test_auto_is_onnxruntime_on_cpu_and_torch_on_gpu():
+    spec = get_spec("efficientnet_lite2")
+    assert resolve_runtime("auto", spec, gpu=False) == "onnxruntime"
+    assert resolve_runtime("auto", spec, gpu=True) == "torch"
+    assert resolve_runtime("torch", spec, gpu=False) == "torch"
+
+
+@pytest.mark.ray
+def test_the_job_embeds_with_onnxruntime_by_default_and_records_it(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv("DNNAD_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    write_folder(data, cifar_rows("train", 1, 40))
+    args = ["score", "--normal", str(data), "--query", str(data), *FAST]
+    assert main([*args, "--out", str(tmp_path / "ort")]) == 0
+    assert main([*args, "--out", str(tmp_path / "torch"), "--runtime", "torch"]) == 0
+    ort, ref = read_scores(tmp_path / "ort"), read_scores(tmp_path / "torch")
+    assert ort["id"].to_pylist() == ref["id"].to_pylist()
+    np.testing.assert_allclose(ort["score"].to_numpy(), ref["score"].to_numpy(), rtol=1e-4, atol=1e-6)
+    record = json.loads((tmp_path / "ort" / "run.json").read_text())
+    assert record["runtime"]["name"] == "onnxruntime" and record["runtime"]["version"]
+    assert json.loads((tmp_path / "torch" / "run.json").read_text())["runtime"]["name"] == "torch"
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1  # exported once, on the driver
