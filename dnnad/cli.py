@@ -188,13 +188,21 @@ def explicit_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> tup
     return tuple(sorted(k for k, v in vars(a).items() if k != "command" and v != sub.get_default(k)))
 
 
-def failure(e: BaseException) -> str:
-    """One line for an I/O error, however deep Ray wrapped it (task errors carry their cause)."""
-    while getattr(e, "cause", None) is not None and e.cause is not e:
-        e = e.cause
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "") + f" (errno {e.errno})"
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+def io_error(e: BaseException) -> OSError | None:
+    """The I/O error behind ``e``, however deep Ray wrapped it (task errors carry their ``cause``)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+def failure(e: OSError) -> str:
+    """One line for an I/O error: what, on which file."""
+    what = e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return what + (f": {e.filename}" if e.filename else "") + (f" (errno {e.errno})" if e.errno else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dnnad: error: {scrub(str(e), secret)}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a quota, a read-only or refused output: nothing was committed
-        print(f"dnnad: error: {scrub(failure(e), secret)}; nothing was committed", file=sys.stderr)
+    except Exception as e:  # a full disk, a quota, a read-only or refused output: nothing was committed
+        cause = io_error(e)
+        if cause is None:
+            raise
+        print(f"dnnad: error: {scrub(failure(cause), secret)}; nothing was committed", file=sys.stderr)
         return 2
     summary = {k: record[k] for k in ("kind", "rows", "k", "threshold", "duplicates", "outputs", "timings_s")
                if k in record}
