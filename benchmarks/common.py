@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("DNNAD_SHARED_DATA", ROOT.parent / "shared" / "data"))
-DATASETS = {"cifar10": SHARED / "cifar10-jpeg.parquet", "fashion-mnist": SHARED / "fashion-mnist.parquet"}
+DATASETS = {"cifar10": SHARED / "cifar10-jpeg.parquet", "fashion-mnist": SHARED / "fashion-mnist.parquet",
+            "mtd": SHARED / "mtd.parquet"}  # MTD: one normal class (label 0, MT_Free), defect kinds in test only
 CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -42,12 +43,13 @@ def machine() -> str:
 
 
 def subsample(dataset: str, train_per_class: int | None, test_n: int | None, seed: int = 0) -> pa.Table:
-    """id, label, split of a fixed-seed subsample: N train rows per class and M test rows."""
-    t = pq.read_table(DATASETS[dataset], columns=["id", "label", "split"])
+    """id, label, label_name, split of a fixed-seed subsample: N train rows per class present in the train split
+    and M test rows (None, 0 or more than there are: all of them)."""
+    t = pq.read_table(DATASETS[dataset], columns=["id", "label", "label_name", "split"])
     rng = np.random.default_rng(seed)
     keep = []
     split, label = t["split"].to_numpy(zero_copy_only=False), t["label"].to_numpy()
-    for c in np.unique(label):
+    for c in np.unique(label[split == "train"]):
         idx = np.flatnonzero((split == "train") & (label == c))
         keep.append(np.sort(rng.permutation(idx)[: train_per_class or len(idx)]))
     test = np.flatnonzero(split == "test")
