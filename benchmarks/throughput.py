@@ -1,6 +1,6 @@
 """Speed and memory of the Ray pipeline against plain single-process baselines, measured in one run.
 
-    python benchmarks/throughput.py [--parts embed,knn,shards,scale] [--scale-n 1000000]
+    python benchmarks/throughput.py [--parts embed,knn,shards,scale,cli] [--scale-n 1000000]
 
 Prints ratios (dnnad on Ray / plain baseline with the same threads) so that the figures mean something on a
 noisy shared machine, and writes the table to benchmarks/results/.
@@ -208,9 +208,53 @@ def scale_bench(n: int, d: int, nq: int, k: int, kinds: list[str]) -> list[str]:
     return lines
 
 
+def cli_bench(repeats: int = 5) -> list[str]:
+    """The command line's latency (figures the tests do not assert): ``dnnad --help`` and a bad configuration's
+    one-line error (a normal folder of one image, refused after listing it, before Ray), each in a fresh process
+    (median of ``repeats``) against a bare ``python -c pass``; and ``JobConfig.validate()`` in process."""
+    import statistics
+    import subprocess
+    import sys
+
+    from common import ROOT
+    from PIL import Image
+
+    from dnnad.cli import config_from_args, explicit_settings, parser
+
+    def median_s(argv: list[str], rc: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+            times.append(time.perf_counter() - t0)
+            if p.returncode != rc:
+                raise RuntimeError(f"{argv}: exit {p.returncode}, expected {rc}: {p.stderr[-2000:]}")
+        return statistics.median(times)
+
+    bare = median_s(["-c", "pass"], 0)
+    help_s = median_s(["-m", "dnnad.cli", "--help"], 0)
+    with tempfile.TemporaryDirectory() as d:
+        os.mkdir(f"{d}/one")
+        Image.new("RGB", (32, 32), "red").save(f"{d}/one/a.png")
+        bad_s = median_s(["-m", "dnnad.cli", "score", "--normal", f"{d}/one", "--query", f"{d}/one", "--out",
+                          f"{d}/out", "--quiet"], 2)
+    ap = parser()
+    a = ap.parse_args(["score", "--query", "q", "--out", "o"])
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        config_from_args(a, explicit_settings(ap, a)).validate()
+    validate_ms = (time.perf_counter() - t0) / n * 1000
+    return [f"| `dnnad --help`, fresh process (median of {repeats}) | {bare:.2f} s (`python -c pass`) | "
+            f"{help_s:.2f} s | {help_s / bare:.1f}x |",
+            f"| bad configuration to its one-line error, fresh process (median of {repeats}) | {bare:.2f} s "
+            f"(`python -c pass`) | {bad_s:.2f} s | {bad_s / bare:.1f}x |",
+            f"| `JobConfig.validate()` in process (mean of {n}) | | {validate_ms:.2f} ms | |"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--parts", default="embed,knn,shards,scale")
+    ap.add_argument("--parts", default="embed,knn,shards,scale", help="also: cli (the command line's latency)")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--embed-n32", type=int, default=10_000, help="images at 32 px (0: skip)")
     ap.add_argument("--embed-n224", type=int, default=512, help="images at 224 px (0: skip)")
@@ -245,6 +289,9 @@ def main() -> None:
         print("\n".join(lines[-6:]), flush=True)
     if "scale" in parts:
         lines += scale_bench(a.scale_n, 512, a.scale_queries, 2, a.scale_kinds.split(","))
+    if "cli" in parts:
+        lines += cli_bench()
+        print("\n".join(lines[-3:]), flush=True)
     write_results(f"throughput-{a.parts.replace(',', '-')}-{a.scale_n}", lines)
 
 

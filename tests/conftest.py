@@ -1,7 +1,15 @@
 """Fixtures: one real local Ray per session, real image folders on disk. Helpers live in tests/helpers.py.
 
-Tiers: tests that need no Ray are marked ``unit`` (``pytest -m unit`` runs them alone in seconds); the
-full suite (the README's test command) runs everything.
+Tiers: every test says which one it belongs to, with a module-level ``pytestmark`` or its own mark:
+
+- ``unit``: no Ray, no job, no server; ``pytest -m unit`` runs them alone in well under a minute;
+- ``ray``: a real local Ray, a job run as its own process, a cluster or an S3 server; ``slow`` marks the longest
+  of them (``pytest -m "ray and not slow"`` leaves those out);
+- ``gpu``: needs CUDA (skipped elsewhere).
+
+Collection fails on a test without a tier, with both ``unit`` and ``ray``, with ``slow`` but not ``ray``, or
+marked ``unit`` while it asks for a Ray fixture; a ``unit`` test fails if it initialised Ray or left a child
+process running. Unit tests run first, so that no Ray started by a ray test is up while they run.
 """
 from __future__ import annotations
 
@@ -11,10 +19,11 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow.fs as pafs
 import pytest
 
-from tests.helpers import cifar_rows, write_folder
+from tests.helpers import make_corpus
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Credentials of the local S3 server (tests/test_object_store.py), set before Ray starts so that its workers
@@ -23,14 +32,82 @@ for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "
                    ("AWS_DEFAULT_REGION", "us-east-1")):
     os.environ.setdefault(key, value)
 
-RAY_FIXTURES = {"ray_local", "one_shard_run", "nights", "clean_rank", "s3"}
+TIERS = ("unit", "ray", "gpu")
+RAY_FIXTURES = {"ray_local", "s3"}  # a unit test may not ask for these, directly or through another fixture
+
+
+def tier_problem(item: pytest.Item) -> str | None:
+    marks = {m.name for m in item.iter_markers()}
+    if not marks & set(TIERS):
+        return "has no tier marker (unit, ray or gpu)"
+    if {"unit", "ray"} <= marks:
+        return "is marked both unit and ray"
+    if "slow" in marks and "ray" not in marks:
+        return "is marked slow but not ray (slow is a kind of ray test)"
+    needs = RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if "unit" in marks and needs:
+        return f"is marked unit but uses {', '.join(sorted(needs))} (mark it ray)"
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
-    """Everything that starts Ray, a job or a subprocess is ``ray``; the rest is ``unit``."""
-    for item in items:
-        uses_ray = bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ()))) or item.get_closest_marker("ray")
-        item.add_marker(pytest.mark.ray if uses_ray else pytest.mark.unit)
+    """Check every test's tier (never infer it), then run the unit tests first."""
+    problems = [f"{item.nodeid} {why}" for item in items if (why := tier_problem(item))]
+    if problems:
+        raise pytest.UsageError("tests with a wrong tier marker:\n  " + "\n  ".join(problems))
+    items.sort(key=lambda item: item.get_closest_marker("unit") is None)  # stable: files keep their order
+
+
+def ray_is_initialized() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def live_children() -> set[int]:
+    """This process's descendants still running (a child that exited, reaped or not, does not count)."""
+    alive = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.fixture(autouse=True)
+def unit_tier_guard(request):
+    """A unit test may not start Ray nor leave a process behind; it runs with one thread (torch, FAISS and BLAS
+    alike), as small inputs do not gain from more and a busy 2-core machine loses badly to spinning threads."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    ray_before, before = ray_is_initialized(), live_children()
+    with threadpool_limits(limits=1):
+        if torch:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if torch:
+                torch.set_num_threads(threads)
+    problems = []
+    if ray_is_initialized() and not ray_before:
+        problems.append("initialised Ray")
+    left = live_children() - before
+    if left:
+        names = []
+        for pid in sorted(left):
+            try:
+                names.append(f"{pid} {' '.join(psutil.Process(pid).cmdline())[:120]}")
+            except psutil.NoSuchProcess:
+                names.append(str(pid))
+        problems.append(f"left child processes running: {names}")
+    if problems:
+        pytest.fail(f"unit test {request.node.nodeid} " + " and ".join(problems) + " (mark it ray)", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -45,18 +122,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A normal folder (120 automobiles) and a query folder (200 test images + 3 corrupt files)."""
-    root = tmp_path_factory.mktemp("corpus")
-    normal, query = root / "normal", root / "query"
-    normal.mkdir(), query.mkdir()
-    write_folder(normal, cifar_rows("train", 1, 120))
-    good = write_folder(query, cifar_rows("test", None, 200))
-    jpeg = (query / good[0]).read_bytes()
-    (query / "corrupt" / "truncated.jpg").parent.mkdir()
-    (query / "corrupt" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
-    (query / "corrupt" / "text.png").write_text("this is not an image\n")
-    (query / "corrupt" / "empty.jpg").write_bytes(b"")
-    return {"normal": normal, "query": query, "good": good,
-            "bad": ["corrupt/truncated.jpg", "corrupt/text.png", "corrupt/empty.jpg"]}
+    return make_corpus(tmp_path_factory.mktemp("corpus"), normal=120, query=200,
+                       bad=["corrupt/truncated.jpg", "corrupt/text.png", "corrupt/empty.jpg"])
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Shared test helpers: real CIFAR rows from ../shared/data, image folders and Parquet files on disk."""
+"""Shared test helpers: real CIFAR rows from ../shared/data, image folders (``make_corpus``) and Parquet files
+on disk, and the repository's ``ROOT``."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +8,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-SHARED_DATA = Path(os.environ.get("DNNAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the one definition every test imports
+SHARED_DATA = Path(os.environ.get("DNNAD_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CIFAR = SHARED_DATA / "cifar10-jpeg.parquet"
 
 # Fast mechanics runs: random-init ResNet-18 on 32 px crops. Accuracy tests use the pretrained Lite2.
@@ -24,7 +27,6 @@ FAST = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--
 # Runs slow enough to be killed between partitions: 200 query images make 5 partitions of 40.
 RESUMABLE = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "8",
              "--score-batch-size", "8", "--partition-rows", "40", "--quiet"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def kill_once(cmd: list[str], committed: Callable[[], bool], timeout: float = 300) -> None:
@@ -62,6 +64,50 @@ def write_folder(root: Path, table: pa.Table, sub: str = "") -> list[str]:
         (root / rel).write_bytes(r["image"])
         ids.append(rel)
     return ids
+
+
+@dataclass
+class Corpus:
+    """Image folders on disk: ``normal`` (train images of one class), ``query`` (test images of every class, then
+    the damaged files); ``good`` and ``bad`` are the query's ids (paths relative to ``query``)."""
+
+    root: Path
+    normal: Path
+    query: Path
+    good: list[str] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
+
+
+def damaged(name: str, jpeg: bytes) -> bytes:
+    """What a damaged file called ``name`` holds: "truncated" the first third of a real JPEG, "empty" nothing,
+    anything else text (not an image)."""
+    stem = Path(name).stem
+    if "truncated" in stem:
+        return jpeg[: len(jpeg) // 3]
+    return b"" if "empty" in stem else b"this is not an image\n"
+
+
+def make_corpus(root: Path, normal: int = 0, query: int = 0, bad: Iterable[str] = (), *, label: int = 1,
+                normal_offset: int = 0, query_offset: int = 0) -> Corpus:
+    """The one corpus-folder factory: ``normal`` train images of class ``label`` (from ``normal_offset``) in
+    ``root/normal``, ``query`` test images of every class (from ``query_offset``) in ``root/query`` and, beside
+    them, one damaged file per name in ``bad`` (see ``damaged``). A folder with nothing to hold is not made;
+    calling it again on the same root adds files."""
+    root = Path(root)
+    c = Corpus(root, root / "normal", root / "query")
+    if normal:
+        c.normal.mkdir(parents=True, exist_ok=True)
+        write_folder(c.normal, cifar_rows("train", label, normal, offset=normal_offset))
+    bad = list(bad)
+    if query or bad:
+        c.query.mkdir(parents=True, exist_ok=True)
+        c.good = write_folder(c.query, cifar_rows("test", None, query, offset=query_offset)) if query else []
+        jpeg = (c.query / c.good[0]).read_bytes() if c.good else cifar_rows("test", None, 1)["image"][0].as_py()
+        for name in bad:
+            (c.query / name).parent.mkdir(parents=True, exist_ok=True)
+            (c.query / name).write_bytes(damaged(name, jpeg))
+        c.bad = bad
+    return c
 
 
 def png_bytes(img) -> bytes:

@@ -2,10 +2,13 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from dnnad.cli import main
 from tests.helpers import CIFAR
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # the pretrained Lite2 on 1,500 images
 
 
 def test_one_class_cifar10_automobile_auroc(ray_local, tmp_path):

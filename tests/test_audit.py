@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnnad.cli import main
-from tests.helpers import FAST, cifar_rows, write_folder
+from tests.helpers import FAST, make_corpus
 
+pytestmark = pytest.mark.ray
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -22,15 +23,13 @@ def nights(ray_local, corpus, tmp_path_factory):
     """A model, then two audit nights over a corpus that grew by one image (1 %)."""
     root = tmp_path_factory.mktemp("audit")
     model = root / "model"
-    assert main(["score", "--normal", str(corpus["normal"]), "--query", str(corpus["normal"]),
+    assert main(["score", "--normal", str(corpus.normal), "--query", str(corpus.normal),
                  "--out", str(root / "fit"), "--model", str(model), *FAST]) == 0
-    corpus_dir = root / "corpus"
-    write_folder(corpus_dir, cifar_rows("test", None, 100))
-    (corpus_dir / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    corpus_dir = make_corpus(root / "corpus", query=100, bad=["broken.jpg"]).query
     out = root / "audits"
     base = ["audit", "--model", str(model), "--query", str(corpus_dir), "--out", str(out), "--top", "5", *FAST]
     assert main([*base, "--date", "2026-11-28"]) == 0
-    write_folder(corpus_dir, cifar_rows("test", None, 1, offset=500))  # tonight's single new image
+    make_corpus(root / "corpus", query=1, query_offset=500)  # tonight's single new image
     assert main([*base, "--date", "2026-11-29"]) == 0
     return out, base
 

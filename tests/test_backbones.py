@@ -12,11 +12,12 @@ from dnnad.config import ConfigError, EmbedConfig, JobConfig, SourceConfig
 from dnnad.vision.backbones import FeatureExtractor, build_classifier, preprocess_fn
 from dnnad.vision.specs import get_spec
 from dnnad.vision.weights import WeightsError, resolve_weights
+from tests.helpers import ROOT, make_corpus
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
 def test_packaged_lite_weights_classify_chelsea_as_a_cat(name):
     from skimage.data import chelsea
@@ -32,6 +33,7 @@ def test_packaged_lite_weights_classify_chelsea_as_a_cat(name):
     assert weights.source == "imagenet" and "sha256:" in weights.identity
 
 
+@pytest.mark.unit
 def test_features_are_pooled_penultimate_activations():
     spec = get_spec("efficientnet_lite2")
     fe = FeatureExtractor(spec, resolve_weights(spec, "imagenet").state_dict, device="cpu")
@@ -39,6 +41,7 @@ def test_features_are_pooled_penultimate_activations():
     assert out.shape == (2, 1280) and out.dtype == np.float32
 
 
+@pytest.mark.unit
 def test_weights_file_round_trip_and_wrong_architecture(tmp_path):
     spec = get_spec("resnet18")
     sd = build_classifier(spec).state_dict()
@@ -51,6 +54,7 @@ def test_weights_file_round_trip_and_wrong_architecture(tmp_path):
         resolve_weights(get_spec("resnet50"), str(path))
 
 
+@pytest.mark.unit
 def test_weights_file_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"w": torch.zeros(1), "x": os.system}, path)  # a pickle that references a callable
@@ -58,6 +62,7 @@ def test_weights_file_with_code_is_refused(tmp_path):
         resolve_weights(get_spec("resnet18"), str(path))
 
 
+@pytest.mark.ray  # runs jobs/score.py
 def test_imagenet_weights_offline_fail_fast_naming_the_alternatives(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     Image.new("RGB", (8, 8), "red").save(tmp_path / "b.png")
@@ -71,6 +76,7 @@ def test_imagenet_weights_offline_fail_fast_naming_the_alternatives(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+@pytest.mark.unit
 def test_onnx_model_is_an_embedder(tmp_path):
     spec = get_spec("resnet18", image_size=64)
     torch.manual_seed(0)
@@ -88,18 +94,21 @@ def test_onnx_model_is_an_embedder(tmp_path):
         np.testing.assert_allclose(got, net(x).numpy(), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.unit
 def test_unknown_backbone_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown backbone 'resnet7'"):
         JobConfig(kind="score", out="x", query=SourceConfig("y"), embed=EmbedConfig("resnet7")).validate()
 
 
-def test_embeddings_do_not_depend_on_how_rows_are_batched(corpus):
+@pytest.mark.unit
+def test_embeddings_do_not_depend_on_how_rows_are_batched(tmp_path):
     from dnnad.stages.embed import Embedder
 
     spec = get_spec("efficientnet_lite0", 64)
-    emb = Embedder(spec, resolve_weights(spec, "imagenet").state_dict, device="cpu", batch_size=8)
-    ids = sorted(corpus["good"])[:13]
-    batch = {"id": np.array(ids, dtype=object), "path": np.array([str(corpus["query"] / i) for i in ids], dtype=object)}
+    emb = Embedder(spec, resolve_weights(spec, "imagenet").state_dict, device="cpu", batch_size=4)
+    corpus = make_corpus(tmp_path, query=6)  # a batch of 4 and one of 2 padded to 4, against 6 batches of 1
+    ids = sorted(corpus.good)
+    batch = {"id": np.array(ids, dtype=object), "path": np.array([str(corpus.query / i) for i in ids], dtype=object)}
     whole = np.stack(emb(batch)["embedding"].to_numpy(zero_copy_only=False))
     one_by_one = np.stack([np.stack(emb({k: v[i:i + 1] for k, v in batch.items()})["embedding"].to_numpy(
         zero_copy_only=False))[0] for i in range(len(ids))])

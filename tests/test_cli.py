@@ -1,24 +1,25 @@
-"""The command line: fast help, flags validated in one place."""
+"""The command line: a light --help, flags validated in one place. (How fast --help and validation are is
+reported by ``benchmarks/throughput.py --parts cli``.)"""
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from dnnad.cli import config_from_args, explicit_settings, parser
 from dnnad.config import ConfigError
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.unit
 
 
-def test_help_is_fast_and_imports_no_torch_faiss_or_ray():
-    code = ("import sys, time; t=time.perf_counter(); from dnnad.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(time.perf_counter()-t, [m for m in ('torch', 'faiss', 'ray') if m in sys.modules])")
+def test_help_imports_no_torch_faiss_or_ray():
+    """A fresh interpreter (this one has them all loaded): --help prints the usage and loads none of them."""
+    code = ("import sys; from dnnad.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print([m for m in ('torch', 'faiss', 'ray') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    seconds, heavy = out.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert heavy == "[]" and float(seconds) < 1.0
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage: dnnad" in out.stdout and out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def cfg(*argv):
@@ -50,6 +51,4 @@ def test_job_specific_flags():
         cfg("audit", "--model", "m", "--query", "q", "--out", "o", "--date", "yesterday").validate()
     with pytest.raises(ConfigError, match="--model"):
         cfg("audit", "--query", "q", "--out", "o").validate()
-    t0 = time.perf_counter()
-    cfg("score", "--query", "q", "--out", "o").validate()
-    assert time.perf_counter() - t0 < 0.5
+    cfg("score", "--query", "q", "--out", "o").validate()  # validation touches no path: "q" need not exist

@@ -2,16 +2,19 @@
 import json
 import os
 
+import pytest
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.unit
 
 
 def test_cluster_yaml_is_valid_for_ray_up():
     import jsonschema
     import ray.autoscaler
 
-    with open(os.path.join(ROOT, "cluster.yaml")) as f:
+    with open(ROOT / "cluster.yaml") as f:
         config = yaml.safe_load(f)
     with open(os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")) as f:
         schema = json.load(f)  # the schema `ray up` validates against

@@ -1,6 +1,7 @@
 """Embeddings brought to the driver for the fit and the ranking: every readable row once, in a fixed order."""
 import numpy as np
 import pyarrow as pa
+import pytest
 
 
 def embedded_blocks(rows: list[tuple]) -> list[pa.Table]:
@@ -20,6 +21,7 @@ def embedded_blocks(rows: list[tuple]) -> list[pa.Table]:
     return tables
 
 
+@pytest.mark.ray
 def test_collect_sorts_readable_rows_by_id_and_keeps_errors_apart(ray_local):
     import ray.data
 
@@ -37,6 +39,7 @@ def test_collect_sorts_readable_rows_by_id_and_keeps_errors_apart(ray_local):
         {"id": "bad", "error": "cannot identify image file"}, {"id": "z", "error": "empty file"}]
 
 
+@pytest.mark.ray
 def test_equal_ids_are_ordered_by_their_vectors_whatever_order_they_arrive_in(ray_local):
     import ray.data
 
@@ -51,6 +54,7 @@ def test_equal_ids_are_ordered_by_their_vectors_whatever_order_they_arrive_in(ra
     assert first.extra["label"].tolist() == again.extra["label"].tolist() == ["q", "p", "s", "r"]  # by bytes
 
 
+@pytest.mark.unit
 def test_rows_from_uneven_batches_land_in_sorted_order_in_one_array():
     """Batches of 3, 0 (every row unreadable) and 2 readable rows: each row lands at its sorted position."""
     from dnnad.stages.collect import sort_order, take_rows
@@ -66,6 +70,7 @@ def test_rows_from_uneven_batches_land_in_sorted_order_in_one_array():
     assert take_rows([np.zeros((0, 4), np.float32)], np.zeros(0, np.int64)).shape == (0, 4)
 
 
+@pytest.mark.ray
 def test_ray_address_means_a_cluster_whose_hosts_may_not_share_files(ray_local, monkeypatch):
     from dnnad.runtime import files_reach_every_actor
 

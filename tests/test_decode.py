@@ -9,6 +9,8 @@ from PIL import Image
 from dnnad.vision.decode import DecodeError, decode_image
 from tests.helpers import png_bytes
 
+pytestmark = pytest.mark.unit
+
 
 def declared_size_png(width: int, height: int) -> bytes:
     """A tiny valid PNG whose header claims width x height (a decompression bomb's signature)."""

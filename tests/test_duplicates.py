@@ -6,6 +6,8 @@ from dnnad.core.arrays import l2_normalize
 from dnnad.core.dn2 import FitParams, fit_reference
 from dnnad.core.duplicates import EXTRA_NEIGHBOURS, candidate_pairs, find_duplicates
 
+pytestmark = pytest.mark.unit
+
 
 def cloud(n: int = 60, d: int = 8, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
-
 from sklearn.utils.estimator_checks import check_estimator
 
 from dnnad import DN2, rank_outliers

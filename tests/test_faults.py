@@ -13,6 +13,8 @@ import pytest
 from dnnad.cli import main
 from tests.helpers import read_scores
 
+pytestmark = pytest.mark.ray
+
 SLOW = ["--backbone", "resnet18", "--weights", "none", "--image-size", "160", "--batch-size", "4",
         "--score-batch-size", "4", "--quiet"]
 
@@ -43,7 +45,7 @@ def kill_first_actor(class_name: str, stop: threading.Event, delay_s: float) -> 
 @pytest.fixture(scope="module")
 def undisturbed(ray_local, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "clean"
-    assert main(["score", "--normal", str(corpus["normal"]), "--query", str(corpus["query"]),
+    assert main(["score", "--normal", str(corpus.normal), "--query", str(corpus.query),
                  "--out", str(out), *SLOW]) == 0
     return out
 
@@ -55,7 +57,7 @@ def test_killed_actor_is_replaced_and_output_is_identical(undisturbed, corpus, t
     killer = threading.Thread(target=lambda: killed.extend(kill_first_actor(actor, stop, 0.2)))
     killer.start()
     try:
-        rc = main(["score", "--model", str(undisturbed / "model"), "--query", str(corpus["query"]),
+        rc = main(["score", "--model", str(undisturbed / "model"), "--query", str(corpus.query),
                    "--out", str(out), *SLOW])
     finally:
         stop.set()
@@ -78,7 +80,7 @@ def test_interrupted_run_leaves_no_results_and_rerun_completes_once(undisturbed,
         {"host": os.uname().nodename, "pid": dead.pid, "proc_start": "0", "started": "earlier"}))
     (out / ".staging-unknown").mkdir()  # no owner file: not provably dnnad's, so never deleted
     assert not (out / "run.json").exists() and not (out / "scores").exists()  # readers see no result
-    assert main(["score", "--model", str(undisturbed / "model"), "--query", str(corpus["query"]),
+    assert main(["score", "--model", str(undisturbed / "model"), "--query", str(corpus.query),
                  "--out", str(out), *SLOW]) == 0
     t = pq.read_table(out / "scores")
     assert t.num_rows == 203 and len(set(t["id"].to_pylist())) == 203
@@ -89,12 +91,12 @@ def test_every_kind_of_bad_input_is_an_error_row_or_converted(ray_local, corpus,
     import numpy as np
     from PIL import Image
 
-    from tests.helpers import cifar_rows, png_bytes, write_folder
+    from tests.helpers import make_corpus, png_bytes
     from tests.test_decode import declared_size_png, jpeg_bytes
 
-    data = tmp_path / "zoo"
-    write_folder(data, cifar_rows("test", None, 100))
-    good_jpeg = next(data.iterdir()).read_bytes()
+    zoo = make_corpus(tmp_path / "zoo", query=100)
+    data = zoo.query
+    good_jpeg = (data / zoo.good[0]).read_bytes()
     bad = {
         "bad/truncated.jpg": (good_jpeg[:200], "truncated or corrupt"),
         "bad/truncated.png": (png_bytes(Image.new("RGB", (64, 64), "red"))[:80], "truncated or corrupt"),
@@ -115,7 +117,7 @@ def test_every_kind_of_bad_input_is_an_error_row_or_converted(ray_local, corpus,
     (data / "bad" / "dangling.jpg").symlink_to(tmp_path / "deleted-long-ago.jpg")
     bad["bad/dangling.jpg"] = (None, "file not found")
     out = tmp_path / "out"
-    assert main(["score", "--normal", str(corpus["normal"]), "--query", str(data), "--out", str(out), *SLOW]) == 0
+    assert main(["score", "--normal", str(corpus.normal), "--query", str(data), "--out", str(out), *SLOW]) == 0
     rows = {r["id"]: r for r in pq.read_table(out / "scores").to_pylist()}
     assert len(rows) == 100 + len(bad) + len(converted)
     for name, (_, reason) in bad.items():

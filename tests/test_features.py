@@ -31,6 +31,7 @@ def correlated(n=4000, d=6, seed=0):
     return (rng.normal(size=(n, d)) @ A + rng.normal(size=d) * 5).astype(np.float32)
 
 
+@pytest.mark.unit
 def test_whitened_normal_vectors_have_identity_covariance_and_mahalanobis_distances():
     X = correlated()
     t = fit_transform(X, whiten=True)
@@ -44,6 +45,7 @@ def test_whitened_normal_vectors_have_identity_covariance_and_mahalanobis_distan
     assert 0.0 <= t.shrinkage <= 1.0
 
 
+@pytest.mark.unit
 def test_whitening_survives_fewer_rows_than_dimensions_and_identical_rows():
     rng = np.random.default_rng(1)
     X, Q = rng.normal(size=(5, 64)), rng.normal(size=(3, 64))
@@ -55,6 +57,7 @@ def test_whitening_survives_fewer_rows_than_dimensions_and_identical_rows():
     assert np.isfinite(fit_transform(same, whiten=True).transform(same)).all()
 
 
+@pytest.mark.unit
 def test_l2_rows_have_unit_norm_and_plain_is_the_identity():
     X = correlated(n=100)
     np.testing.assert_allclose(np.linalg.norm(fit_transform(X, "l2").transform(X), axis=1), 1, rtol=1e-6)
@@ -64,6 +67,7 @@ def test_l2_rows_have_unit_norm_and_plain_is_the_identity():
         fit_transform(X, "l1")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("normalize, whiten", [(None, False), ("l2", False), (None, True), ("l2", True)])
 def test_estimator_equals_plain_dn2_on_transformed_vectors(normalize, whiten):
     X, _ = planted(n_normal=300, n_anom=0, d=12)
@@ -81,6 +85,7 @@ def test_estimator_equals_plain_dn2_on_transformed_vectors(normalize, whiten):
         np.testing.assert_allclose(model.anomaly_score(Q), dist.mean(1), rtol=1e-5)
 
 
+@pytest.mark.unit
 def test_whitening_helps_where_the_normal_set_is_anisotropic():
     """A thin normal cloud: Euclidean kNN misses anomalies off its axis; Mahalanobis kNN sees them."""
     rng = np.random.default_rng(2)
@@ -100,6 +105,7 @@ def fitted(params, **embedding):
                              weights="none", **embedding)
 
 
+@pytest.mark.unit
 def test_model_with_feature_options_round_trips_and_is_format_version_3(tmp_path):
     X, m = fitted(FitParams(k=2, normalize="l2", whiten=True), layers=["layer3", "final"], tta="flip",
                   resize="full")
@@ -116,6 +122,7 @@ def test_model_with_feature_options_round_trips_and_is_format_version_3(tmp_path
     assert load_model(str(tmp_path / "plain")).transform.is_identity
 
 
+@pytest.mark.unit
 def test_damaged_whitening_arrays_are_refused(tmp_path):
     _, m = fitted(FitParams(k=2, whiten=True))
     save_model(m, str(tmp_path / "m"))
@@ -124,6 +131,7 @@ def test_damaged_whitening_arrays_are_refused(tmp_path):
         load_model(str(tmp_path / "m"))
 
 
+@pytest.mark.unit
 def test_a_saved_model_decides_the_feature_flags():
     _, m = fitted(FitParams(k=2, normalize="l2", whiten=True), layers=["layer3", "final"], tta="flip",
                   resize="full")
@@ -152,6 +160,7 @@ def r18():
     return resolve_weights(spec, "none").state_dict
 
 
+@pytest.mark.unit
 def test_layers_are_l2_normalised_pools_concatenated_and_flip_averages_views(r18):
     x = torch.randn(3, 3, 32, 32)
     plain = FeatureExtractor(get_spec("resnet18", 32), r18, device="cpu")
@@ -171,6 +180,7 @@ def test_layers_are_l2_normalised_pools_concatenated_and_flip_averages_views(r18
     np.testing.assert_array_equal(embed_from_taps([taps], ()), taps["final"])
 
 
+@pytest.mark.unit
 def test_unknown_layer_and_onnx_layers_are_refused(r18):
     with pytest.raises(ValueError, match="has no module 'blocks.9'.*layer4"):
         FeatureExtractor(get_spec("resnet18", 32, layers=("blocks.9",)), r18, device="cpu")
@@ -180,6 +190,7 @@ def test_unknown_layer_and_onnx_layers_are_refused(r18):
         get_spec("resnet18", tta="rotate")
 
 
+@pytest.mark.unit
 def test_full_resize_keeps_the_whole_image():
     img = Image.new("RGB", (40, 40), (255, 255, 255))
     img.paste((0, 0, 0), (0, 0, 40, 3))  # a black border row that centre cropping cuts off
@@ -190,13 +201,14 @@ def test_full_resize_keeps_the_whole_image():
     assert get_spec("resnet18", resize="full").feature_tag == "full" and get_spec("resnet18").feature_tag == ""
 
 
+@pytest.mark.ray
 def test_feature_options_round_trip_through_a_saved_model_and_match_the_library(ray_local, corpus, tmp_path):
     from dnnad.cli import main
     from dnnad.stages.embed import Embedder
     from tests.helpers import FAST, read_scores
 
     options = ["--normalize", "l2", "--whiten", "--layers", "layer3,final", "--tta", "flip", "--resize", "full"]
-    normal, query, model = str(corpus["normal"]), str(corpus["query"]), str(tmp_path / "model")
+    normal, query, model = str(corpus.normal), str(corpus.query), str(tmp_path / "model")
     assert main(["score", "--normal", normal, "--query", query, "--out", str(tmp_path / "fit"), "--model", model,
                  *options, *FAST]) == 0
     assert main(["score", "--query", query, "--out", str(tmp_path / "reuse"), "--model", model, *FAST]) == 0
@@ -216,14 +228,15 @@ def test_feature_options_round_trip_through_a_saved_model_and_match_the_library(
         out = emb({"id": np.array(ids, dtype=object), "path": np.array([str(root / i) for i in ids], dtype=object)})
         return np.stack(out["embedding"].to_numpy(zero_copy_only=False))
 
-    normal_ids = sorted(p.name for p in corpus["normal"].iterdir())
-    lib = DN2(k=2, normalize="l2", whiten=True).fit(embed(corpus["normal"], normal_ids))
+    normal_ids = sorted(p.name for p in corpus.normal.iterdir())
+    lib = DN2(k=2, normalize="l2", whiten=True).fit(embed(corpus.normal, normal_ids))
     ok = fit.filter(pc.equal(fit["status"], "ok"))
-    expected = lib.anomaly_score(embed(corpus["query"], ok["id"].to_pylist()))
+    expected = lib.anomaly_score(embed(corpus.query, ok["id"].to_pylist()))
     np.testing.assert_allclose(ok["score"].to_numpy(), expected, rtol=1e-4)
     assert load_model(model).threshold == pytest.approx(lib.threshold_, rel=1e-4)
 
 
+@pytest.mark.unit
 def test_pca_keeps_the_normal_sets_leading_components():
     """``pca=D``: distances after the transform are those between scikit-learn PCA projections (signs aside),
     the index holds D dimensions, and with whitening the covariance is fitted in those D dimensions."""
@@ -248,6 +261,7 @@ def test_pca_keeps_the_normal_sets_leading_components():
         fit_transform(X, pca=11)
 
 
+@pytest.mark.unit
 def test_estimator_with_pca_scores_brute_force_in_the_projected_space():
     X, _ = planted(n_normal=300, n_anom=0, d=12)
     Q, _ = planted(n_normal=100, n_anom=10, d=12, seed=3)
@@ -258,6 +272,7 @@ def test_estimator_with_pca_scores_brute_force_in_the_projected_space():
     assert model.index_.d == 5 and model.n_features_in_ == 12
 
 
+@pytest.mark.unit
 def test_model_with_pca_round_trips_as_format_version_4_and_decides_the_flag(tmp_path):
     X, m = fitted(FitParams(k=2, pca=3, whiten=True))
     assert (m.meta.dim, m.meta.input_dim, m.meta.query_dim, m.meta.pca) == (3, 8, 8, 3)
@@ -273,6 +288,7 @@ def test_model_with_pca_round_trips_as_format_version_4_and_decides_the_flag(tmp
         apply_model(c, back, frozenset(c.explicit))
 
 
+@pytest.mark.unit
 def test_approximate_scores_a_compressed_index_from_its_codes_without_reading_vectors():
     """``approximate=True``: distances are the codes' (FAISS's own search), the vectors are never read."""
     import faiss

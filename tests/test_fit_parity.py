@@ -15,6 +15,7 @@ def data_with_duplicates():
     return np.vstack([X, X[:6]]), np.array([f"row-{i:04d}" for i in range(len(X) + 6)], dtype=object)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("params", [
     FitParams(k=2), FitParams(k=3, n_shards=3), FitParams(k=2, reduce=25), FitParams(k=2, exclude_duplicates=True),
     FitParams(k=2, index="hnsw", n_shards=2), FitParams(k=2, contamination=0.05),
@@ -33,6 +34,7 @@ def test_library_and_ray_backend_fit_identically(ray_local, params):
     np.testing.assert_array_equal(est.loo_scores_, remote.calibration_scores)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("params, groups", [
     (FitParams(k=3, n_shards=3), 3), (FitParams(k=2, n_shards=4, exclude_duplicates=True), 2),
     (FitParams(k=2, n_shards=5, index="sq8"), 2),
@@ -47,6 +49,7 @@ def test_shard_groups_on_separate_actor_pools_fit_identically(ray_local, params,
     np.testing.assert_array_equal(local.calibration_pos, remote.calibration_pos)
 
 
+@pytest.mark.unit
 def test_reduced_fit_calibrates_normal_rows_against_the_centroids():
     X, ids = data_with_duplicates()
     fit = fit_reference(X, ids, FitParams(k=2, reduce=25))

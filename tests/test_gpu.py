@@ -32,6 +32,9 @@ def test_gpu_search_equals_the_cpu_answer_for_every_shard_count():
 
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq", "sq8"])
 def test_gpu_approximate_kinds_search(kind):
+    """The GPU only proposes candidates: both devices re-rank them exactly from the vectors on the CPU
+    (``exact=True``, the default), so every distance is the float64 Euclidean distance to the row it names,
+    and where both devices found the same row they give it the same distance."""
     from dnnad.core.index import ShardedIndex, build_index
 
     rng = np.random.default_rng(1)
@@ -39,7 +42,14 @@ def test_gpu_approximate_kinds_search(kind):
     shards = build_index(Xb, 2, kind).shards
     d_gpu, i_gpu = ShardedIndex(shards, device="cuda").search(Xq, 2)
     d_cpu, i_cpu = ShardedIndex(shards).search(Xq, 2)
-    assert np.mean(i_gpu == i_cpu) > 0.9
+    for d, i in ((d_gpu, i_gpu), (d_cpu, i_cpu)):
+        assert ((i >= 0) & (i < len(Xb))).all() and (i[:, 0] != i[:, 1]).all()
+        exact = np.sqrt(((Xq[:, None, :].astype(np.float64) - Xb[i].astype(np.float64)) ** 2).sum(-1))
+        np.testing.assert_allclose(d, exact, rtol=1e-12)
+        assert (np.diff(d, axis=1) >= 0).all()  # nearest first
+    same = i_gpu == i_cpu
+    assert same.mean() > 0.9
+    np.testing.assert_allclose(d_gpu[same], d_cpu[same], rtol=1e-12)
 
 
 def test_fp16_embedding_is_close_to_fp32():

@@ -5,10 +5,15 @@ import pytest
 from dnnad.core.dn2 import duplicate_groups, self_exclusions
 from dnnad.core.index import ShardedIndex, build_index, build_shard, shard_bounds
 
+pytestmark = pytest.mark.unit
+
 
 def brute_force(Xq, Xb, k, exclude=None):
-    """Exact float64 kNN, ties by position; ``exclude`` (nq, n) bool masks rows a query may not use."""
-    D = np.sqrt(((Xq[:, None, :].astype(np.float64) - Xb[None].astype(np.float64)) ** 2).sum(-1))
+    """Exact float64 kNN, ties by position; ``exclude`` (nq, n) bool masks rows a query may not use. Queries go
+    in chunks, so that the (queries, rows, d) differences stay small."""
+    Xb = Xb.astype(np.float64)
+    D = np.concatenate([np.sqrt(((Xq[i:i + 64, None, :].astype(np.float64) - Xb[None]) ** 2).sum(-1))
+                        for i in range(0, len(Xq), 64)])
     if exclude is not None:
         D[exclude] = np.inf
     I = np.argsort(D, axis=1, kind="stable")[:, :k]

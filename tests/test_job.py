@@ -29,22 +29,23 @@ def local_embeddings(root, ids):
 @pytest.fixture(scope="module")
 def one_shard_run(ray_local, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    assert main(["score", "--normal", str(corpus["normal"]), "--query", str(corpus["query"]),
+    assert main(["score", "--normal", str(corpus.normal), "--query", str(corpus.query),
                  "--out", str(out), "--shards", "1", *FAST]) == 0
     return out
 
 
+@pytest.mark.ray
 def test_every_file_gets_exactly_one_row_and_corrupt_files_are_error_rows(one_shard_run, corpus):
     t = read_scores(one_shard_run)
     ids = t["id"].to_pylist()
-    assert sorted(ids) == sorted(corpus["good"] + corpus["bad"]) and len(set(ids)) == len(ids)
+    assert sorted(ids) == sorted(corpus.good + corpus.bad) and len(set(ids)) == len(ids)
     rows = {r["id"]: r for r in t.to_pylist()}
     assert "truncated" in rows["corrupt/truncated.jpg"]["error"]
     assert "not an image" in rows["corrupt/text.png"]["error"]
     assert "empty file" in rows["corrupt/empty.jpg"]["error"]
-    for i in corpus["bad"]:
+    for i in corpus.bad:
         assert rows[i]["status"] == "error" and rows[i]["score"] is None
-    for i in corpus["good"]:
+    for i in corpus.good:
         r = rows[i]
         assert r["status"] == "ok" and math.isfinite(r["score"]) and r["error"] is None
         assert len(r["neighbor_ids"]) == 2 and r["score"] == pytest.approx(np.mean(r["neighbor_dists"]))
@@ -55,9 +56,10 @@ def test_every_file_gets_exactly_one_row_and_corrupt_files_are_error_rows(one_sh
     assert {"embed normal", "fit index + threshold", "embed + score query"} <= set(record["timings_s"])
 
 
+@pytest.mark.ray
 def test_four_shards_equal_one_shard_equal_brute_force_and_library_api(one_shard_run, corpus, tmp_path):
     out4 = tmp_path / "out4"
-    assert main(["score", "--normal", str(corpus["normal"]), "--query", str(corpus["query"]),
+    assert main(["score", "--normal", str(corpus.normal), "--query", str(corpus.query),
                  "--out", str(out4), "--shards", "4", "--score-actors", "2", *FAST]) == 0
     t1, t4 = read_scores(one_shard_run), read_scores(out4)
     assert t1["id"].to_pylist() == t4["id"].to_pylist()
@@ -68,7 +70,7 @@ def test_four_shards_equal_one_shard_equal_brute_force_and_library_api(one_shard
     model = load_model(str(one_shard_run / "model"))
     Xn = np.concatenate([s.vectors for s in model.shards])
     ok = t1.filter(pa.compute.field("status") == "ok")
-    Xq = local_embeddings(corpus["query"], ok["id"].to_pylist())
+    Xq = local_embeddings(corpus.query, ok["id"].to_pylist())
     D = np.sqrt(((Xq[:, None, :].astype(np.float64) - Xn[None]) ** 2).sum(-1))
     nn = np.argsort(D, axis=1, kind="stable")[:, :2]
     job_scores = ok["score"].to_numpy()
@@ -82,9 +84,10 @@ def test_four_shards_equal_one_shard_equal_brute_force_and_library_api(one_shard
     assert api.threshold_ == model.threshold
 
 
+@pytest.mark.ray
 def test_saved_model_is_reused_without_re_embedding_the_normal_set(one_shard_run, corpus, tmp_path):
     out = tmp_path / "again"
-    assert main(["score", "--model", str(one_shard_run / "model"), "--query", str(corpus["query"]),
+    assert main(["score", "--model", str(one_shard_run / "model"), "--query", str(corpus.query),
                  "--out", str(out), *FAST]) == 0
     record = json.loads((out / "run.json").read_text())
     assert "embed normal" not in record["timings_s"]
@@ -92,11 +95,12 @@ def test_saved_model_is_reused_without_re_embedding_the_normal_set(one_shard_run
     assert a.select(["id", "score", "neighbor_ids", "is_anomaly"]).equals(b.select(["id", "score", "neighbor_ids", "is_anomaly"]))
 
 
+@pytest.mark.ray
 def test_finished_output_needs_overwrite(one_shard_run, corpus, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(one_shard_run, out)
     before = sorted(p.name for p in out.iterdir())
-    args = ["score", "--model", str(out / "model"), "--query", str(corpus["query"]), "--out", str(out), *FAST]
+    args = ["score", "--model", str(out / "model"), "--query", str(corpus.query), "--out", str(out), *FAST]
     assert main(args) == 2
     assert "already holds a finished run" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
@@ -104,6 +108,7 @@ def test_finished_output_needs_overwrite(one_shard_run, corpus, tmp_path, capsys
     assert read_scores(out).num_rows == 203
 
 
+@pytest.mark.ray
 def test_parquet_uri_source_with_row_filter_and_null_bytes(ray_local, tmp_path):
     rows = cifar_rows("test", None, 60)
     data = rows.column("image").to_pylist()
@@ -122,6 +127,7 @@ def test_parquet_uri_source_with_row_filter_and_null_bytes(ray_local, tmp_path):
     assert len(normal_ids) == 50 and all(i.startswith("train/cat/") for i in normal_ids)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("extra,message", [
     (["--normal-filter", "colour=red"], "filter column 'colour' not in the Parquet schema"),
     (["--k", "0"], "--k must be between 1"),
@@ -134,12 +140,14 @@ def test_bad_configuration_fails_before_any_work(ray_local, tmp_path, capsys, ex
     assert not out.exists()
 
 
+@pytest.mark.unit
 def test_missing_path_is_a_config_error(tmp_path, capsys):
     assert main(["score", "--normal", str(tmp_path / "nope"), "--query", str(tmp_path), "--out",
                  str(tmp_path / "o"), *FAST]) == 2
     assert "--normal path not found" in capsys.readouterr().err
 
 
+@pytest.mark.ray
 def test_group_scores_equal_mean_pooled_computation_by_hand(ray_local, tmp_path):
     from tests.helpers import write_folder
 
@@ -163,12 +171,13 @@ def test_group_scores_equal_mean_pooled_computation_by_hand(ray_local, tmp_path)
     np.testing.assert_allclose(t["score"].to_numpy(), expected, rtol=1e-4)
 
 
+@pytest.mark.ray
 def test_job_and_library_agree_on_the_threshold_of_a_reduced_fit(ray_local, corpus, tmp_path):
     out = tmp_path / "reduced"
-    assert main(["score", "--normal", str(corpus["normal"]), "--query", str(corpus["normal"]), "--out", str(out),
+    assert main(["score", "--normal", str(corpus.normal), "--query", str(corpus.normal), "--out", str(out),
                  "--reduce", "kmeans:20", *FAST]) == 0
     model = load_model(str(out / "model"))
-    ids = sorted(p.name for p in corpus["normal"].iterdir())
-    api = DN2(k=2, reduce=20).fit(local_embeddings(corpus["normal"], ids), ids=np.array(ids, dtype=object))
+    ids = sorted(p.name for p in corpus.normal.iterdir())
+    api = DN2(k=2, reduce=20).fit(local_embeddings(corpus.normal, ids), ids=np.array(ids, dtype=object))
     assert api.threshold_ == model.threshold and api.ids_.tolist() == model.ids.tolist()
     np.testing.assert_array_equal(np.sort(api.loo_scores_), model.calibration_scores)

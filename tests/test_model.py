@@ -9,6 +9,8 @@ from dnnad.core.index import build_shard, shard_bounds
 from dnnad.core.model import ModelError, is_model_dir, load_model, model_from_fit, save_model
 from tests.helpers import planted, tree_digest
 
+pytestmark = pytest.mark.unit
+
 
 def fitted(n_shards=2):
     X, _ = planted(n_normal=120, n_anom=5, d=8)

@@ -11,24 +11,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnnad.cli import main
-from tests.helpers import FAST, RESUMABLE, ROOT, cifar_rows, kill_once, write_folder
+from tests.helpers import FAST, RESUMABLE, ROOT, kill_once, make_corpus
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s3-data")
-    write_folder(root / "normal", cifar_rows("train", 1, 20))
-    write_folder(root / "query", cifar_rows("test", None, 30))
-    (root / "query" / "broken.png").write_bytes(b"not a png")
-    return root
+    return make_corpus(tmp_path_factory.mktemp("s3-data"), normal=20, query=30, bad=["broken.png"])
 
 
 def test_score_into_s3_then_reuse_the_model_from_s3(ray_local, s3, folders):
     fs, opts = s3
     out = f"s3://bucket/runs/first{opts}"
-    args = ["score", "--normal", str(folders / "normal"), "--query", str(folders / "query"), "--out", out, *FAST]
+    args = ["score", "--normal", str(folders.normal), "--query", str(folders.query), "--out", out, *FAST]
     assert main(args) == 0
     record = json.loads(fs.open_input_stream("bucket/runs/first/run.json").read())
     assert record["format"] == "dnnad-run" and set(record["written"]) == {"scores", "report.html", "model"}
@@ -39,7 +35,7 @@ def test_score_into_s3_then_reuse_the_model_from_s3(ray_local, s3, folders):
     assert main(args) == 2  # a finished run needs --overwrite
 
     again = f"s3://bucket/runs/second{opts}"
-    assert main(["score", "--model", f"s3://bucket/runs/first/model{opts}", "--query", str(folders / "query"),
+    assert main(["score", "--model", f"s3://bucket/runs/first/model{opts}", "--query", str(folders.query),
                  "--out", again, *FAST]) == 0
     second = pq.read_table("bucket/runs/second/scores", filesystem=fs)
     assert second.sort_by("id")["score"].to_pylist() == scores.sort_by("id")["score"].to_pylist()
@@ -49,7 +45,7 @@ def test_user_objects_are_never_replaced_and_a_dead_runs_leftovers_are(ray_local
     fs, opts = s3
     with fs.open_output_stream("bucket/mine/scores/data.parquet") as f:
         f.write(b"the user's own table")
-    args = ["score", "--normal", str(folders / "normal"), "--query", str(folders / "query"), *FAST]
+    args = ["score", "--normal", str(folders.normal), "--query", str(folders.query), *FAST]
     assert main([*args, "--out", f"s3://bucket/mine{opts}", "--overwrite"]) == 2
     assert fs.open_input_stream("bucket/mine/scores/data.parquet").read() == b"the user's own table"
 
@@ -66,13 +62,13 @@ def test_user_objects_are_never_replaced_and_a_dead_runs_leftovers_are(ray_local
     assert fs.get_file_info("bucket/killed/.dnnad-in-progress.json").type == pafs.FileType.NotFound
 
 
+@pytest.mark.slow
 def test_killed_run_into_s3_resumes_from_its_committed_partitions(s3, tmp_path):
     """No rename on S3: the run writes in place under its in-progress file; killed and run again with the same
     command, it keeps the partitions it committed and writes the rest, every row once."""
     fs, opts = s3
-    write_folder(tmp_path / "normal", cifar_rows("train", 1, 30))
-    write_folder(tmp_path / "query", cifar_rows("test", None, 200))
-    cmd = [sys.executable, "jobs/score.py", "--normal", str(tmp_path / "normal"), "--query", str(tmp_path / "query"),
+    c = make_corpus(tmp_path, normal=30, query=200)
+    cmd = [sys.executable, "jobs/score.py", "--normal", str(c.normal), "--query", str(c.query),
            "--out", f"s3://bucket/runs/resumed{opts}", *RESUMABLE]
     marker = "bucket/runs/resumed/scores/.part-00001.done"
     kill_once(cmd, lambda: fs.get_file_info(marker).type != pafs.FileType.NotFound)

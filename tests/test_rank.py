@@ -3,18 +3,20 @@ import json
 import shutil
 
 import pyarrow.parquet as pq
+import pytest
 
 from dnnad.cli import main
-from tests.helpers import FAST, cifar_rows, write_folder
+from tests.helpers import FAST, damaged, make_corpus
+
+pytestmark = pytest.mark.ray
 
 
-def test_rank_drop_refit_partitions_the_input(ray_local, tmp_path, corpus):
-    data = tmp_path / "data"
-    write_folder(data, cifar_rows("train", 1, 80))
+def test_rank_drop_refit_partitions_the_input(ray_local, tmp_path):
+    data = make_corpus(tmp_path, normal=80).normal
     files = sorted(p.name for p in data.iterdir())
     for name in files[:3]:  # exact duplicate images under other names
         shutil.copy(data / name, data / f"dup-{name}")
-    shutil.copy(corpus["query"] / "corrupt" / "text.png", data / "broken.png")
+    (data / "broken.png").write_bytes(damaged("broken.png", b""))
     out = tmp_path / "out"
     assert main(["rank", "--data", str(data), "--out", str(out), "--drop", "0.05", "--rounds", "2", *FAST]) == 0
 
@@ -41,8 +43,7 @@ def test_rank_drop_refit_partitions_the_input(ray_local, tmp_path, corpus):
 
 
 def test_exclude_duplicates_keeps_copies_out_of_each_others_neighbours(ray_local, tmp_path):
-    data = tmp_path / "data"
-    write_folder(data, cifar_rows("train", 1, 30))
+    data = make_corpus(tmp_path, normal=30).normal
     first = sorted(p.name for p in data.iterdir())[0]
     shutil.copy(data / first, data / f"dup-{first}")
     out = tmp_path / "out"
@@ -68,11 +69,10 @@ def plant_copies(data) -> dict[str, str]:
             "z-flipped.png": files[3]}
 
 
-def test_rank_groups_and_drops_planted_near_duplicates(ray_local, tmp_path, corpus):
-    data = tmp_path / "data"
-    write_folder(data, cifar_rows("train", 3, 30))
+def test_rank_groups_and_drops_planted_near_duplicates(ray_local, tmp_path):
+    data = make_corpus(tmp_path, normal=30, label=3).normal
     copies = plant_copies(data)
-    shutil.copy(corpus["query"] / "corrupt" / "text.png", data / "broken.png")
+    (data / "broken.png").write_bytes(damaged("broken.png", b""))
     out = tmp_path / "out"
     assert main(["rank", "--data", str(data), "--out", str(out), "--drop-duplicates", "--drop", "0.05",
                  "--duplicate-threshold", "0.45", *PRETRAINED]) == 0
@@ -106,8 +106,7 @@ def test_rank_groups_and_drops_planted_near_duplicates(ray_local, tmp_path, corp
 
 
 def test_rank_without_duplicates_groups_nothing_and_drops_nothing(ray_local, tmp_path):
-    data = tmp_path / "data"
-    write_folder(data, cifar_rows("train", 3, 30, offset=100))
+    data = make_corpus(tmp_path, normal=30, label=3, normal_offset=100).normal
     out = tmp_path / "out"
     assert main(["rank", "--data", str(data), "--out", str(out), "--drop-duplicates", "--duplicate-threshold", "0.45",
                  *PRETRAINED]) == 0

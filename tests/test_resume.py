@@ -9,17 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import RESUMABLE as ARGS
-from tests.helpers import ROOT, cifar_rows, kill_once, write_folder
+from tests.helpers import ROOT, kill_once, make_corpus
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # three job runs, one of them killed
 
 
 def test_killed_driver_resumes_from_committed_partitions(tmp_path):
-    write_folder(tmp_path / "normal", cifar_rows("train", 1, 30))
-    write_folder(tmp_path / "query", cifar_rows("test", None, 200))
+    c = make_corpus(tmp_path, normal=30, query=200)
     out = tmp_path / "out"
-    cmd = [sys.executable, "jobs/score.py", "--normal", str(tmp_path / "normal"), "--query", str(tmp_path / "query"),
-           "--out", str(out), *ARGS]
+    cmd = [sys.executable, "jobs/score.py", "--normal", str(c.normal), "--query", str(c.query), "--out", str(out), *ARGS]
     kill_once(cmd, lambda: bool(glob.glob(str(out / ".staging-*" / "scores" / ".part-00001.done"))))
     assert not (out / "run.json").exists() and not (out / "scores").exists()  # readers see no result
 

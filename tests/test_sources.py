@@ -48,6 +48,7 @@ def tables(draw):
     return ids, ID_TYPES[id_type], labels, LABEL_TYPES[label_type], images, filt, sample
 
 
+@pytest.mark.ray
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=tables())
 def test_random_tables_either_fail_early_or_give_one_row_per_selected_row(ray_local, embedder, jpegs, tmp_path, case):
@@ -94,6 +95,7 @@ def test_random_tables_either_fail_early_or_give_one_row_per_selected_row(ray_lo
     assert tree_digest(tmp_path) == before
 
 
+@pytest.mark.unit
 def test_duplicate_ids_are_found_across_batches_and_unique_ids_pass():
     from dnnad.sources import check_unique_ids
 

@@ -11,6 +11,8 @@ from dnnad.cli import main
 from dnnad.core.model import load_model
 from tests.helpers import planted
 
+pytestmark = pytest.mark.ray
+
 
 def vector_table(X: np.ndarray, ids: list, fixed: bool = True) -> pa.Table:
     flat = pa.array(X.astype(np.float32).ravel())
@@ -94,9 +96,12 @@ def test_shard_groups_score_queries_as_one_index_does(ray_local, tmp_path):
 
 
 def test_a_vector_dataset_streams_every_selected_row_once_in_scoring_sized_blocks(ray_local, tmp_path):
-    """Two files of several row groups, filtered on a column that is not carried: each selected row is read
-    once, in blocks of at most ``VECTOR_ROWS_PER_BLOCK`` rows, by read tasks apart from the scoring actors (a
-    read fused into an actor would score a whole row group in one actor)."""
+    """Two files of two row groups each, filtered on a column that is not carried: each selected row is read
+    once, in blocks of at most ``VECTOR_ROWS_PER_BLOCK`` rows, by read tasks apart from the scoring actors.
+
+    Apart, the actors score each read task's block as it comes: every scored block holds the rows of one row
+    group. A read fused into the actors would read every row group in one actor task and batch the stream
+    across row groups (400 does not divide a row group's 1,500 selected rows), mixing them in a block."""
     from dnnad.config import ScoreConfig, SourceConfig
     from dnnad.sources import prepare_source
     from dnnad.stages.read import VECTOR_ROWS_PER_BLOCK, read_source
@@ -105,7 +110,7 @@ def test_a_vector_dataset_streams_every_selected_row_once_in_scoring_sized_block
 
     rng = np.random.default_rng(0)
     (tmp_path / "vectors").mkdir()
-    for f, n in enumerate((9_000, 5_000)):
+    for f, n in enumerate((9_000, 9_000)):
         t = vector_table(rng.normal(size=(n, 8)), [f"{f}-{i}" for i in range(n)])
         t = t.append_column("fold", pa.array(np.arange(n) % 3, pa.int16()))
         pq.write_table(t, tmp_path / "vectors" / f"part-{f}.parquet", row_group_size=4_500)
@@ -118,12 +123,20 @@ def test_a_vector_dataset_streams_every_selected_row_once_in_scoring_sized_block
     rows = read_source(src).materialize()
     sizes = [e.metadata.num_rows for bundle in rows.iter_internal_ref_bundles() for e in bundle.blocks]
     assert max(sizes) <= VECTOR_ROWS_PER_BLOCK and len(sizes) >= 4  # 4 row groups, none in one block
-    scored = Scorer.of(load_model(str(tmp_path / "fit" / "model")), ScoreConfig()).map(vectors(
+    scored = Scorer.of(load_model(str(tmp_path / "fit" / "model")), ScoreConfig(batch_size=400)).map(vectors(
         read_source(src), src.dim)).materialize()
     ids = scored.to_pandas()["id"].tolist()
-    expected = {f"{f}-{i}" for f, n in enumerate((9_000, 5_000)) for i in range(0, n, 3)}
+    expected = {f"{f}-{i}" for f, n in enumerate((9_000, 9_000)) for i in range(0, n, 3)}
     assert len(ids) == len(expected) == src.rows and set(ids) == expected
-    assert not [line for line in scored.stats().splitlines() if "read_row_groups" in line and "KnnScorer" in line]
+
+    def row_group(i: str) -> tuple[str, int]:
+        f, row = i.split("-")
+        return f, int(row) // 4_500
+
+    blocks = [{row_group(i) for i in b["id"].to_pylist()}
+              for b in scored.iter_batches(batch_size=None, batch_format="pyarrow")]  # one batch a block
+    assert [len(groups) for groups in blocks] == [1] * len(blocks), blocks  # no block mixes row groups
+    assert set().union(*blocks) == {(f, g) for f in "01" for g in (0, 1)}
 
 
 def test_a_compressed_model_sends_its_rows_to_actors_that_cannot_open_its_files(ray_local, tmp_path):

@@ -101,7 +101,7 @@ class FeatureExtractor:
         self.half = device.startswith("cuda")
         self.onnx = None
         if spec.family == "onnx" or onnx_model is not None:
-            from .runtimes import OnnxTaps
+            from .onnx_session import OnnxTaps
 
             self.onnx = OnnxTaps(onnx_model if onnx_model is not None else spec.arch, threads, self.half,
                                  spec.output if spec.family == "onnx" else None)
