@@ -56,8 +56,9 @@ def _features(p: argparse.ArgumentParser) -> None:
                    metavar="{none,flip}", help="flip: average with the horizontally flipped image")
     p.add_argument("--resize", default="crop", choices=["crop", "full"],
                    help="crop: resize the shorter side, centre crop; full: resize the whole image to a square")
-    p.add_argument("--normalize", default=None, type=lambda v: None if v == "none" else v, choices=[None, *NORMALIZE_KINDS],
-                   metavar="{none,l2}", help="l2: unit-length embeddings (cosine-like kNN)")
+    p.add_argument("--normalize", default="l2", type=lambda v: None if v == "none" else v, choices=[None, *NORMALIZE_KINDS],
+                   metavar="{none,l2}", help="l2 (default): unit-length embeddings (cosine-like kNN); none: the "
+                                             "paper's plain DN2 on raw pooled features")
     p.add_argument("--whiten", action="store_true",
                    help="whiten with the normal set's Ledoit-Wolf covariance (Mahalanobis-like scores)")
     p.add_argument("--pca", type=int, default=None, metavar="D",
@@ -182,10 +183,19 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
     )
 
 
-def explicit_settings(ap: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[str, ...]:
-    """Settings whose value is not the default: those the user chose."""
-    sub = ap._subparsers._group_actions[0].choices[a.command]  # noqa: SLF001 - argparse keeps them there
-    return tuple(sorted(k for k, v in vars(a).items() if k != "command" and v != sub.get_default(k)))
+def explicit_settings(ap: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str] | None = None
+                      ) -> tuple[str, ...]:
+    """The settings the user chose: those given on the command line ``argv`` (also when the value given is the
+    default: ``--normalize l2`` against a plain saved model is a contradiction), or without ``argv`` those
+    whose value is not the default."""
+    subs = ap._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them there
+    if argv is None:
+        return tuple(sorted(k for k, v in vars(a).items() if k != "command" and v != subs[a.command].get_default(k)))
+    given = parser()
+    for sub in given._subparsers._group_actions[0].choices.values():  # noqa: SLF001
+        for action in sub._actions:  # noqa: SLF001
+            action.default = argparse.SUPPRESS
+    return tuple(sorted(k for k in vars(given.parse_args(argv)) if k != "command"))
 
 
 def io_error(e: BaseException) -> OSError | None:
@@ -212,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     secret = sorted({v for arg in argv for v in secrets(arg)}, key=len, reverse=True)
     if secret:  # Ray records the driver's command line: keep credentials out of it
         sys.argv[:] = [redact(arg) for arg in sys.argv]
-    explicit = explicit_settings(ap, a)
+    explicit = explicit_settings(ap, a, argv)
     stop_on_sigterm()
     try:
         cfg = config_from_args(a, explicit).validate()

@@ -61,7 +61,7 @@ class EmbedConfig:
 class FeatureConfig:
     """Vector transforms fitted on the normal set and applied before the kNN (``core.features``)."""
 
-    normalize: str | None = None  # "l2"
+    normalize: str | None = "l2"  # unit-length embeddings (default: measured best on every kind of data), or None
     whiten: bool = False  # Ledoit-Wolf whitening: scores become Mahalanobis-like distances
     pca: int | None = None  # keep this many principal components of the normal set (a smaller, faster index)
 

@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -26,6 +27,8 @@ import pytest
 from tests.helpers import make_corpus
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The ONNX exports the jobs cache (vision.runtimes): in this session's own folder, not the user's ~/.cache.
+os.environ.setdefault("DNNAD_CACHE", os.path.join(tempfile.gettempdir(), f"dnnad-test-cache-{os.getuid()}"))
 # Credentials of the local S3 server (tests/test_object_store.py), set before Ray starts so that its workers
 # (which write the outputs) have them too, as a cluster's workers have their own.
 for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),

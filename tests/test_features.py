@@ -138,8 +138,9 @@ def test_a_saved_model_decides_the_feature_flags():
     ap = parser()
 
     def cfg(*extra):
-        a = ap.parse_args(["score", "--query", "q", "--out", "o", *extra])
-        c = config_from_args(a, explicit_settings(ap, a))
+        argv = ["score", "--query", "q", "--out", "o", *extra]
+        a = ap.parse_args(argv)
+        c = config_from_args(a, explicit_settings(ap, a, argv))
         return apply_model(c, m, frozenset(c.explicit))
 
     c = cfg()
@@ -148,7 +149,8 @@ def test_a_saved_model_decides_the_feature_flags():
     assert cfg("--whiten", "--layers", "layer3,final", "--normalize", "l2").features.whiten
     with pytest.raises(ConfigError, match="--layers conflicts with the saved model"):
         cfg("--layers", "layer4")
-    _, m = fitted(FitParams(k=2))  # a plain model refuses every feature option
+    _, m = fitted(FitParams(k=2))  # a plain model refuses every feature option, the default l2 given too
+    assert cfg().features.normalize is None and cfg("--normalize", "none").features.normalize is None
     for flags in (["--whiten"], ["--normalize", "l2"], ["--tta", "flip"], ["--resize", "full"], ["--layers", "final"]):
         with pytest.raises(ConfigError, match=f"{flags[0]} conflicts with the saved model"):
             cfg(*flags)
@@ -313,3 +315,14 @@ def test_approximate_scores_a_compressed_index_from_its_codes_without_reading_ve
     cfg = config_from_args(a, explicit_settings(ap, a)).validate()  # a saved --model may decide the index
     with pytest.raises(ConfigError, match="--approximate .* needs --index ivfpq or sq8"):
         cfg.check_fit_settings()  # a job that fits checks it before reading any data
+
+
+@pytest.mark.unit
+def test_the_jobs_read_out_is_l2_by_default_and_none_is_the_papers_plain_dn2():
+    """Measured on CIFAR-10, Fashion-MNIST and the MTD tiles (benchmarks/RESULTS.md): L2 alone wins at every
+    normal-set size; the library's DN2 stays plain unless asked."""
+    ap = parser()
+    base = ["score", "--query", "q", "--out", "o"]
+    assert config_from_args(ap.parse_args(base)).features.normalize == "l2"
+    assert config_from_args(ap.parse_args([*base, "--normalize", "none"])).features.normalize is None
+    assert DN2().normalize is None

@@ -77,7 +77,7 @@ def test_four_shards_equal_one_shard_equal_brute_force_and_library_api(one_shard
     np.testing.assert_allclose(job_scores, np.take_along_axis(D, nn, 1).mean(1), rtol=1e-4)
     assert ok["neighbor_ids"].to_pylist() == model.ids[nn].tolist()
 
-    api = DN2(k=2).fit(Xn, ids=model.ids)
+    api = DN2(k=2, normalize="l2").fit(Xn, ids=model.ids)  # the jobs' default read-out
     np.testing.assert_allclose(api.anomaly_score(Xq), job_scores, rtol=1e-4)
     assert api.ids_[api.kneighbors(Xq)[1]].tolist() == ok["neighbor_ids"].to_pylist()
     np.testing.assert_array_equal(np.sort(api.loo_scores_), model.calibration_scores)  # same core, bit for bit
@@ -167,7 +167,7 @@ def test_group_scores_equal_mean_pooled_computation_by_hand(ray_local, tmp_path)
         return np.stack([local_embeddings(root, sorted(f"{g}/{f.name}" for f in (root / g).iterdir())).mean(0)
                          for g in groups])
 
-    expected = DN2(k=2).fit(pooled(normal)).anomaly_score(pooled(query))
+    expected = DN2(k=2, normalize="l2").fit(pooled(normal)).anomaly_score(pooled(query))
     np.testing.assert_allclose(t["score"].to_numpy(), expected, rtol=1e-4)
 
 
@@ -178,6 +178,6 @@ def test_job_and_library_agree_on_the_threshold_of_a_reduced_fit(ray_local, corp
                  "--reduce", "kmeans:20", *FAST]) == 0
     model = load_model(str(out / "model"))
     ids = sorted(p.name for p in corpus.normal.iterdir())
-    api = DN2(k=2, reduce=20).fit(local_embeddings(corpus.normal, ids), ids=np.array(ids, dtype=object))
+    api = DN2(k=2, reduce=20, normalize="l2").fit(local_embeddings(corpus.normal, ids), ids=np.array(ids, dtype=object))
     assert api.threshold_ == model.threshold and api.ids_.tolist() == model.ids.tolist()
     np.testing.assert_array_equal(np.sort(api.loo_scores_), model.calibration_scores)

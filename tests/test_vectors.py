@@ -38,7 +38,7 @@ def test_embedding_column_scores_equal_the_library_and_bad_vectors_are_error_row
     assert rows["1000"]["error"] == "embedding has 2 values, expected 16"
     assert rows["1001"]["error"] == "null embedding"
     assert rows["1002"]["error"] == "embedding has NaN or inf"
-    api = DN2(k=2).fit(X, ids=np.array([f"n{i}" for i in range(len(X))], dtype=object))
+    api = DN2(k=2, normalize="l2").fit(X, ids=np.array([f"n{i}" for i in range(len(X))], dtype=object))
     model = load_model(str(out / "model"))
     expected = api.anomaly_score(Q)
     got = np.array([rows[str(i)]["score"] for i in range(len(Q))])
@@ -63,7 +63,7 @@ def test_pca_and_approximate_models_score_through_the_job_as_in_the_library(ray_
     assert (model.meta.dim, model.meta.query_dim, model.meta.pca, model.meta.approximate) == (6, 16, 6, True)
     assert main(["score", "--model", str(tmp_path / "m"), "--query", str(tmp_path / "query.parquet"),
                  "--out", str(tmp_path / "again"), *flags]) == 0
-    api = DN2(k=2, pca=6, index="sq8", approximate=True).fit(X, ids=np.array(ids, dtype=object))
+    api = DN2(k=2, pca=6, index="sq8", approximate=True, normalize="l2").fit(X, ids=np.array(ids, dtype=object))
     for out in ("fit", "again"):
         rows = {r["id"]: r for r in pq.read_table(tmp_path / out / "scores").to_pylist()}
         got = np.array([rows[f"q{i}"]["score"] for i in range(len(Q))])
@@ -84,7 +84,7 @@ def test_shard_groups_score_queries_as_one_index_does(ray_local, tmp_path):
     assert main(["score", "--normal", str(tmp_path / "normal.parquet"), "--query", str(tmp_path / "query.parquet"),
                  "--shards", "4", "--shard-groups", "2", "--pca", "8", "--embedding-column", "vec",
                  "--out", str(tmp_path / "o"), "--score-batch-size", "16", "--quiet"]) == 0
-    api = DN2(k=2, pca=8).fit(X, ids=np.array(ids, dtype=object))
+    api = DN2(k=2, pca=8, normalize="l2").fit(X, ids=np.array(ids, dtype=object))
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "o" / "scores").to_pylist()}
     assert len(rows) == len(Q) + 16 and {rows[f"e{i}"]["status"] for i in range(16)} == {"error"}
     dist, pos = api.kneighbors(Q)
