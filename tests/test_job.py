@@ -70,14 +70,14 @@ def test_four_shards_equal_one_shard_equal_brute_force_and_library_api(one_shard
     model = load_model(str(one_shard_run / "model"))
     Xn = np.concatenate([s.vectors for s in model.shards])
     ok = t1.filter(pa.compute.field("status") == "ok")
-    Xq = local_embeddings(corpus.query, ok["id"].to_pylist())
+    Xq = model.transform.transform(local_embeddings(corpus.query, ok["id"].to_pylist()))  # the default l2 read-out
     D = np.sqrt(((Xq[:, None, :].astype(np.float64) - Xn[None]) ** 2).sum(-1))
     nn = np.argsort(D, axis=1, kind="stable")[:, :2]
     job_scores = ok["score"].to_numpy()
     np.testing.assert_allclose(job_scores, np.take_along_axis(D, nn, 1).mean(1), rtol=1e-4)
     assert ok["neighbor_ids"].to_pylist() == model.ids[nn].tolist()
 
-    api = DN2(k=2, normalize="l2").fit(Xn, ids=model.ids)  # the jobs' default read-out
+    api = DN2(k=2).fit(Xn, ids=model.ids)  # the index holds the transformed (unit-length) vectors
     np.testing.assert_allclose(api.anomaly_score(Xq), job_scores, rtol=1e-4)
     assert api.ids_[api.kneighbors(Xq)[1]].tolist() == ok["neighbor_ids"].to_pylist()
     np.testing.assert_array_equal(np.sort(api.loo_scores_), model.calibration_scores)  # same core, bit for bit
@@ -175,7 +175,7 @@ def test_group_scores_equal_mean_pooled_computation_by_hand(ray_local, tmp_path)
 def test_job_and_library_agree_on_the_threshold_of_a_reduced_fit(ray_local, corpus, tmp_path):
     out = tmp_path / "reduced"
     assert main(["score", "--normal", str(corpus.normal), "--query", str(corpus.normal), "--out", str(out),
-                 "--reduce", "kmeans:20", *FAST]) == 0
+                 "--reduce", "kmeans:20", "--runtime", "torch", *FAST]) == 0  # the embeddings bit for bit
     model = load_model(str(out / "model"))
     ids = sorted(p.name for p in corpus.normal.iterdir())
     api = DN2(k=2, reduce=20, normalize="l2").fit(local_embeddings(corpus.normal, ids), ids=np.array(ids, dtype=object))
