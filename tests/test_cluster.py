@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dnnad.cli import main
-from tests.helpers import FAST, ROOT, make_corpus
+from tests.helpers import FAST, RESUMABLE, ROOT, make_corpus
 
 RAY = str(Path(sys.executable).parent / "ray")
 JOB_ARGS = ["--actors", "2", "--threads", "1", "--score-actors", "2", "--score-batch-size", "16",
@@ -153,3 +153,37 @@ def test_corpus_larger_than_the_object_store_streams_into_s3(cluster, s3, tmp_pa
     assert record["rows"] == {"ok": rows}
     ids = pq.read_table("bucket/corpus/scores", columns=["id"], filesystem=fs)["id"]
     assert len(ids) == rows and pc.count_distinct(ids).as_py() == rows
+
+
+def test_ray_job_stop_ends_the_job_and_the_same_submission_resumes_every_row_once(cluster, data, tmp_path):
+    """``ray job stop`` sends SIGTERM to the driver (then SIGKILL): nothing is committed, and submitting the same
+    command again resumes from the partitions the stopped run committed."""
+    address, env = cluster
+    out = tmp_path / "stopped-out"
+    cmd = [sys.executable, "jobs/score.py", "--normal", str(data.normal), "--query", str(data.query),
+           "--out", str(out), *RESUMABLE]
+
+    def submit(sid: str, wait: bool):
+        return subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                               "--submission-id", sid, *([] if wait else ["--no-wait"]), "--", *cmd],
+                              capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+
+    assert submit("dnnad-stop-1", wait=False).returncode == 0
+    deadline = time.time() + 600
+    while not list(out.glob(".staging-*/scores/.part-00000.done")):
+        assert time.time() < deadline, "no partition was committed"
+        time.sleep(0.5)
+    stop = subprocess.run([RAY, "job", "stop", "--address", address, "dnnad-stop-1"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    status = subprocess.run([RAY, "job", "status", "--address", address, "dnnad-stop-1"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert "was stopped" in status.stdout, status.stdout  # the job's status is STOPPED
+    assert not (out / "run.json").exists()
+
+    again = submit("dnnad-stop-2", wait=True)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["partitions_resumed"] >= 1
+    ids = pq.read_table(out / "scores")["id"].to_pylist()
+    assert len(ids) == 121 and len(set(ids)) == 121
