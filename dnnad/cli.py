@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         from .jobs import JOBS
 
         record = JOBS[cfg.kind](cfg).run()
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Ray's work ends with this process (ray.shutdown at exit)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the job has ended its Ray (Job.run, runtime.stop_ray)
         signum = e.args[0] if isinstance(e, Stopped) else signal.SIGINT
         print(f"dnnad: stopped by {signal.Signals(signum).name}; nothing was committed, and the same command "
               f"resumes from the partitions already written", file=sys.stderr)
