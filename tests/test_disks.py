@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -280,3 +281,83 @@ def test_a_read_only_output_is_a_one_line_error(normal_dir, tmp_path):
             "(errno 30); nothing was committed")
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.ray
+def test_files_that_vanish_or_empty_between_listing_and_reading_become_error_rows(tmp_path):
+    """The listing is taken once, before the work; a camera share keeps changing under a long run. Files
+    deleted or truncated after the listing are error rows with their reason, every listed row once."""
+    write_folder(tmp_path / "normal", cifar_rows("train", 1, 30))
+    ids = sorted(write_folder(tmp_path / "query", cifar_rows("test", None, 200)))
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "jobs/score.py", "--normal", str(tmp_path / "normal"), "--query",
+                            str(tmp_path / "query"), "--out", str(out), *RESUMABLE], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not glob.glob(str(out / ".staging-*" / "scores" / ".part-00001.done")):
+        assert run.poll() is None and time.time() < deadline, "the run ended before the files could change"
+        time.sleep(0.2)
+    gone, emptied = ids[-20:], ids[-30:-20]  # the last partition: listed, not yet read
+    for i in gone:
+        (tmp_path / "query" / i).unlink()
+    for i in emptied:
+        (tmp_path / "query" / i).write_bytes(b"")
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-2000:]
+    rows = {r["id"]: r for r in pq.read_table(out / "scores").to_pylist()}
+    assert sorted(rows) == ids
+    assert {i: rows[i]["error"] for i in gone} == {i: "file not found (missing or a broken link)" for i in gone}
+    assert all(rows[i]["status"] == "error" and "empty file" in rows[i]["error"] for i in emptied)
+    assert all(rows[i]["status"] == "ok" for i in ids[:-30])
+
+
+@pytest.fixture
+def read_only_s3():
+    """moto's S3 server enforcing IAM (its first actions unauthenticated, to set it up): a bucket holding a
+    normal set, and a user that may read it but not write."""
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        kw = dict(endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1", aws_access_key_id="testing",
+                  aws_secret_access_key="testing")
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3", **kw).create_bucket(Bucket="bucket")
+                break
+            except Exception:  # not listening yet
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        iam = boto3.client("iam", **kw)
+        iam.create_user(UserName="auditor")
+        iam.put_user_policy(UserName="auditor", PolicyName="read-only", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                                                    "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="auditor")["AccessKey"]
+        yield port, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.ray
+def test_a_write_the_object_store_refuses_is_a_one_line_error_without_the_secret(read_only_s3, normal_dir):
+    """Credentials in the URI's user info (pyarrow's form) that may read but not write: the server answers
+    ACCESS_DENIED, and the job ends with one line naming what it could not write, never the secret."""
+    port, key, secret = read_only_s3
+    out = f"s3://{key}:{quote(secret, safe='')}@bucket/run?endpoint_override=127.0.0.1:{port}&scheme=http" \
+          "&region=us-east-1"
+    proc = subprocess.run([sys.executable, "jobs/score.py", "--normal", str(normal_dir), "--query", str(normal_dir),
+                           "--out", out, *FAST], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("dnnad: error: ") and "ACCESS_DENIED" in line and "bucket/run/" in line, line
+    assert line.endswith("nothing was committed")
+    for text in (proc.stdout, proc.stderr):
+        assert secret not in text and quote(secret, safe="") not in text
