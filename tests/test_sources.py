@@ -104,3 +104,59 @@ def test_duplicate_ids_are_found_across_batches_and_unique_ids_pass():
     dup = pa.concat_arrays([ids, pa.array(["img-000007", None, None])])
     with pytest.raises(ConfigError, match=r"--query has 1 duplicate ids \(e.g. 'img-000007'\)"):
         check_unique_ids(lambda: iter([dup.slice(0, 100), dup.slice(100)]), "--query")
+
+
+@pytest.mark.unit
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 700), group=st.integers(1, 300), files=st.integers(1, 3), keep=st.one_of(st.none(), st.integers(0, 3)))
+def test_read_units_cover_every_selected_row_once_and_spread_small_sources(tmp_path_factory, n, group, files, keep):
+    """Row groups whose statistics rule out the filter are never read; the rest are read as row ranges, so a
+    source of a few row groups still makes ``READ_UNITS`` tasks, and together they give each selected row once."""
+    import pyarrow.dataset as pads
+
+    from dnnad.sources import filter_expression
+    from dnnad.stages.read import READ_UNITS, ROWS_PER_BLOCK, read_row_groups, read_units
+
+    root = tmp_path_factory.mktemp("units")
+    for f in range(files):  # `fold` sorted within a file: row-group statistics can rule groups out
+        ids = [f"{f}-{i}" for i in range(n)]
+        pq.write_table(pa.table({"id": ids, "fold": pa.array(sorted(i % 4 for i in range(n)), pa.int16())}),
+                       root / f"part-{f}.parquet", row_group_size=group)
+    dataset = pads.dataset(str(root), format="parquet")
+    filters = None if keep is None else (("fold", str(keep)),)
+    expr = None if filters is None else filter_expression(dataset.schema, filters)
+    units = read_units(dataset, expr, ROWS_PER_BLOCK)
+    got = [i for t in read_row_groups(pa.Table.from_pylist(units), dataset.filesystem, ["id", "fold"], expr,
+                                      {"id": "id"}, None, ROWS_PER_BLOCK) for i in t["id"].to_pylist()]
+    expected = dataset.to_table(filter=expr)["id"].to_pylist()
+    assert sorted(got) == sorted(expected) and len(set(got)) == len(got)
+    groups = sum(pq.ParquetFile(p).metadata.num_row_groups for p in dataset.files)
+    ranged = [u for u in units if u["stop"] > u["start"]]
+    assert len(ranged) <= groups * max(1, -(-READ_UNITS // max(groups, 1)))
+    if expr is None and groups and n >= READ_UNITS * ROWS_PER_BLOCK * files:
+        assert len(ranged) >= READ_UNITS  # spread over enough tasks
+    if keep is not None and n >= 4 * group * 2:  # a quarter of each file's groups hold the kept fold
+        assert len({(u["path"], u["row_group"]) for u in ranged}) < groups
+
+
+@pytest.mark.ray
+def test_a_filtered_parquet_source_reaches_the_actors_in_whole_blocks(ray_local, tmp_path):
+    """Where a filter keeps a few rows of each read, the embedded rows still leave the actors in blocks of a
+    whole call: a source's small blocks once set the block size of every later stage, and the scoring
+    actors and writer then handled blocks of ten rows (0.2x a plain loop's images/s)."""
+    import ray
+
+    from dnnad.config import DEFAULT_MAX_FILE_BYTES, EmbedConfig
+    from dnnad.stages.embed import embed
+
+    t = cifar_rows("test", None, 600)
+    pq.write_table(t.append_column("fold", pa.array([i % 3 for i in range(600)], pa.int8())),
+                   tmp_path / "images.parquet", row_group_size=150)
+    src = prepare_source(SourceConfig(str(tmp_path / "images.parquet"), filters=(("fold", "1"),)), "query")
+    cfg = EmbedConfig("resnet18", "none", 32, 64, "cpu", 1, 2, runtime="torch")
+    spec = cfg.spec()
+    out = embed(read_source(src), cfg, ray.put(resolve_weights(spec, "none").state_dict),
+                DEFAULT_MAX_FILE_BYTES).materialize()
+    sizes = [m.num_rows for bundle in out.iter_internal_ref_bundles() for m in (b.metadata for b in bundle.blocks)]
+    assert sum(sizes) == 200 and sorted(out.to_pandas()["id"]) == sorted(t["id"].to_pylist()[1::3])
+    assert min(sizes) >= 25 and len(sizes) <= 8, sizes  # one per read task at most, never split below it

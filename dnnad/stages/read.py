@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 
 from ..sources import PreparedSource, filter_expression, normalise_columns, source_columns
 
-ROWS_PER_BLOCK = 64  # image rows: one forward batch a block, so even a few hundred images reach every actor
-VECTOR_ROWS_PER_BLOCK = 4096  # vector rows: a block is about one scoring batch (FAISS's 4096-query blocks)
+ROWS_PER_BLOCK = 64  # image rows of a folder's blocks: one forward batch a block, so a few hundred images reach every actor
+VECTOR_ROWS_PER_BLOCK = 4096  # vector rows read at a time (FAISS's 4096-query blocks)
+READ_UNITS = 32  # a Parquet source is read in at least this many tasks where its rows allow: every actor gets work
 # Logical CPUs of a read task: the embedding and scoring actors hold theirs for the whole streaming run, and
 # reads must still be schedulable beside them on a small node (they are I/O, not compute). Not the scoring
 # actors' 0.25: Ray Data fuses a task map into the next actor map when their resources match, and a read
@@ -24,9 +25,9 @@ def read_source(src: PreparedSource):
     """A Ray Dataset with ``id`` (string, null ids kept as nulls) and ``path`` (folders), ``image`` bytes or
     ``vector`` (Parquet), plus ``group`` when grouping and the ``label``/``split`` columns a source has.
 
-    Blocks hold ``ROWS_PER_BLOCK`` images or ``VECTOR_ROWS_PER_BLOCK`` vectors, so a small source still reaches
-    every actor. A Parquet source is read by one task per row group, page by page: no row group is ever
-    whole in memory, its first block leaves at once, and no re-blocking pass copies the data again."""
+    A folder's blocks hold ``ROWS_PER_BLOCK`` images, so a small source still reaches every actor. A Parquet
+    source is read by one task per row group (or row range, ``read_units``), page by page, one block a task:
+    no re-blocking pass copies the data again."""
     import ray.data
 
     if src.listing is not None:
@@ -36,40 +37,51 @@ def read_source(src: PreparedSource):
     rows = VECTOR_ROWS_PER_BLOCK if cfg.embedding_column else ROWS_PER_BLOCK
     keep, group_col, cols = source_columns(cfg, src.schema)
     cols = list(dict.fromkeys([*cols, *(name for name, _ in cfg.filters)]))  # filter columns are read, not kept
-    fragments = list(pads.dataset(list(src.files) if src.files else src.path, filesystem=src.fs,
-                                  format="parquet").get_fragments())
-    units = [{"path": f.path, "row_group": rg.id} for f in fragments for rg in f.row_groups]
+    filters = filter_expression(src.schema, cfg.filters)
+    units = read_units(pads.dataset(list(src.files) if src.files else src.path, filesystem=src.fs,
+                                    format="parquet"), filters, rows)
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    # Ray Data merges a task's outputs up to this size: a bit below one block, so each leaves on its own.
-    ds.context.target_max_block_size = max(1, int(0.8 * rows * _bytes_per_row(fragments, cols)))
     return ds.map_batches(
         read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-        fn_kwargs={"fs": src.fs, "columns": cols, "filters": filter_expression(src.schema, cfg.filters),
-                   "rename": keep, "group_col": group_col, "rows": rows})
+        fn_kwargs={"fs": src.fs, "columns": cols, "filters": filters, "rename": keep, "group_col": group_col,
+                   "rows": rows})
 
 
-def _bytes_per_row(fragments: list, columns: list[str]) -> float:
-    """Uncompressed Parquet bytes per row of the read columns (near their size in Arrow)."""
-    size = n = 0
-    for frag in fragments:
-        md = frag.metadata
-        for i in range(md.num_row_groups):
-            rg = md.row_group(i)
-            n += rg.num_rows
-            size += sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
-                        if any(rg.column(j).path_in_schema == c or rg.column(j).path_in_schema.startswith(c + ".")
-                               for c in columns))
-    return size / max(n, 1)
+def read_units(dataset: pads.Dataset, filters: pc.Expression | None, rows: int) -> list[dict]:
+    """Read tasks' units: (path, row group, first row, end row). Row groups whose statistics rule out the
+    filter are skipped unread; when fewer than ``READ_UNITS`` remain, each is read as row ranges of at least
+    ``rows`` rows, so that a source of one row group still reaches every actor. A task's output is one block:
+    Ray Data's default block size, never a limit of ours (a dataset's block-size limit holds for every later
+    stage too, and small blocks there starved the embedding and scoring actors)."""
+    groups = [(frag.path, rg.id, rg.num_rows) for frag in dataset.get_fragments(filter=filters)
+              for part in (frag.split_by_row_group(filters) if filters is not None else [frag])
+              for rg in part.row_groups]
+    per_group = -(-READ_UNITS // max(1, len(groups)))
+    units = []
+    for path, rg, n in groups:
+        parts = max(1, min(per_group, n // rows))
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        units += [{"path": path, "row_group": rg, "start": a, "stop": b} for a, b in zip(bounds, bounds[1:])]
+    return units or [{"path": "", "row_group": 0, "start": 0, "stop": 0}]  # nothing selected: one empty task
 
 
 def read_row_groups(units: pa.Table, fs: pafs.FileSystem, columns: list[str], filters: pc.Expression | None,
                     rename: dict[str, str], group_col: str | None, rows: int):
-    """The selected rows of (path, row_group) units, normalised, in tables of at most ``rows`` rows."""
-    for path, rg in zip(units["path"].to_pylist(), units["row_group"].to_pylist()):
+    """The selected rows of (path, row group, row range) units, normalised, read ``rows`` rows at a time:
+    no row group is ever whole in memory before its filter."""
+    for path, rg, start, stop in zip(*(units[c].to_pylist() for c in ("path", "row_group", "start", "stop"))):
+        if stop <= start:
+            continue
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 23)
+            at = 0
             for batch in pf.iter_batches(batch_size=rows, row_groups=[rg], columns=columns):
-                table = pa.Table.from_batches([batch])
+                lo, hi, at = max(start - at, 0), min(stop - at, batch.num_rows), at + batch.num_rows
+                if hi <= lo:
+                    if at >= stop:
+                        break
+                    continue
+                table = pa.Table.from_batches([batch.slice(lo, hi - lo)])
                 if filters is not None:
                     table = table.filter(filters)
                 if table.num_rows:
