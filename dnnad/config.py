@@ -51,10 +51,11 @@ class EmbedConfig:
     tta: str | None = None  # "flip": average with the horizontally flipped image
     resize: str = "crop"  # crop (resize + centre crop) | full (whole image to a square)
     runtime: str = "auto"  # auto | torch | onnxruntime: what runs the network on CPU (same embedding)
+    decode: str = "exact"  # exact | reduced: large JPEGs decoded at 1/2-1/8 scale, still >= 2x the resize size
 
     def spec(self) -> BackboneSpec:
         """The backbone spec these settings embed with (raises ValueError on an unknown option)."""
-        return get_spec(self.backbone, self.image_size, self.layers, self.tta, self.resize)
+        return get_spec(self.backbone, self.image_size, self.layers, self.tta, self.resize, self.decode)
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,15 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
-import torch
 from ray.data.extensions import ArrowTensorArray
 
 from ..config import DEFAULT_MAX_FILE_BYTES, ConfigError, EmbedConfig
 from ..runtime import EMBED_ACTOR_GPUS, cluster_resources, embed_pool, resolved
 from ..sources import NULL_ID, PASSTHROUGH, read_bytes
-from ..vision.backbones import FeatureExtractor, crop_fn, normalize_batch
+from ..vision.backbones import FeatureExtractor
 from ..vision.decode import DecodeError, decode_image
-from ..vision.runtimes import cached_export, resolve_runtime
-from ..vision.specs import BackboneSpec
+from ..vision.preprocess import crop_fn, draft_size, normalize_batch
+from ..vision.specs import BackboneSpec, resolve_runtime
 
 CALL_PIXEL_BYTES = 64 * 2**20
 MAX_CHUNKS_PER_CALL = 16
@@ -38,6 +37,7 @@ class Embedder:
         self.extractor = FeatureExtractor(spec, state, device=device, threads=threads, onnx_model=onnx_model)
         self.spec = spec
         self.crop = crop_fn(spec)
+        self.draft = draft_size(spec) if spec.decode == "reduced" else None
         self.dim: int | None = None
         self.batch_size = batch_size
         self.max_pixels = max_pixels
@@ -57,6 +57,7 @@ class Embedder:
         hits: dict[int, np.ndarray] = {}
         pixels, ok = [], []
         kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        kwargs["draft"] = self.draft
         for i in range(n):
             try:
                 if ids[i] is None:
@@ -99,7 +100,7 @@ class Embedder:
         out.update({c: pa.array(batch[c].tolist()) for c in PASSTHROUGH if c in batch})
         return pa.table(out)
 
-    def forward(self, x: torch.Tensor) -> np.ndarray:
+    def forward(self, x: np.ndarray) -> np.ndarray:
         """Features in fixed-size chunks, the last one zero-padded: every forward pass has the same
         shape, so an image's embedding is bit-identical however rows were partitioned into batches."""
         b = self.batch_size
@@ -108,13 +109,13 @@ class Embedder:
             chunk = x[i:i + b]
             n = len(chunk)
             if n < b:
-                chunk = torch.cat([chunk, chunk.new_zeros((b - n, *chunk.shape[1:]))])
+                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
             out.append(self.extractor(chunk)[:n])
         return np.concatenate(out)
 
     def _probe_dim(self) -> int:
         size = self.extractor.spec.image_size
-        return int(self.extractor(torch.zeros(1, 3, size, size)).shape[1])
+        return int(self.extractor(np.zeros((1, 3, size, size), np.float32)).shape[1])
 
 
 def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None, score_actors: int | None = None,
@@ -156,6 +157,8 @@ _EXPORTS: dict = {}  # (spec, weights ref) → object-store ref of the ONNX expo
 def export_ref(spec: BackboneSpec, weights_ref):
     """The backbone's ONNX export (from the driver's cache, or made now), in the object store."""
     import ray
+
+    from ..vision.runtimes import cached_export  # torch: on the driver only
 
     key = (spec, weights_ref.hex() if isinstance(weights_ref, ray.ObjectRef) else id(weights_ref))
     if key not in _EXPORTS:

@@ -7,11 +7,19 @@ instead of resizing and centre-cropping.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ..core.arrays import l2_normalize
+from .preprocess import crop_fn, normalize_batch
 from .specs import FINAL, BackboneSpec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FeatureExtractor", "build_classifier", "crop_fn", "embed_from_taps", "normalize_batch",
+           "preprocess_fn", "strip_head", "tap_modules"]
 
 
 def build_classifier(spec: BackboneSpec) -> torch.nn.Module:
@@ -29,6 +37,8 @@ def build_classifier(spec: BackboneSpec) -> torch.nn.Module:
 
 def strip_head(model: torch.nn.Module, spec: BackboneSpec) -> torch.nn.Module:
     """Drop the classifier so the forward pass returns pooled penultimate features."""
+    import torch
+
     if spec.family == "torchvision":
         model.fc = torch.nn.Identity()
     else:
@@ -36,32 +46,13 @@ def strip_head(model: torch.nn.Module, spec: BackboneSpec) -> torch.nn.Module:
     return model
 
 
-def crop_fn(spec: BackboneSpec):
-    """PIL RGB image → (H, W, 3) uint8 array: resize the shorter side (bilinear) and centre crop (``crop``),
-    or resize the whole image to a square (``full``)."""
-    from torchvision import transforms as T
-
-    size, bilinear = spec.image_size, T.InterpolationMode.BILINEAR
-    geometry = T.Compose([T.Resize((size, size), interpolation=bilinear)] if spec.resize == "full" else
-                         [T.Resize(int(round(size / 0.875)), interpolation=bilinear), T.CenterCrop(size)])
-    return lambda img: np.asarray(geometry(img))
-
-
-def normalize_batch(spec: BackboneSpec, pixels: np.ndarray) -> torch.Tensor:
-    """(n, H, W, 3) uint8 → normalised (n, 3, H, W) float32, contiguous, in one vectorised pass; elementwise,
-    so bit-identical to torchvision's per-image ToTensor + Normalize."""
-    pixels = np.ascontiguousarray(pixels) if pixels.flags.writeable else np.array(pixels)
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div(255)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std).contiguous()
-
-
 def preprocess_fn(spec: BackboneSpec):
     """PIL RGB image → normalised float32 CHW tensor (one image; the Embedder crops per image and
     normalises whole batches)."""
+    import torch
+
     crop = crop_fn(spec)
-    return lambda img: normalize_batch(spec, crop(img)[None])[0]
+    return lambda img: torch.from_numpy(normalize_batch(spec, crop(img)[None])[0])
 
 
 def tap_modules(model: torch.nn.Module, spec: BackboneSpec) -> dict[str, torch.nn.Module]:
@@ -93,19 +84,23 @@ class FeatureExtractor:
     def __init__(self, spec: BackboneSpec, state_dict: dict | None, device: str = "auto",
                  threads: int | None = None, onnx_model: bytes | None = None):
         self.spec = spec
+        self.onnx = None
+        if spec.family == "onnx" or onnx_model is not None:  # no torch in this process for ONNX Runtime
+            from .onnx_session import OnnxTaps
+
+            self.device = "cpu" if device == "auto" else device
+            self.half = self.device.startswith("cuda")
+            self.onnx = OnnxTaps(onnx_model if onnx_model is not None else spec.arch, threads, self.half,
+                                 spec.output if spec.family == "onnx" else None)
+            return
+        import torch
+
         if threads:
             torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.half = device.startswith("cuda")
-        self.onnx = None
-        if spec.family == "onnx" or onnx_model is not None:
-            from .onnx_session import OnnxTaps
-
-            self.onnx = OnnxTaps(onnx_model if onnx_model is not None else spec.arch, threads, self.half,
-                                 spec.output if spec.family == "onnx" else None)
-            return
         model = build_classifier(spec)
         if state_dict is not None:
             model.load_state_dict(state_dict)
@@ -120,20 +115,28 @@ class FeatureExtractor:
     def runtime(self) -> str:
         return "onnxruntime" if self.onnx is not None else "torch"
 
-    @torch.inference_mode()
-    def taps(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def taps(self, x: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """Pooled features of one view, by layer name (``final`` always included), float32, unnormalised."""
         if self.onnx is not None:
-            return self.onnx(x.numpy())
-        self._pooled.clear()
-        x = x.to(self.device, dtype=torch.float16 if self.half else torch.float32, non_blocking=True)
-        if self.half:
-            x = x.contiguous(memory_format=torch.channels_last)
-        final = self.model(x).float().cpu().numpy()
-        return {FINAL: final, **{n: v.cpu().numpy() for n, v in self._pooled.items()}}
+            return self.onnx(np.asarray(x))
+        import torch
 
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        views = [x, torch.flip(x, dims=[3])] if self.spec.tta == "flip" else [x]
+        with torch.inference_mode():
+            self._pooled.clear()
+            x = torch.as_tensor(x).to(self.device, dtype=torch.float16 if self.half else torch.float32,
+                                      non_blocking=True)
+            if self.half:
+                x = x.contiguous(memory_format=torch.channels_last)
+            final = self.model(x).float().cpu().numpy()
+            return {FINAL: final, **{n: v.cpu().numpy() for n, v in self._pooled.items()}}
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(n, 3, H, W) float32 (numpy or torch) → (n, d) float32 embeddings."""
+        if self.spec.tta == "flip":
+            flipped = np.ascontiguousarray(np.asarray(x)[..., ::-1]) if isinstance(x, np.ndarray) else x.flip(3)
+            views = [x, flipped]
+        else:
+            views = [x]
         return embed_from_taps([self.taps(v) for v in views], self.spec.layers)
 
 

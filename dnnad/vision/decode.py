@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -10,6 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: ~10k x 10k
 EXIF_ORIENTATION = 0x0112  # 1 = as stored; 2-8 = mirrored and/or turned
+TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 
 
 class DecodeError(Exception):
@@ -27,9 +29,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS,
+                 draft: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
     """Decode encoded image bytes to RGB as a viewer shows them: turned by their EXIF orientation (camera and
-    phone photos), grayscale, 16-bit, palette, CMYK and alpha converted."""
+    phone photos), grayscale, 16-bit, palette, CMYK and alpha converted.
+
+    ``draft``: (width, height) as shown → the smallest size needed; a JPEG is then decoded at the largest
+    DCT scale (1/2, 1/4, 1/8) that still covers it, skipping most of a large photo's decoding work."""
     if data is None:
         raise DecodeError("null image bytes")
     if len(data) == 0:
@@ -41,8 +47,13 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_PIXELS) -> Image.Imag
             w, h = img.size
             if w * h > max_pixels:
                 raise DecodeError(f"decompression bomb guard: {w}x{h} pixels exceeds {max_pixels}")
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+            if draft is not None and img.format == "JPEG":
+                turned = orientation in TRANSPOSED
+                tw, th = draft(*((h, w) if turned else (w, h)))
+                img.draft(None, (th, tw) if turned else (tw, th))
             img.load()
-            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            if orientation != 1:
                 img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except DecodeError:

@@ -17,29 +17,13 @@ import warnings
 import torch
 
 from .backbones import _gap, build_classifier, strip_head, tap_modules
-from .specs import FINAL, BackboneSpec
+from .specs import FINAL, BackboneSpec, resolve_runtime, runtime_version
+
+__all__ = ["TapNet", "cached_export", "export_key", "export_onnx", "resolve_runtime", "runtime_version"]
 
 ONNX_OPSET = 17
 CACHE_ENV = "DNNAD_CACHE"
 EXPORT_MARKER = ".dnnad-onnx-cache"  # a cache directory dnnad made; files in it are written by rename
-
-
-def resolve_runtime(runtime: str, spec: BackboneSpec, gpu: bool) -> str:
-    """The runtime an embedding actor uses: ``auto`` is ONNX Runtime for a torch backbone on CPU, torch on a
-    GPU (fp16, channels_last); an ``onnx:`` backbone always runs in ONNX Runtime."""
-    if spec.family == "onnx":
-        return "onnxruntime"
-    if runtime == "auto":
-        return "torch" if gpu else "onnxruntime"
-    return runtime
-
-
-def runtime_version(name: str) -> str:
-    if name == "onnxruntime":
-        import onnxruntime
-
-        return onnxruntime.__version__
-    return torch.__version__
 
 
 class TapNet(torch.nn.Module):
