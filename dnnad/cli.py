@@ -79,7 +79,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="what runs the network: auto = ONNX Runtime on CPU (the backbone exported once, cached), "
-                        "torch on GPU; the embedding is the same within 1e-5 relative")
+                        "torch on GPU; openvino (pip install 'dnnad[openvino]'): OpenVINO at fp32 on CPU; the "
+                        "embedding is the same within 1e-5 relative")
     p.add_argument("--threads", type=int, default=None, help="torch threads per CPU embedding actor")
     p.add_argument("--actors", type=int, default=None, help="embedding actors (default: per GPU / CPUs)")
     p.add_argument("--score-actors", type=int, default=None, help="kNN scoring actors")

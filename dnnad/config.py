@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -50,7 +51,7 @@ class EmbedConfig:
     layers: tuple[str, ...] = ()  # pooled intermediate modules (and/or "final"), each L2-normalised, concatenated
     tta: str | None = None  # "flip": average with the horizontally flipped image
     resize: str = "crop"  # crop (resize + centre crop) | full (whole image to a square)
-    runtime: str = "auto"  # auto | torch | onnxruntime: what runs the network on CPU (same embedding)
+    runtime: str = "auto"  # auto | torch | onnxruntime | openvino: what runs the network on CPU (same embedding)
     decode: str = "exact"  # exact | reduced: large JPEGs decoded at 1/2-1/8 scale, still >= 2x the resize size
 
     def spec(self) -> BackboneSpec:
@@ -204,6 +205,8 @@ class JobConfig:
         _in_range("--actors", self.embed.actors, 1, 100_000)
         if self.embed.runtime not in RUNTIMES:
             raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.embed.runtime!r}")
+        if self.embed.runtime == "openvino" and importlib.util.find_spec("openvino") is None:
+            raise ConfigError("--runtime openvino needs OpenVINO: pip install 'dnnad[openvino]'")
         if self.embed.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.embed.device!r}")
         if self.max_error_fraction is not None and not 0.0 <= self.max_error_fraction <= 1.0:

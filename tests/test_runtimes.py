@@ -21,18 +21,19 @@ from tests.helpers import FAST, cifar_rows, read_scores, write_folder
     ("resnet18", 64, "none", ("layer2", "layer3", "final")),  # torchvision
     ("efficientnet_lite0", 224, "imagenet", ("blocks.4", "blocks.6", "final")),  # timm, the shipped weights
 ])
-def test_onnxruntime_embeds_as_torch_does_within_1e5_relative(name, size, weights, layers, tmp_path):
+def test_onnxruntime_and_openvino_embed_as_torch_does_within_1e5_relative(name, size, weights, layers, tmp_path):
     rng = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, size, size, generator=rng) * 4 - 2
     for spec in (get_spec(name, size), get_spec(name, size, layers=layers, tta="flip")):
         state = resolve_weights(spec, weights).state_dict
         onnx = cached_export(spec, state, root=str(tmp_path))
         torch_emb = FeatureExtractor(spec, state, "cpu", threads=1)(x)
-        ort = FeatureExtractor(spec, None, "cpu", threads=1, onnx_model=onnx)
-        assert ort.runtime == "onnxruntime"
-        ort_emb = ort(x)
-        assert ort_emb.shape == torch_emb.shape and np.isfinite(ort_emb).all()
-        assert np.abs(ort_emb - torch_emb).max() <= 1e-5 * np.abs(torch_emb).max()
+        for runtime in ("onnxruntime", "openvino"):  # OpenVINO at fp32: never its own bf16 default
+            ort = FeatureExtractor(spec, None, "cpu", threads=1, onnx_model=onnx, runtime=runtime)
+            assert ort.runtime == runtime
+            ort_emb = ort(x)
+            assert ort_emb.shape == torch_emb.shape and np.isfinite(ort_emb).all()
+            assert np.abs(ort_emb - torch_emb).max() <= 1e-5 * np.abs(torch_emb).max(), runtime
     files = os.listdir(tmp_path / "onnx")
     assert EXPORT_MARKER in files and len([f for f in files if f.endswith(".onnx")]) == 2  # one per read-out
 
@@ -57,6 +58,8 @@ def test_auto_is_onnxruntime_on_cpu_and_torch_on_gpu():
     assert resolve_runtime("auto", spec, gpu=False) == "onnxruntime"
     assert resolve_runtime("auto", spec, gpu=True) == "torch"
     assert resolve_runtime("torch", spec, gpu=False) == "torch"
+    assert resolve_runtime("openvino", get_spec("onnx:/m.onnx"), gpu=False) == "openvino"
+    assert resolve_runtime("auto", get_spec("onnx:/m.onnx"), gpu=False) == "onnxruntime"
 
 
 @pytest.mark.ray
@@ -67,12 +70,16 @@ def test_the_job_embeds_with_onnxruntime_by_default_and_records_it(ray_local, tm
     args = ["score", "--normal", str(data), "--query", str(data), *FAST]
     assert main([*args, "--out", str(tmp_path / "ort")]) == 0
     assert main([*args, "--out", str(tmp_path / "torch"), "--runtime", "torch"]) == 0
-    ort, ref = read_scores(tmp_path / "ort"), read_scores(tmp_path / "torch")
-    assert ort["id"].to_pylist() == ref["id"].to_pylist()
-    np.testing.assert_allclose(ort["score"].to_numpy(), ref["score"].to_numpy(), rtol=1e-4, atol=1e-6)
+    assert main([*args, "--out", str(tmp_path / "openvino"), "--runtime", "openvino"]) == 0
+    ref = read_scores(tmp_path / "torch")
+    for name in ("ort", "openvino"):
+        got = read_scores(tmp_path / name)
+        assert got["id"].to_pylist() == ref["id"].to_pylist()
+        np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), rtol=1e-4, atol=1e-6)
     record = json.loads((tmp_path / "ort" / "run.json").read_text())
     assert record["runtime"]["name"] == "onnxruntime" and record["runtime"]["version"]
     assert json.loads((tmp_path / "torch" / "run.json").read_text())["runtime"]["name"] == "torch"
+    assert json.loads((tmp_path / "openvino" / "run.json").read_text())["runtime"]["name"] == "openvino"
     assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1  # exported once, on the driver
 
 

@@ -82,7 +82,7 @@ class Job:
 
     def runtime(self, gpus: int) -> dict:
         """What ran the network in the embedding actors, and its version."""
-        from ..vision.runtimes import resolve_runtime, runtime_version
+        from ..vision.specs import resolve_runtime, runtime_version
 
         name = resolve_runtime(self.cfg.embed.runtime, self.cfg.embed.spec(), gpus > 0 and self.cfg.embed.device != "cpu")
         return {"name": name, "version": runtime_version(name)}

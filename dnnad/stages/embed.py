@@ -18,7 +18,7 @@ from ..sources import NULL_ID, PASSTHROUGH, read_bytes
 from ..vision.backbones import FeatureExtractor
 from ..vision.decode import DecodeError, decode_image
 from ..vision.preprocess import crop_fn, draft_size, normalize_batch
-from ..vision.specs import BackboneSpec, resolve_runtime
+from ..vision.specs import EXPORTED_RUNTIMES, BackboneSpec, resolve_runtime
 
 CALL_PIXEL_BYTES = 64 * 2**20
 MAX_CHUNKS_PER_CALL = 16
@@ -29,12 +29,14 @@ class Embedder:
 
     def __init__(self, spec: BackboneSpec, weights, device: str = "auto", threads: int | None = None,
                  max_pixels: int | None = None, cache=None, cache_out: str | None = None, batch_size: int = 64,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, hash_bytes: bool = False, onnx_model=None):
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, hash_bytes: bool = False, onnx_model=None,
+                 runtime: str = "onnxruntime"):
         onnx_model = resolved(onnx_model)  # the backbone's ONNX export: then the torch weights are not needed
         state = resolved(weights) if onnx_model is None else None
         self.cache = resolved(cache)
         self.cache_out = cache_out  # where this actor adds the embeddings it computed (content-keyed parts)
-        self.extractor = FeatureExtractor(spec, state, device=device, threads=threads, onnx_model=onnx_model)
+        self.extractor = FeatureExtractor(spec, state, device=device, threads=threads, onnx_model=onnx_model,
+                                          runtime=runtime)
         self.spec = spec
         self.crop = crop_fn(spec)
         self.draft = draft_size(spec) if spec.decode == "reduced" else None
@@ -137,8 +139,8 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
         res = {"num_cpus": logical}
     # Rows per call: several forward chunks for small images (Ray's per-call cost spread over more images),
     # capped so that one call's float32 pixels stay near CALL_PIXEL_BYTES; forward passes stay cfg.batch_size.
-    onnx_ref = None
-    if resolve_runtime(cfg.runtime, spec, use_gpu) == "onnxruntime" and spec.family != "onnx":
+    onnx_ref, runtime = None, resolve_runtime(cfg.runtime, spec, use_gpu)
+    if runtime in EXPORTED_RUNTIMES and spec.family != "onnx":
         onnx_ref = export_ref(spec, weights_ref)
     chunk_bytes = cfg.batch_size * 3 * spec.image_size ** 2 * 4
     rows = cfg.batch_size * max(1, min(MAX_CHUNKS_PER_CALL, CALL_PIXEL_BYTES // chunk_bytes))
@@ -147,7 +149,7 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
                                "device": "cuda" if use_gpu else "cpu", "cache": cache_ref, "cache_out": cache_out,
                                "batch_size": cfg.batch_size, "max_file_bytes": max_file_bytes,
-                               "hash_bytes": hash_bytes, "onnx_model": onnx_ref}, **res,
+                               "hash_bytes": hash_bytes, "onnx_model": onnx_ref, "runtime": runtime}, **res,
     )
 
 

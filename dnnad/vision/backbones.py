@@ -82,16 +82,20 @@ class FeatureExtractor:
     the same pooled features within 1e-5 relative; an ``onnx:`` backbone always runs there."""
 
     def __init__(self, spec: BackboneSpec, state_dict: dict | None, device: str = "auto",
-                 threads: int | None = None, onnx_model: bytes | None = None):
+                 threads: int | None = None, onnx_model: bytes | None = None, runtime: str = "onnxruntime"):
         self.spec = spec
         self.onnx = None
-        if spec.family == "onnx" or onnx_model is not None:  # no torch in this process for ONNX Runtime
-            from .onnx_session import OnnxTaps
+        self._runtime = "torch"
+        if spec.family == "onnx" or onnx_model is not None:  # no torch in this process for an ONNX model
+            from .onnx_session import OnnxTaps, OpenVinoTaps
 
             self.device = "cpu" if device == "auto" else device
             self.half = self.device.startswith("cuda")
-            self.onnx = OnnxTaps(onnx_model if onnx_model is not None else spec.arch, threads, self.half,
-                                 spec.output if spec.family == "onnx" else None)
+            model, output = onnx_model if onnx_model is not None else spec.arch, \
+                spec.output if spec.family == "onnx" else None
+            self._runtime = "openvino" if runtime == "openvino" and not self.half else "onnxruntime"
+            self.onnx = OpenVinoTaps(model, threads, output) if self._runtime == "openvino" else \
+                OnnxTaps(model, threads, self.half, output)
             return
         import torch
 
@@ -113,7 +117,7 @@ class FeatureExtractor:
 
     @property
     def runtime(self) -> str:
-        return "onnxruntime" if self.onnx is not None else "torch"
+        return self._runtime
 
     def taps(self, x: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """Pooled features of one view, by layer name (``final`` always included), float32, unnormalised."""

@@ -13,7 +13,8 @@ FINAL = "final"  # --layers name of the pooled penultimate features (what plain 
 TTA_MODES = ("flip",)
 RESIZE_MODES = ("crop", "full")
 DECODE_MODES = ("exact", "reduced")  # reduced: large JPEGs decoded at a reduced scale (vision.preprocess)
-RUNTIMES = ("auto", "torch", "onnxruntime")  # auto: ONNX Runtime on CPU, torch on GPU (vision.runtimes)
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # auto: ONNX Runtime on CPU, torch on GPU
+EXPORTED_RUNTIMES = ("onnxruntime", "openvino")  # run the backbone's ONNX export (vision.runtimes)
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,9 @@ def get_spec(name: str, image_size: int | None = None, layers: tuple[str, ...] =
 
 def resolve_runtime(runtime: str, spec: BackboneSpec, gpu: bool) -> str:
     """The runtime an embedding actor uses: ``auto`` is ONNX Runtime for a torch backbone on CPU, torch on a
-    GPU (fp16, channels_last); an ``onnx:`` backbone always runs in ONNX Runtime."""
+    GPU (fp16, channels_last); an ``onnx:`` backbone runs in ONNX Runtime, or OpenVINO when asked."""
     if spec.family == "onnx":
-        return "onnxruntime"
+        return "openvino" if runtime == "openvino" else "onnxruntime"
     if runtime == "auto":
         return "torch" if gpu else "onnxruntime"
     return runtime
