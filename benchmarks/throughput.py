@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import os
 import tempfile
 import time
@@ -25,73 +26,201 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def embed_bench(backbone: str, size: int, n: int, batch: int, threads: int, actors: int | None = None
-                ) -> list[str]:
-    """Images/s, decode included: the Ray embedding stage vs a plain torch loop (torchvision transforms per
-    image, same model, ``threads`` torch threads); per-image time outside the forward pass for both. The Ray
-    stage splits the same threads over ``actors`` actors (default: dnnad's own plan for this machine)."""
-    import ray
+RUNTIME_NAMES = ("torch", "onnxruntime", "openvino")
+
+
+def forward_runners(spec, state: dict, threads: int, calib: np.ndarray) -> dict:
+    """Forward pass only, ``(n, 3, H, W) float32 → (n, d)``, per runtime and precision. fp32 ones must give
+    the torch embedding; bf16 (OpenVINO's own CPU default where the CPU has it) and int8 (ONNX Runtime static
+    QDQ, per channel, calibrated on ``calib``) are the lower precisions, measured, not defaults."""
+    import openvino as ov
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from dnnad.vision.backbones import FeatureExtractor
+    from dnnad.vision.onnx_session import OnnxTaps
+    from dnnad.vision.runtimes import export_onnx
+
+    torch.set_num_threads(threads)
+    onnx = export_onnx(spec, state)
+    eager = FeatureExtractor(spec, state, device="cpu", threads=threads)
+    last = FeatureExtractor(spec, state, device="cpu", threads=threads)
+    last.model = last.model.to(memory_format=torch.channels_last)
+
+    def channels_last(x):
+        with torch.inference_mode():
+            return last.model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
+
+    core = ov.Core()
+
+    def openvino(hint: str):
+        net = core.compile_model(core.read_model(onnx), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                                  "INFERENCE_NUM_THREADS": threads,
+                                                                  "PERFORMANCE_HINT": "LATENCY"})
+        return lambda x: net(x)[0]
+
+    class Calib(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"pixels": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (src := os.path.join(tmp, "fp32.onnx"), dst := os.path.join(tmp, "int8.onnx"))
+        with open(src, "wb") as f:
+            f.write(onnx)
+        quant_pre_process(src, src, skip_symbolic_shape=True)  # shapes and folding, as ONNX Runtime advises
+        quantize_static(src, dst, Calib(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        with open(dst, "rb") as f:
+            int8 = OnnxTaps(f.read(), threads)
+    fp32 = OnnxTaps(onnx, threads)
+    bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return {"torch eager, NCHW fp32": lambda x: eager(x), "torch eager, channels_last fp32": channels_last,
+            "ONNX Runtime fp32": lambda x: fp32(x)["final"], "OpenVINO fp32": openvino("f32"),
+            **({"OpenVINO bf16": openvino("bf16")} if bf16 else {}),
+            "ONNX Runtime int8 (static QDQ)": lambda x: int8(x)["final"]}
+
+
+def flops_per_image(spec, state: dict) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dnnad.vision.backbones import FeatureExtractor
+
+    fe = FeatureExtractor(spec, state, device="cpu")
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fe.model(torch.zeros(1, 3, spec.image_size, spec.image_size))
+    return float(counter.get_total_flops())
+
+
+def sgemm_peak(threads: int) -> float:
+    """GFLOP/s of a large float32 matrix product with ``threads`` threads: the cores' practical peak."""
     import torch
 
-    from dnnad.config import DEFAULT_MAX_FILE_BYTES, EmbedConfig
-    from dnnad.runtime import start_ray
-    from dnnad.stages.embed import embed
-    from dnnad.stages.read import ROWS_PER_BLOCK  # blocks as the read stage makes them
-    from dnnad.vision.backbones import FeatureExtractor, preprocess_fn
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    (_, t) = timed(lambda: [a @ b for _ in range(5)])
+    return 5 * 2 * 2048 ** 3 / t / 1e9
+
+
+def filtered_parquet(path: str, images: list[bytes], n: int) -> None:
+    """``n`` selected images (``keep = 1``) interleaved with as many others, in row groups of 1,000: the
+    filtered Parquet source of a corpus run."""
+    picked = (images * -(-2 * n // len(images)))[:2 * n]
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(2 * n)], "image": picked,
+                             "keep": pa.array([i % 2 for i in range(2 * n)], pa.int8())}), path, row_group_size=1000)
+
+
+def embed_bench(backbone: str, size: int, n: int, threads: int, batch: int = 64) -> list[str]:
+    """Forward pass alone per runtime and precision (images/s, per core, GFLOP/s against the cores' sgemm
+    peak, max relative difference from torch), then the job's embed stage per runtime over a filtered Parquet
+    source against a plain single-process loop that decodes, crops and runs the same runtime."""
+    import ray
+    from PIL import Image
+
+    from dnnad.config import DEFAULT_MAX_FILE_BYTES, EmbedConfig, SourceConfig
+    from dnnad.runtime import start_ray, stop_ray
+    from dnnad.sources import prepare_source
+    from dnnad.stages.embed import CPU_FORWARD_PIXELS, Embedder, embed
+    from dnnad.stages.read import read_source
     from dnnad.vision.decode import decode_image
+    from dnnad.vision.preprocess import normalize_batch
     from dnnad.vision.specs import get_spec
     from dnnad.vision.weights import resolve_weights
 
-    table = pq.read_table(DATASETS["cifar10"], columns=["id", "image"])
-    table = pa.concat_tables([table] * -(-n // table.num_rows)).slice(0, n)
+    table = pq.read_table(DATASETS["cifar10"], columns=["id", "image", "split"])
+    images = table.filter(pa.compute.equal(table["split"], "test"))["image"].to_pylist()
     spec = get_spec(backbone, size)
     w = resolve_weights(spec, "imagenet")
-    prep = preprocess_fn(spec)
-    images = table["image"].to_pylist()
+    probe = Embedder(spec, w.state_dict, device="cpu", threads=threads, runtime="torch")
 
-    def plain(n_threads: int) -> tuple[float, float]:
-        """(seconds, forward seconds per image) of a plain loop with ``n_threads`` torch threads."""
-        fe = FeatureExtractor(spec, w.state_dict, device="cpu", threads=n_threads)
-        torch.set_num_threads(n_threads)
-        forward = 0.0
-        for _rep in range(2):  # the first pass warms up (first-call allocations), as the actors do while starting
-            forward, t0 = 0.0, time.perf_counter()
-            for i in range(0, n, batch):
-                x = torch.stack([prep(decode_image(b)) for b in images[i:i + batch]])
-                _, t = timed(lambda x=x: fe(x))
-                forward += t
-        return time.perf_counter() - t0, forward / n
+    def pixels(chunk: list[bytes]) -> np.ndarray:
+        return normalize_batch(spec, np.stack([probe.crop(decode_image(b)) for b in chunk]))
 
-    t_plain, t_fwd = plain(threads)
-    t_one, t_fwd1 = plain(1)  # one plain loop per core would run at threads x this rate
-    best = max(n / t_plain, threads * n / t_one)
-    start_ray(quiet=True)
-    from dnnad.runtime import cluster_resources, embed_pool
+    x = pixels(images[:batch])
+    runners = forward_runners(spec, w.state_dict, threads, pixels(images[batch:batch + 256]))
+    gflop = flops_per_image(spec, w.state_dict) / 1e9
+    peak = sgemm_peak(threads)
+    ref = runners["torch eager, NCHW fp32"](x)
+    reps = max(2, int(2000 / (size / 32) ** 2 // batch))
+    lines, fwd = [], {}
+    chunk = max(1, min(batch, CPU_FORWARD_PIXELS // size ** 2))  # as the actors run the exported runtimes
 
-    actors = actors or embed_pool(cluster_resources()[0], None, None)[0]
-    ray_threads = max(1, threads // actors)
-    cfg = EmbedConfig(backbone, "imagenet", size, batch, "cpu", ray_threads, actors)
-    wref = ray.put(w.state_dict)
+    def chunked(run):
+        return lambda x: np.concatenate([np.asarray(run(x[i:i + chunk])) for i in range(0, len(x), chunk)])
 
-    def run_ray(rows: pa.Table) -> float:
-        ds = ray.data.from_arrow([rows.slice(i, ROWS_PER_BLOCK) for i in range(0, rows.num_rows, ROWS_PER_BLOCK)])
-        got, t = timed(lambda: embed(ds, cfg, wref, DEFAULT_MAX_FILE_BYTES).materialize())
-        assert got.count() == rows.num_rows
-        return t
+    runners = {name: run if name.startswith("torch") else chunked(run) for name, run in runners.items()}
+    for name, run in runners.items():
+        try:
+            out = run(x)
+        except Exception as e:  # noqa: BLE001 - a runtime that cannot run this network is a row of the table
+            lines.append(f"| forward only: {backbone} @{size}px, {name} | — | fails: {str(e)[:160]} | — |")
+            print(lines[-1], flush=True)
+            continue
+        _, t = timed(lambda run=run: [run(x) for _ in range(reps)])
+        rate = reps * batch / t
+        fwd[name] = rate
+        diff = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
+        lines.append(f"| forward only: {backbone} @{size}px, batch {batch if name.startswith('torch') else chunk}, "
+                     f"{threads} threads, {name} | — | "
+                     f"{rate:.1f} img/s ({rate / threads:.1f} per core), {rate * gflop:.0f} GFLOP/s = "
+                     f"{100 * rate * gflop / peak:.0f} % of the {peak:.0f} GFLOP/s sgemm peak; max rel diff "
+                     f"{diff:.1e} | {rate / fwd['torch eager, NCHW fp32']:.2f}x torch eager |")
+        print(lines[-1], flush=True)
 
-    run_ray(table.slice(0, batch))  # warm-up: worker processes and imports
-    t_ray = run_ray(table)  # wall time, including the actor pool's start (model build) for this dataset
-    t_ray2 = run_ray(pa.concat_tables([table, table]))
-    steady = n / (t_ray2 - t_ray) if t_ray2 > t_ray else float("nan")  # differential: the start cost cancels
-    fwd_actor = t_fwd1 if ray_threads == 1 else t_fwd
-    return [f"| embed {backbone} @{size}px, {n:,} CIFAR-10 JPEGs, batch {batch}, {threads} cores, decode "
-            f"included | plain loop: {n / t_plain:.1f} img/s with {threads} threads ({1e3 * (t_plain / n - t_fwd):.2f} "
-            f"ms/img outside forward); {n / t_one:.1f} img/s with 1 thread ({1e3 * (t_one / n - t_fwd1):.2f} ms), "
-            f"x{threads} = {threads * n / t_one:.1f} img/s; best {best:.1f} img/s "
-            f"| {n / t_ray:.1f} img/s incl. actor start; {steady:.1f} img/s steady; "
-            f"{1e3 * (actors / steady - fwd_actor):.2f} ms/img outside forward per actor "
-            f"({actors} actor(s) x {ray_threads} thread(s)) "
-            f"| **{n / t_ray / best:.2f}x** incl. start; **{steady / best:.2f}x** steady (of the best plain) |"]
+    plain_of = {"torch": "torch eager, NCHW fp32", "onnxruntime": "ONNX Runtime fp32", "openvino": "OpenVINO fp32"}
+    todays = None
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {1: os.path.join(tmp, "warm.parquet"), 2: os.path.join(tmp, "run.parquet")}
+        filtered_parquet(paths[1], images, 256)
+        filtered_parquet(paths[2], images, n)
+        owned = start_ray(quiet=True)
+        try:
+            kept = images[:n]
+            for runtime in RUNTIME_NAMES:
+                forward = runners[plain_of[runtime]]
+
+                def plain_loop(forward=forward) -> None:  # PIL decode, the crop, one batch at a time
+                    for i in range(0, n, batch):
+                        crops = [probe.crop(Image.open(io.BytesIO(b)).convert("RGB")) for b in kept[i:i + batch]]
+                        forward(normalize_batch(spec, np.stack(crops)))
+
+                _, t_plain = timed(plain_loop)
+                cfg = EmbedConfig(backbone, "imagenet", size, batch, "cpu", runtime=runtime)
+                wref = ray.put(w.state_dict)
+
+                def stage(path: str, cfg=cfg, wref=wref) -> tuple[float, float]:
+                    """(images/s from the call, actor start included; images/s over the last three quarters of
+                    the rows, once every actor has started)."""
+                    src = prepare_source(SourceConfig(path, filters=(("keep", "1"),)), "query")
+                    t0, rows, quarter = time.perf_counter(), 0, None
+                    for b in embed(read_source(src), cfg, wref, DEFAULT_MAX_FILE_BYTES).iter_batches(batch_size=None):
+                        rows += len(b["id"])
+                        if quarter is None and rows >= src.rows / 4:
+                            quarter, t_quarter = rows, time.perf_counter()
+                    t_end = time.perf_counter()
+                    assert rows == src.rows
+                    return rows / (t_end - t0), (rows - quarter) / max(t_end - t_quarter, 1e-9)
+
+                stage(paths[1])  # warm-up: worker processes, imports, the export
+                with_start, steady = stage(paths[2])
+                todays = todays or steady
+                lines.append(
+                    f"| job embed stage, {runtime}: {backbone} @{size}px, Parquet source filtered to {n:,} of "
+                    f"{2 * n:,} CIFAR-10 JPEGs (decode included) | plain loop, same runtime, {threads} threads: "
+                    f"{n / t_plain:.1f} img/s | {with_start:.1f} img/s incl. actor start; {steady:.1f} img/s once "
+                    f"started (last 3/4 of the rows) | "
+                    f"**{steady / (n / t_plain):.2f}x** the plain loop; {steady / fwd[plain_of[runtime]]:.2f}x its "
+                    f"forward pass alone; {steady / todays:.2f}x the torch stage |")
+                print(lines[-1], flush=True)
+        finally:
+            if owned:
+                stop_ray()
+    return lines
 
 
 def query_dataset(Xq: np.ndarray):
@@ -255,11 +384,9 @@ def cli_bench(repeats: int = 5) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--parts", default="embed,knn,shards,scale", help="also: cli (the command line's latency)")
-    ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--embed-n32", type=int, default=10_000, help="images at 32 px (0: skip)")
-    ap.add_argument("--embed-n224", type=int, default=512, help="images at 224 px (0: skip)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
-    ap.add_argument("--embed-actors", type=int, default=None, help="Ray embedding actors (default: dnnad's plan)")
+    ap.add_argument("--embed-n32", type=int, default=5_000, help="Lite0 images at 32 px (0: skip)")
+    ap.add_argument("--embed-n260", type=int, default=512, help="Lite2 images at 260 px (0: skip)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of the plain baselines")
     ap.add_argument("--knn-n", type=int, default=20_000, help="normal rows of the kNN and shard measurements")
     ap.add_argument("--knn-queries", type=int, default=100_000)
     ap.add_argument("--shard-queries", type=int, default=100_000)
@@ -271,16 +398,14 @@ def main() -> None:
     parts = a.parts.split(",")
     lines = [f"## Throughput ({dt.date.today()}, commit {git_rev()})", "",
              f"- command: `python benchmarks/throughput.py --parts {a.parts} --embed-n32 {a.embed_n32} "
-             f"--embed-n224 {a.embed_n224} --knn-n {a.knn_n} --knn-queries {a.knn_queries} "
+             f"--embed-n260 {a.embed_n260} --knn-n {a.knn_n} --knn-queries {a.knn_queries} "
              f"--shard-queries {a.shard_queries} --scale-n {a.scale_n} --scale-kinds {a.scale_kinds}`",
              f"- machine: {machine()}", "",
              "| measurement | plain baseline | dnnad on Ray | ratio |", "|---|---|---|---|"]
     if "embed" in parts:
-        for size, n in ((32, a.embed_n32), (224, a.embed_n224)):
-            if not n:
-                continue
-            lines += embed_bench(a.backbone, size, n, 64, a.threads, a.embed_actors)
-            print(lines[-1], flush=True)
+        for backbone, size, n in (("efficientnet_lite0", 32, a.embed_n32), ("efficientnet_lite2", 260, a.embed_n260)):
+            if n:
+                lines += embed_bench(backbone, size, n, a.threads)
     if "knn" in parts:
         lines += knn_bench(a.knn_n, 512, a.knn_queries, 2, a.score_batch)
         print(lines[-1], flush=True)

@@ -101,12 +101,18 @@ def test_unknown_backbone_is_a_config_error():
 
 
 @pytest.mark.unit
-def test_embeddings_do_not_depend_on_how_rows_are_batched(tmp_path):
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "openvino"])
+def test_embeddings_do_not_depend_on_how_rows_are_batched(tmp_path, runtime):
+    """torch pads a short batch to the batch size (its kernels may differ by batch shape); the exported
+    runtimes run it as it is, which must give the same bits (their CPU kernels compute each image alone)."""
     from dnnad.stages.embed import Embedder
+    from dnnad.vision.runtimes import cached_export
 
     spec = get_spec("efficientnet_lite0", 64)
-    emb = Embedder(spec, resolve_weights(spec, "imagenet").state_dict, device="cpu", batch_size=4)
-    corpus = make_corpus(tmp_path, query=6)  # a batch of 4 and one of 2 padded to 4, against 6 batches of 1
+    state = resolve_weights(spec, "imagenet").state_dict
+    onnx = None if runtime == "torch" else cached_export(spec, state, root=str(tmp_path / "cache"))
+    emb = Embedder(spec, state, device="cpu", batch_size=4, onnx_model=onnx, runtime=runtime)
+    corpus = make_corpus(tmp_path, query=6)  # a batch of 4 and one of 2, against 6 batches of 1
     ids = sorted(corpus.good)
     batch = {"id": np.array(ids, dtype=object), "path": np.array([str(corpus.query / i) for i in ids], dtype=object)}
     whole = np.stack(emb(batch)["embedding"].to_numpy(zero_copy_only=False))

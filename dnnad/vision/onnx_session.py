@@ -38,7 +38,8 @@ class OpenVinoTaps:
 
         core = ov.Core()
         net = core.read_model(model)
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        # No pinning: each actor is its own process, and OpenVINO would pin every one of them to the same cores.
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(net, "CPU", config)
