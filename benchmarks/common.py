@@ -58,7 +58,7 @@ def subsample(dataset: str, train_per_class: int | None, test_n: int | None, see
 
 
 def cached_embeddings(dataset: str, ids: list[str], backbone: str, weights: str, image_size: int | None,
-                      batch_size: int = 64) -> np.ndarray:
+                      batch_size: int = 64, decode: str = "exact") -> np.ndarray:
     """Embeddings of ``ids`` in order; only ids missing from the cache are embedded (by the Ray pipeline)."""
     import ray
 
@@ -69,10 +69,11 @@ def cached_embeddings(dataset: str, ids: list[str], backbone: str, weights: str,
     from dnnad.vision.specs import get_spec
     from dnnad.vision.weights import resolve_weights
 
-    spec = get_spec(backbone, image_size)
+    spec = get_spec(backbone, image_size, decode=decode)
     w = resolve_weights(spec, weights)
     sha = w.identity.rsplit("sha256:", 1)[-1][:12] if "sha256:" in w.identity else w.identity
-    path = CACHE / f"{dataset}-{backbone.replace(':', '_').replace('/', '_')}-{sha}-{spec.image_size}.parquet"
+    path = CACHE / (f"{dataset}-{backbone.replace(':', '_').replace('/', '_')}-{sha}-{spec.image_size}"
+                    f"{'-' + decode if decode != 'exact' else ''}.parquet")
     have = pq.read_table(path) if path.exists() else None
     known = set(have["id"].to_pylist()) if have is not None else set()
     missing = [i for i in dict.fromkeys(ids) if i not in known]
@@ -81,7 +82,7 @@ def cached_embeddings(dataset: str, ids: list[str], backbone: str, weights: str,
         t = pq.read_table(DATASETS[dataset], columns=["id", "image"])
         t = t.filter(pc.is_in(t["id"], value_set=pa.array(missing)))
         ds = ray.data.from_arrow([t.slice(i, 256) for i in range(0, t.num_rows, 256)])
-        e = collect(embed(ds, EmbedConfig(backbone, weights, image_size, batch_size), ray.put(w.state_dict),
+        e = collect(embed(ds, EmbedConfig(backbone, weights, image_size, batch_size, decode=decode), ray.put(w.state_dict),
                           DEFAULT_MAX_FILE_BYTES))
         assert e.errors.num_rows == 0, e.errors
         new = pa.table({"id": pa.array(e.ids.tolist(), pa.string()),

@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite2")
     ap.add_argument("--weights", default="imagenet")
     ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--decode", default="exact", choices=["exact", "reduced"], help="the jobs' --decode")
     ap.add_argument("--train-per-class", type=int, default=200)
     ap.add_argument("--test-n", type=int, default=2000)
     ap.add_argument("--k", type=int, default=2)
@@ -76,7 +77,7 @@ def main() -> None:
     rows = subsample(a.dataset, a.train_per_class, a.test_n, a.seed)
     ids, labels, split = rows["id"].to_pylist(), rows["label"].to_numpy(), rows["split"].to_numpy(zero_copy_only=False)
     plain = protocols - {"variants"}
-    X = cached_embeddings(a.dataset, ids, a.backbone, a.weights, a.image_size) if plain else None
+    X = cached_embeddings(a.dataset, ids, a.backbone, a.weights, a.image_size, decode=a.decode) if plain else None
     t_embed = time.perf_counter() - t0
     names = dict(zip(labels.tolist(), rows["label_name"].to_pylist()))
     classes = np.unique(labels[split == "train"])  # the normal classes (MTD: MT_Free only)
@@ -90,6 +91,7 @@ def main() -> None:
              f"- command: `python benchmarks/oneclass.py --dataset {a.dataset} --backbone {a.backbone} "
              f"--weights {a.weights} --train-per-class {a.train_per_class} --test-n {a.test_n} --k {a.k}"
              + (f" --image-size {a.image_size}" if a.image_size else "")
+             + (f" --decode {a.decode}" if a.decode != "exact" else "")
              + "".join(f" --{o.replace('_', '-')} {getattr(a, o)}" for o in ("protocols", "layers", "resize_modes")
                        if getattr(a, o) != ap.get_default(o)) + "`",
              f"- machine: {machine()}; date {dt.date.today()}; commit {git_rev()}",
