@@ -53,10 +53,12 @@ class EmbedConfig:
     resize: str = "crop"  # crop (resize + centre crop) | full (whole image to a square)
     runtime: str = "auto"  # auto | torch | onnxruntime | openvino: what runs the network on CPU (same embedding)
     decode: str = "exact"  # exact | reduced: large JPEGs decoded at 1/2-1/8 scale, still >= 2x the resize size
+    precision: str = "fp32"  # fp32 | bf16 (OpenVINO on a CPU with bf16: 3x the images/s, not the same embedding)
 
     def spec(self) -> BackboneSpec:
         """The backbone spec these settings embed with (raises ValueError on an unknown option)."""
-        return get_spec(self.backbone, self.image_size, self.layers, self.tta, self.resize, self.decode)
+        return get_spec(self.backbone, self.image_size, self.layers, self.tta, self.resize, self.decode,
+                        self.precision)
 
 
 @dataclass(frozen=True)
@@ -205,8 +207,16 @@ class JobConfig:
         _in_range("--actors", self.embed.actors, 1, 100_000)
         if self.embed.runtime not in RUNTIMES:
             raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.embed.runtime!r}")
-        if self.embed.runtime == "openvino" and importlib.util.find_spec("openvino") is None:
-            raise ConfigError("--runtime openvino needs OpenVINO: pip install 'dnnad[openvino]'")
+        if self.embed.precision == "bf16" and self.embed.runtime not in ("auto", "openvino"):
+            raise ConfigError(f"--precision bf16 runs in OpenVINO, not --runtime {self.embed.runtime}")
+        if "openvino" in (self.embed.runtime, {"bf16": "openvino"}.get(self.embed.precision)) and \
+                importlib.util.find_spec("openvino") is None:
+            raise ConfigError("--runtime openvino and --precision bf16 need OpenVINO: pip install 'dnnad[openvino]'")
+        if self.embed.precision == "bf16":
+            import openvino as ov
+
+            if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                raise ConfigError("--precision bf16: this machine's CPU has no bf16 support; use fp32")
         if self.embed.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.embed.device!r}")
         if self.max_error_fraction is not None and not 0.0 <= self.max_error_fraction <= 1.0:

@@ -56,6 +56,7 @@ class ModelMeta:
     layers: list | None = None  # --layers the embeddings were read from (None: final pooled features)
     tta: str | None = None  # --tta
     resize: str = "crop"  # --resize
+    precision: str = "fp32"  # --precision: bf16 = OpenVINO's bf16 inference (not the fp32 embedding)
     decode: str = "exact"  # --decode: reduced = JPEGs decoded at a reduced scale (DCT scaling) when far larger
     normalize: str | None = None  # feature transform (core.features), applied before the index
     whiten: bool = False

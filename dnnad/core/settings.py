@@ -71,6 +71,7 @@ MODEL_SETTINGS: tuple[ModelSetting, ...] = (
     ModelSetting("--tta", "embed.tta", meta="tta", images=True, version=3),
     ModelSetting("--resize", "embed.resize", meta="resize", images=True, version=3),
     ModelSetting("--decode", "embed.decode", meta="decode", images=True, version=5),
+    ModelSetting("--precision", "embed.precision", meta="precision", images=True, version=5),
     ModelSetting("--normal", "normal"),  # the normal set itself: a saved model was fitted on its own
 )
 FIT_SETTINGS = tuple(s for s in MODEL_SETTINGS if s.fit)

@@ -94,7 +94,7 @@ class FeatureExtractor:
             model, output = onnx_model if onnx_model is not None else spec.arch, \
                 spec.output if spec.family == "onnx" else None
             self._runtime = "openvino" if runtime == "openvino" and not self.half else "onnxruntime"
-            self.onnx = OpenVinoTaps(model, threads, output) if self._runtime == "openvino" else \
+            self.onnx = OpenVinoTaps(model, threads, output, spec.precision) if self._runtime == "openvino" else \
                 OnnxTaps(model, threads, self.half, output)
             return
         import torch

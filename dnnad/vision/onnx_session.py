@@ -31,15 +31,21 @@ class OnnxTaps:
 
 class OpenVinoTaps:
     """The same model compiled by OpenVINO for the CPU at fp32 (``INFERENCE_PRECISION_HINT``: never the bf16
-    it picks by itself on CPUs that have it), so the embedding stays within 1e-5 of torch's."""
+    it picks by itself on CPUs that have it), so the embedding stays within 1e-5 of torch's; or at bf16 when
+    asked (``--precision bf16``), refused on a CPU without it."""
 
-    def __init__(self, model: bytes | str, threads: int | None = None, output: str | None = None):
+    def __init__(self, model: bytes | str, threads: int | None = None, output: str | None = None,
+                 precision: str = "fp32"):
         import openvino as ov
 
         core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise RuntimeError("--precision bf16: this CPU has no bf16 support (OpenVINO's "
+                               "OPTIMIZATION_CAPABILITIES); use fp32")
         net = core.read_model(model)
         # No pinning: each actor is its own process, and OpenVINO would pin every one of them to the same cores.
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+        config = {"INFERENCE_PRECISION_HINT": {"bf16": "bf16"}.get(precision, "f32"), "PERFORMANCE_HINT": "LATENCY",
+                  "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(net, "CPU", config)

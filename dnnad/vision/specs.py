@@ -12,6 +12,7 @@ DEFAULT_BACKBONE = "efficientnet_lite2"
 FINAL = "final"  # --layers name of the pooled penultimate features (what plain DN2 uses)
 TTA_MODES = ("flip",)
 RESIZE_MODES = ("crop", "full")
+PRECISIONS = ("fp32", "bf16")  # bf16: OpenVINO's bf16 inference (vision.onnx_session)
 DECODE_MODES = ("exact", "reduced")  # reduced: large JPEGs decoded at a reduced scale (vision.preprocess)
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # auto: ONNX Runtime on CPU, torch on GPU
 EXPORTED_RUNTIMES = ("onnxruntime", "openvino")  # run the backbone's ONNX export (vision.runtimes)
@@ -32,12 +33,14 @@ class BackboneSpec:
     tta: str | None = None  # "flip": average with the horizontally flipped image
     resize: str = "crop"  # crop: shorter side to size/0.875 then centre crop; full: whole image to size x size
     decode: str = "exact"  # exact | reduced (JPEG DCT scaling down to twice the resize size)
+    precision: str = "fp32"  # fp32 | bf16 (OpenVINO)
 
     @property
     def feature_tag(self) -> str:
         """How features are read, for cache keys: empty for plain DN2 features."""
         parts = ([f"L{'+'.join(self.layers)}"] if self.layers else []) + ([self.tta] if self.tta else []) \
-            + (["full"] if self.resize != "crop" else []) + (["reduced"] if self.decode != "exact" else [])
+            + (["full"] if self.resize != "crop" else []) + (["reduced"] if self.decode != "exact" else []) \
+            + ([self.precision] if self.precision != "fp32" else [])
         return "-".join(parts)
 
     @property
@@ -50,18 +53,20 @@ def backbone_names() -> list[str]:
 
 
 def get_spec(name: str, image_size: int | None = None, layers: tuple[str, ...] = (), tta: str | None = None,
-             resize: str = "crop", decode: str = "exact") -> BackboneSpec:
+             resize: str = "crop", decode: str = "exact", precision: str = "fp32") -> BackboneSpec:
     """Spec for a backbone name; ``image_size`` overrides the default input size; ``layers``, ``tta`` and
     ``resize`` choose how features are read (module names are checked when the backbone is built)."""
     if tta is not None and tta not in TTA_MODES:
         raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     if resize not in RESIZE_MODES:
         raise ValueError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if decode not in DECODE_MODES:
         raise ValueError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     if len(set(layers)) != len(layers) or any(not n for n in layers):
         raise ValueError(f"--layers must name distinct modules, got {','.join(layers)!r}")
-    opts = {"layers": tuple(layers), "tta": tta, "resize": resize, "decode": decode}
+    opts = {"layers": tuple(layers), "tta": tta, "resize": resize, "decode": decode, "precision": precision}
     if name in TORCHVISION:
         return BackboneSpec(name, "torchvision", name, image_size or 224, IMAGENET_MEAN, IMAGENET_STD, **opts)
     if name in LITE_SIZES:
@@ -79,6 +84,8 @@ def get_spec(name: str, image_size: int | None = None, layers: tuple[str, ...] =
 def resolve_runtime(runtime: str, spec: BackboneSpec, gpu: bool) -> str:
     """The runtime an embedding actor uses: ``auto`` is ONNX Runtime for a torch backbone on CPU, torch on a
     GPU (fp16, channels_last); an ``onnx:`` backbone runs in ONNX Runtime, or OpenVINO when asked."""
+    if spec.precision == "bf16":
+        return "openvino"
     if spec.family == "onnx":
         return "openvino" if runtime == "openvino" else "onnxruntime"
     if runtime == "auto":
