@@ -106,11 +106,11 @@ class Embedder:
         return pa.table(out)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Features in chunks of the batch size. torch's last chunk is zero-padded: every torch forward pass
-        has the same shape, so an image's embedding is bit-identical however rows were partitioned into
-        batches. ONNX Runtime and OpenVINO compute each image alone on CPU (the same bits at any batch size,
-        ``tests/test_backbones.py``): their short chunks run as they are, not padded (a filtered source's
-        blocks of 45 rows once cost 30 % of the forward work in padding)."""
+        """Features in chunks: torch's (and any GPU's) of the batch size, torch's last one zero-padded, so every
+        torch forward pass has the same shape and an image's embedding is bit-identical however rows were
+        partitioned into batches. ONNX Runtime and OpenVINO compute each image alone on CPU (the same bits at
+        any batch size, ``tests/test_backbones.py``): their chunks are cache-sized (``CPU_FORWARD_PIXELS``)
+        and a short one runs as it is (a filtered source's 45-row blocks once spent 30 % of the work on padding)."""
         pad = self.extractor.runtime == "torch"
         b = self.batch_size if pad or self.extractor.half else \
             max(1, min(self.batch_size, CPU_FORWARD_PIXELS // self.spec.image_size ** 2))
@@ -140,13 +140,15 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
     if cfg.device == "cuda" and gpus == 0:
         raise ConfigError("--device cuda, but the Ray cluster has no GPUs")
     use_gpu = gpus > 0 and cfg.device != "cpu"
+    if use_gpu and spec.precision == "bf16":
+        raise ConfigError("--precision bf16 is OpenVINO's CPU inference: add --device cpu, or use fp32 on the GPU")
     if use_gpu:
         actors, threads, res = cfg.actors or gpus, cfg.threads, {"num_gpus": EMBED_ACTOR_GPUS}
     else:
         actors, threads, logical = embed_pool(cpus, cfg.actors, cfg.threads, score_actors)
         res = {"num_cpus": logical}
     # Rows per call: several forward chunks for small images (Ray's per-call cost spread over more images),
-    # capped so that one call's float32 pixels stay near CALL_PIXEL_BYTES; forward passes stay cfg.batch_size.
+    # capped so that one call's float32 pixels stay near CALL_PIXEL_BYTES (forward chunks: Embedder.forward).
     onnx_ref, runtime = None, resolve_runtime(cfg.runtime, spec, use_gpu)
     if runtime in EXPORTED_RUNTIMES and spec.family != "onnx":
         onnx_ref = export_ref(spec, weights_ref)
