@@ -209,13 +209,13 @@ class JobConfig:
             raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.embed.runtime!r}")
         if self.embed.precision == "bf16" and self.embed.runtime not in ("auto", "openvino"):
             raise ConfigError(f"--precision bf16 runs in OpenVINO, not --runtime {self.embed.runtime}")
-        if "openvino" in (self.embed.runtime, {"bf16": "openvino"}.get(self.embed.precision)) and \
-                importlib.util.find_spec("openvino") is None:
+        needs_openvino = self.embed.runtime == "openvino" or self.embed.precision == "bf16"
+        if needs_openvino and importlib.util.find_spec("openvino") is None:
             raise ConfigError("--runtime openvino and --precision bf16 need OpenVINO: pip install 'dnnad[openvino]'")
         if self.embed.precision == "bf16":
-            import openvino as ov
+            from .vision.onnx_session import has_bf16
 
-            if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            if not has_bf16():
                 raise ConfigError("--precision bf16: this machine's CPU has no bf16 support; use fp32")
         if self.embed.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.embed.device!r}")

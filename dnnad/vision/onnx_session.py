@@ -39,7 +39,7 @@ class OpenVinoTaps:
         import openvino as ov
 
         core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if precision == "bf16" and not has_bf16(core):
             raise RuntimeError("--precision bf16: this CPU has no bf16 support (OpenVINO's "
                                "OPTIMIZATION_CAPABILITIES); use fp32")
         net = core.read_model(model)
@@ -66,3 +66,12 @@ def pooled_taps(names: list[str], outputs: list[np.ndarray]) -> dict[str, np.nda
         out = out.reshape(out.shape[0], out.shape[1], -1).mean(axis=2) if out.ndim > 2 else out
         taps[name] = np.ascontiguousarray(out, dtype=np.float32)
     return taps if FINAL in taps else {FINAL: taps[names[0]]}
+
+
+def has_bf16(core=None) -> bool:
+    """Whether OpenVINO can run bf16 on this machine's CPU (AMX or AVX-512 BF16)."""
+    if core is None:
+        import openvino as ov
+
+        core = ov.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
