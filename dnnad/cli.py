@@ -12,7 +12,6 @@ import sys
 from .config import (
     AUDIT_MAX_ERROR_FRACTION,
     DEFAULT_MAX_FILE_BYTES,
-    DUPLICATE_THRESHOLD,
     INDEX_KINDS,
     NORMALIZE_KINDS,
     AuditConfig,
@@ -25,6 +24,7 @@ from .config import (
     ScoreConfig,
     SourceConfig,
 )
+from .core.settings import DUPLICATE_RATIO, DUPLICATE_SIMILARITY
 from .runtime import Stopped, stop_on_sigterm
 from .storage import redact, scrub, secrets
 from .vision.specs import DEFAULT_BACKBONE, RUNTIMES, backbone_names
@@ -137,6 +137,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--data", required=True, help="folder, Parquet file/dataset, or URI")
     r.add_argument("--filter", type=_kv, action="append", default=[], metavar="COL=VALUE")
     r.add_argument("--sample", type=int, default=None, metavar="N", help="a fixed-seed random sample of N rows")
+    r.add_argument("--label-column", default=None, metavar="COL",
+                   help="labelled data: rank each label's images against that label's, and review every label "
+                        "against its neighbours' (a column, or dir:N: folder level N)")
+    r.add_argument("--drop-suspects", action="store_true",
+                   help="with --label-column: drop images another label out-votes (reason label)")
     r.add_argument("--drop", type=float, default=None, help="fraction of top-ranked rows to drop")
     r.add_argument("--drop-score", type=float, default=None, help="drop rows scoring above this")
     r.add_argument("--rounds", type=int, default=1, help="rank-drop-refit rounds")
@@ -144,8 +149,12 @@ def parser() -> argparse.ArgumentParser:
                    help="exact duplicates of a row are not its neighbours either")
     r.add_argument("--duplicates", action=argparse.BooleanOptionalAction, default=True,
                    help="write near-duplicate groups to OUT/duplicates (default: on)")
-    r.add_argument("--duplicate-threshold", type=float, default=DUPLICATE_THRESHOLD, metavar="D",
-                   help="largest distance between L2-normalised embeddings of near-duplicates")
+    r.add_argument("--duplicate-ratio", type=float, default=DUPLICATE_RATIO, metavar="R",
+                   help="a near-duplicate pair's embedding distance at most R times its neighbourhood's "
+                        f"(default {DUPLICATE_RATIO})")
+    r.add_argument("--duplicate-similarity", type=float, default=DUPLICATE_SIMILARITY, metavar="S",
+                   help="and its images' fingerprints correlated at least S, mirrored or not "
+                        f"(default {DUPLICATE_SIMILARITY})")
     r.add_argument("--drop-duplicates", action="store_true",
                    help="keep one image per duplicate group (the others are dropped, reason duplicate)")
     _common(r)
@@ -160,11 +169,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> JobConfig:
-    def src(uri, filters, group=None, sample=None):
+    def src(uri, filters, group=None, sample=None, label=None):
         if not uri:
             return None
         return SourceConfig(uri, tuple(filters), a.id_column, a.image_column, group, sample, a.max_file_bytes,
-                            a.embedding_column)
+                            a.embedding_column, label)
 
     if a.command == "score":
         normal = src(a.normal, a.normal_filter, a.group_by, a.normal_sample)
@@ -172,7 +181,7 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
     elif a.command == "audit":
         normal, query = None, src(a.query, a.query_filter)
     else:
-        normal, query = src(a.data, a.filter, None, a.sample), None
+        normal, query = src(a.data, a.filter, None, a.sample, a.label_column), None
     return JobConfig(
         kind=a.command, out=a.out, normal=normal, query=query, model_dir=a.model,
         embed=EmbedConfig(a.backbone, a.weights, a.image_size, a.batch_size, a.device, a.threads, a.actors,
@@ -183,8 +192,9 @@ def config_from_args(a: argparse.Namespace, explicit: tuple[str, ...] = ()) -> J
                           exclude_duplicates=getattr(a, "exclude_duplicates", False),
                           partition_rows=a.partition_rows, shard_groups=a.shard_groups),
         rank=RankConfig(getattr(a, "drop", None), getattr(a, "drop_score", None), getattr(a, "rounds", 1),
-                        getattr(a, "duplicates", True), getattr(a, "duplicate_threshold", DUPLICATE_THRESHOLD),
-                        getattr(a, "drop_duplicates", False)),
+                        getattr(a, "duplicates", True), getattr(a, "duplicate_ratio", DUPLICATE_RATIO),
+                        getattr(a, "duplicate_similarity", DUPLICATE_SIMILARITY),
+                        getattr(a, "drop_duplicates", False), getattr(a, "drop_suspects", False)),
         audit=AuditConfig(getattr(a, "date", None), getattr(a, "cache", None), getattr(a, "top", 20)),
         max_error_fraction=(a.max_error_fraction if a.max_error_fraction is not None
                             else AUDIT_MAX_ERROR_FRACTION if a.command == "audit" else None),

@@ -11,14 +11,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from .core.settings import COMPRESSED_KINDS, INDEX_KINDS, NORMALIZE_KINDS
+from .core.settings import COMPRESSED_KINDS, DUPLICATE_RATIO, DUPLICATE_SIMILARITY, INDEX_KINDS, NORMALIZE_KINDS
 from .vision.specs import DEFAULT_BACKBONE, RUNTIMES, BackboneSpec, get_spec
 
 JOB_KINDS = ("score", "rank", "audit")
 MAX_IMAGE_SIZE = 4096  # a crop side above this would resize every image to gigabytes
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 AUDIT_MAX_ERROR_FRACTION = 0.5  # a nightly audit with most rows unreadable (a lost mount) fails loudly for cron
-DUPLICATE_THRESHOLD = 0.3  # L2-normalised embedding distance; measured in benchmarks/duplicates.py
 
 
 class ConfigError(ValueError):
@@ -37,6 +36,7 @@ class SourceConfig:
     sample: int | None = None  # a fixed-seed random sample of N rows (after filtering), in source order
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files become error rows, never read
     embedding_column: str | None = None  # Parquet only: precomputed vectors instead of image bytes
+    label_column: str | None = None  # rank: each row's label, a column or "dir:N"; read as ``label``
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,10 @@ class RankConfig:
     drop_score: float | None = None
     rounds: int = 1
     duplicates: bool = True  # near-duplicate groups (OUT/duplicates) from the first round's kNN search
-    duplicate_threshold: float = DUPLICATE_THRESHOLD
+    duplicate_ratio: float = DUPLICATE_RATIO  # a pair's distance against its rows' neighbourhoods (core.duplicates)
+    duplicate_similarity: float = DUPLICATE_SIMILARITY  # fingerprint correlation a pair of images needs
     drop_duplicates: bool = False  # keep only each group's first member
+    drop_suspects: bool = False  # with a label column: drop rows whose neighbours out-vote their label
 
 
 @dataclass(frozen=True)
@@ -240,10 +242,9 @@ class JobConfig:
                 continue
             _in_range(sample_flag, src.sample, 1, 1 << 40)
             _in_range("--max-file-bytes", src.max_file_bytes, 1, 1 << 40)
-            if src.group_by and src.group_by.startswith("dir:"):
-                level = src.group_by[4:]
-                if not level.isdigit() or int(level) < 1:
-                    raise ConfigError(f"--group-by dir:N needs a folder level N >= 1, got {src.group_by!r}")
+            for flag, value in (("--group-by", src.group_by), ("--label-column", src.label_column)):
+                if value and value.startswith("dir:") and not (value[4:].isdigit() and int(value[4:]) >= 1):
+                    raise ConfigError(f"{flag} dir:N needs a folder level N >= 1, got {value!r}")
         self._validate_kind()
         return self
 
@@ -260,9 +261,16 @@ class JobConfig:
             if r.drop is not None and r.drop_score is not None:
                 raise ConfigError("give --drop or --drop-score, not both")
             _in_range("--rounds", r.rounds, 1, 1000)
-            if not 0.0 <= r.duplicate_threshold <= 2.0:
-                raise ConfigError(f"--duplicate-threshold must be in [0, 2] (a distance between unit vectors), "
-                                  f"got {r.duplicate_threshold}")
+            if not 0.0 < r.duplicate_ratio <= 1.0:
+                raise ConfigError(f"--duplicate-ratio must be in (0, 1] (a pair's distance over its neighbourhood's), "
+                                  f"got {r.duplicate_ratio}")
+            if not -1.0 <= r.duplicate_similarity < 1.0:
+                raise ConfigError(f"--duplicate-similarity must be in [-1, 1) (a correlation), "
+                                  f"got {r.duplicate_similarity}")
+            if r.drop_suspects and not self.normal.label_column:
+                raise ConfigError("--drop-suspects needs --label-column")
+            if self.normal.label_column and self.index.reduce:
+                raise ConfigError("--label-column needs the leave-one-out kNN search, which --reduce replaces")
             if r.drop_duplicates and not r.duplicates:
                 raise ConfigError("--drop-duplicates needs the duplicate groups; drop --no-duplicates")
             if r.drop_duplicates and self.index.reduce:

@@ -206,8 +206,12 @@ def _prepare_folder(cfg: SourceConfig, fs, path: str, flag: str) -> PreparedSour
     table = list_images(fs, path, scheme_of(cfg.uri))
     if table.num_rows == 0:
         raise ConfigError(f"{flag} folder holds no images ({', '.join(IMAGE_EXTENSIONS)}): {cfg.uri}")
+    if cfg.label_column and not cfg.label_column.startswith("dir:"):
+        raise ConfigError("--label-column for a folder must be dir:N (the N-th folder level: class folders are dir:1)")
     if cfg.group_by:
         table = table.append_column("group", pa.array(group_key(table["id"].to_pylist(), int(cfg.group_by[4:]))))
+    if cfg.label_column:
+        table = table.append_column("label", pa.array(group_key(table["id"].to_pylist(), int(cfg.label_column[4:]))))
     table = table.take(sample_positions(table.num_rows, cfg.sample))
     return PreparedSource(cfg, fs, path, table.num_rows, listing=table)
 
@@ -238,8 +242,11 @@ def _prepare_parquet(cfg: SourceConfig, fs, path: str, flag: str) -> PreparedSou
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         raise ConfigError(f"--id-column {cfg.id_column!r} of type {schema.field(cfg.id_column).type} "
                           f"has no string form") from None
-    if cfg.group_by and not cfg.group_by.startswith("dir:") and cfg.group_by not in schema.names:
-        raise ConfigError(f"--group-by column {cfg.group_by!r} not in {cfg.uri}")
+    for flag, col in (("--group-by", cfg.group_by), ("--label-column", cfg.label_column)):
+        if col and col.startswith("dir:"):
+            raise ConfigError(f"{flag} dir:N is for folders; {cfg.uri} is Parquet: name a column")
+        if col and col not in schema.names:
+            raise ConfigError(f"{flag} column {col!r} not in {cfg.uri} (columns: {', '.join(schema.names)})")
     expr = filter_expression(schema, cfg.filters)
     try:
         n = dataset.count_rows(filter=expr)  # from the footers alone when there is no filter
@@ -323,7 +330,11 @@ def source_columns(cfg: SourceConfig, schema: pa.Schema) -> tuple[dict[str, str]
     """(source column → output name, the group-by column or None, the columns to read)."""
     keep = {cfg.id_column: "id"}
     keep.update({cfg.embedding_column: "vector"} if cfg.embedding_column else {cfg.image_column: "image"})
-    keep.update({c: c for c in PASSTHROUGH if c in schema.names and c not in keep and c != "group"})
+    label = cfg.label_column if cfg.label_column and not cfg.label_column.startswith("dir:") else None
+    keep.update({c: c for c in PASSTHROUGH if c in schema.names and c not in keep and c != "group"
+                 and not (c == "label" and label)})
+    if label:
+        keep[label] = "label"
     group_col = cfg.group_by if cfg.group_by and not cfg.group_by.startswith("dir:") else None
     return keep, group_col, list(dict.fromkeys([*keep, *([group_col] if group_col else [])]))
 

@@ -1,15 +1,27 @@
-"""Near-duplicate groups: candidate pairs from a kNN search → threshold on unit vectors → components."""
+"""Near-duplicate groups: candidate pairs from a kNN search → ratio test and fingerprints → complete linkage."""
+import io
+
 import numpy as np
 import pytest
+from PIL import Image, ImageEnhance, ImageOps
 
 from dnnad.core.arrays import l2_normalize
 from dnnad.core.dn2 import FitParams, fit_reference
-from dnnad.core.duplicates import EXTRA_NEIGHBOURS, candidate_pairs, find_duplicates
+from dnnad.core.duplicates import (
+    EXTRA_NEIGHBOURS,
+    candidate_pairs,
+    find_duplicates,
+    fingerprint_similarity,
+    neighbourhood_scale,
+    pair_distances,
+)
+from dnnad.core.settings import DUPLICATE_SIMILARITY
+from dnnad.vision.fingerprint import fingerprint
 
 pytestmark = pytest.mark.unit
 
 
-def cloud(n: int = 60, d: int = 8, seed: int = 0) -> np.ndarray:
+def cloud(n: int = 60, d: int = 64, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
 
 
@@ -19,9 +31,19 @@ def neighbours(X: np.ndarray, exclude_duplicates: bool = False) -> np.ndarray:
     return fit.neighbour_pos
 
 
+def picture(seed: int, size: int = 32) -> Image.Image:
+    """A random smooth colour picture (upsampled noise): a stand-in photo."""
+    noise = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(noise).resize((size, size), Image.BICUBIC)
+
+
+def prints(*images: Image.Image) -> np.ndarray:
+    return np.stack([fingerprint(im) for im in images])
+
+
 def test_no_duplicates_no_groups():
     X = cloud()
-    g = find_duplicates(X, neighbours(X), 0.05)
+    g = find_duplicates(X, neighbours(X), prints(*(picture(i) for i in range(60))))
     assert g.n_groups == 0 and (g.group == -1).all() and np.isnan(g.distance).all()
     assert len(g.members) == 0 and len(g.redundant) == 0
 
@@ -30,10 +52,13 @@ def test_planted_copies_form_groups_numbered_by_first_member():
     rng = np.random.default_rng(1)
     X = cloud()
     X[40] = X[3] * 3.0  # same direction, other scale: distance 0 once normalised
-    X[41] = X[3] + rng.normal(scale=0.01, size=8)  # a near copy of 3
-    X[42] = X[41] + rng.normal(scale=0.01, size=8)  # chained to 3 through 41
-    X[50] = X[10] + rng.normal(scale=0.01, size=8)
-    g = find_duplicates(X, neighbours(X), 0.05)
+    X[41] = X[3] + rng.normal(scale=0.01, size=64)  # near copies of 3
+    X[42] = X[41] + rng.normal(scale=0.01, size=64)
+    X[50] = X[10] + rng.normal(scale=0.01, size=64)
+    images = [picture(i) for i in range(60)]
+    images[40] = images[41] = images[42] = images[3]
+    images[50] = ImageOps.mirror(images[10])  # a mirrored copy verifies too
+    g = find_duplicates(X, neighbours(X), prints(*images))
     assert g.n_groups == 2
     assert g.first.tolist() == [3, 10] and g.size.tolist() == [4, 2]
     assert g.members.tolist() == [3, 40, 41, 42, 10, 50]
@@ -41,16 +66,68 @@ def test_planted_copies_form_groups_numbered_by_first_member():
     assert g.distance[3] == 0.0 and g.distance[40] == pytest.approx(0.0, abs=1e-6)
     Xn = l2_normalize(X, np.float64)
     assert g.distance[42] == pytest.approx(np.linalg.norm(Xn[42] - Xn[3]))
-    assert (g.group[[3, 40, 41, 42]] == 0).all() and (g.group[[10, 50]] == 1).all()
     assert (g.group[np.setdiff1d(np.arange(60), [3, 40, 41, 42, 10, 50])] == -1).all()
 
 
-def test_threshold_decides_and_is_inclusive():
+def test_look_alikes_whose_pictures_differ_are_not_grouped():
+    X = cloud()
+    X[20] = X[7] + 0.001  # as close as a copy in embedding space ...
+    images = [picture(i) for i in range(60)]
+    assert find_duplicates(X, neighbours(X), prints(*images)).n_groups == 0  # ... but another picture
+    images[20] = images[7]
+    assert find_duplicates(X, neighbours(X), prints(*images)).n_groups == 1
+    assert find_duplicates(X, neighbours(X), None).n_groups == 1  # vectors alone: the ratio test decides
+
+
+def test_ratio_test_decides_against_the_neighbourhood():
     X = cloud()
     X[20] = X[7] + 0.05
-    d = float(np.linalg.norm(l2_normalize(X, np.float64)[20] - l2_normalize(X, np.float64)[7]))
-    assert find_duplicates(X, neighbours(X), d).n_groups == 1
-    assert find_duplicates(X, neighbours(X), d * 0.99).n_groups == 0
+    nb = neighbours(X)
+    r = pair_distances(X, np.array([7]), np.array([20]))[0] / max(neighbourhood_scale(X, nb)[[7, 20]])
+    images = [picture(i) for i in range(60)]
+    images[20] = images[7]
+    F = prints(*images)  # identical fingerprints: the ratio test alone decides, at the full bound
+    assert find_duplicates(X, nb, F, max_ratio=r * 1.001).n_groups == 1
+    assert find_duplicates(X, nb, F, max_ratio=r * 0.999).n_groups == 0
+    assert find_duplicates(X, nb, None, max_ratio=2 * r * 1.001).n_groups == 1  # vectors: half the bound
+    assert find_duplicates(X, nb, None, max_ratio=2 * r * 0.999).n_groups == 0
+
+
+def test_the_two_tests_trade_off_linearly():
+    X = cloud()
+    X[20] = X[7] + 0.05
+    nb = neighbours(X)
+    r = pair_distances(X, np.array([7]), np.array([20]))[0] / max(neighbourhood_scale(X, nb)[[7, 20]])
+    images = [picture(i) for i in range(60)]
+    images[20] = ImageEnhance.Contrast(images[7]).enhance(0.5).rotate(3, Image.BICUBIC)
+    F = prints(*images)
+    s = fingerprint_similarity(F, np.array([7]), np.array([20]))[0]
+    assert 0.5 < s < 0.99  # altered, not identical
+    ratio = 0.5
+    exact = 1 - (1 - s) / (1 - r / ratio)  # the similarity bound that puts this pair on the line
+    assert find_duplicates(X, nb, F, ratio, exact - 1e-3).n_groups == 1
+    assert find_duplicates(X, nb, F, ratio, exact + 1e-3).n_groups == 0
+
+
+def test_groups_never_chain_distinct_pictures():
+    """Each of pictures 0..5 is a near copy of the next (a 2 px pan), its neighbours two steps away are not:
+    single linkage would make one group of six; complete linkage keeps pairs whose members all verify."""
+    X = cloud(80, 16)
+    step = np.random.default_rng(2).normal(size=16).astype(np.float32) * 0.02
+    images = [picture(100 + i) for i in range(80)]
+    scene = np.asarray(picture(7, 64))
+    for i in range(6):
+        X[i] = X[0] + i * step
+        images[i] = Image.fromarray(np.roll(scene, 2 * i, axis=1)).resize((32, 32))
+    F = prints(*images)
+    pan = fingerprint_similarity(F, np.arange(5), np.arange(1, 6))
+    assert (pan >= DUPLICATE_SIMILARITY).all()  # a chain of verified pairs 0-1-2-3-4-5
+    g = find_duplicates(X, neighbours(X), F)
+    assert g.size.tolist() == [2, 2, 2]
+    for gid in range(g.n_groups):
+        rows = np.flatnonzero(g.group == gid)
+        assert (fingerprint_similarity(F, np.repeat(rows, len(rows)), np.tile(rows, len(rows)))
+                >= DUPLICATE_SIMILARITY).all()  # every pair within a group verifies
 
 
 def test_same_labels_always_group_even_if_the_search_skips_them():
@@ -58,11 +135,27 @@ def test_same_labels_always_group_even_if_the_search_skips_them():
     X[30] = X[2]
     X[31] = X[2]
     nb = neighbours(X, exclude_duplicates=True)  # identical vectors are not each other's neighbours
-    assert find_duplicates(X, nb, 0.0).n_groups == 0
+    images = prints(*(picture(i) for i in range(60)))
+    assert find_duplicates(X, nb, images).n_groups == 0
     hashes = np.array([b"h%d" % i for i in range(60)], dtype="S8")
     hashes[[30, 31]] = hashes[2]
-    g = find_duplicates(X, nb, 0.0, [hashes])
+    g = find_duplicates(X, nb, images, same=[hashes])
     assert g.n_groups == 1 and g.members.tolist() == [2, 30, 31] and g.size.tolist() == [3]
+
+
+def test_fingerprints_survive_re_saving_and_tell_pictures_apart():
+    photo = picture(5, 96)
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=50)
+    altered = [Image.open(io.BytesIO(buf.getvalue())), photo.resize((40, 40)), ImageOps.mirror(photo),
+               ImageEnhance.Brightness(photo).enhance(1.3), ImageOps.expand(photo, 8, (255, 0, 0)),
+               photo.rotate(4, Image.BICUBIC)]
+    F = prints(photo, *altered, *(picture(s, 96) for s in range(20, 40)))
+    sim = fingerprint_similarity(F, np.zeros(len(F) - 1, np.int64), np.arange(1, len(F)))
+    assert (sim[:len(altered)] >= 0.8).all()
+    assert (sim[len(altered):] < 0.8).all()
+    flat = prints(Image.new("RGB", (32, 32), (9, 9, 9)), photo)
+    assert fingerprint_similarity(flat, np.array([0]), np.array([1]))[0] == 0.0
 
 
 def test_candidate_pairs_drop_missing_and_self():
@@ -89,14 +182,17 @@ def rank_cfg(*flags):
 
 
 def test_duplicate_flags():
-    from dnnad.config import DUPLICATE_THRESHOLD, ConfigError
+    from dnnad.config import ConfigError
+    from dnnad.core.settings import DUPLICATE_RATIO, DUPLICATE_SIMILARITY
 
     r = rank_cfg().rank
-    assert r.duplicates and r.duplicate_threshold == DUPLICATE_THRESHOLD and not r.drop_duplicates
+    assert r.duplicates and not r.drop_duplicates
+    assert (r.duplicate_ratio, r.duplicate_similarity) == (DUPLICATE_RATIO, DUPLICATE_SIMILARITY)
     r = rank_cfg("--no-duplicates").rank
     assert not r.duplicates
-    assert rank_cfg("--duplicate-threshold", "0.4", "--drop-duplicates").rank.drop_duplicates
-    for flags, msg in ((["--duplicate-threshold", "2.5"], "in \\[0, 2\\]"),
+    r = rank_cfg("--duplicate-ratio", "0.7", "--duplicate-similarity", "0.9", "--drop-duplicates").rank
+    assert r.drop_duplicates and (r.duplicate_ratio, r.duplicate_similarity) == (0.7, 0.9)
+    for flags, msg in ((["--duplicate-ratio", "0"], "in \\(0, 1\\]"), (["--duplicate-similarity", "1"], "in \\[-1, 1\\)"),
                        (["--no-duplicates", "--drop-duplicates"], "needs the duplicate groups"),
                        (["--drop-duplicates", "--reduce", "kmeans:4"], "--reduce")):
         with pytest.raises(ConfigError, match=msg):

@@ -75,7 +75,7 @@ def test_rank_groups_and_drops_planted_near_duplicates(ray_local, tmp_path):
     (data / "broken.png").write_bytes(damaged("broken.png", b""))
     out = tmp_path / "out"
     assert main(["rank", "--data", str(data), "--out", str(out), "--drop-duplicates", "--drop", "0.05",
-                 "--duplicate-threshold", "0.45", *PRETRAINED]) == 0
+                 *PRETRAINED]) == 0
 
     dups = pq.read_table(out / "duplicates").to_pylist()
     groups = {}
@@ -97,9 +97,14 @@ def test_rank_groups_and_drops_planted_near_duplicates(ray_local, tmp_path):
     assert sum(r["reason"] == "outlier" for r in dropped) == 2  # ceil(5 % of the 30 distinct images)
     assert set(copies.values()) - {r["id"] for r in dropped} <= set(kept)
     record = json.loads((out / "run.json").read_text())
-    assert record["duplicates"] == {"enabled": True, "threshold": record["config"]["rank"]["duplicate_threshold"],
+    rank = record["config"]["rank"]
+    assert record["duplicates"] == {"enabled": True, "ratio": rank["duplicate_ratio"],
+                                    "similarity": rank["duplicate_similarity"], "verified_by": "fingerprints",
                                     "groups": 4, "rows_in_groups": 8, "largest_group": 2, "dropped": 4}
     assert record["rounds"][0]["duplicates_dropped"] == 4 and record["rounds"][0]["dropped"] == 6
+    shown = (out / "report.html").read_text().split('id="duplicates"')[1].split('id="suspects"')[0]
+    assert shown.count("images</span>") == 4 and shown.count("data:image/png;base64,") == 8  # pairs side by side
+    assert all(c in shown and o in shown for c, o in copies.items())
     assert record["model"]["n_normal"] == len(kept) == 28
     ranking = pq.read_table(out / "ranking")
     assert sorted(ranking["id"].to_pylist()) == every  # the ranking still has every row
@@ -108,8 +113,7 @@ def test_rank_groups_and_drops_planted_near_duplicates(ray_local, tmp_path):
 def test_rank_without_duplicates_groups_nothing_and_drops_nothing(ray_local, tmp_path):
     data = make_corpus(tmp_path, normal=30, label=3, normal_offset=100).normal
     out = tmp_path / "out"
-    assert main(["rank", "--data", str(data), "--out", str(out), "--drop-duplicates", "--duplicate-threshold", "0.45",
-                 *PRETRAINED]) == 0
+    assert main(["rank", "--data", str(data), "--out", str(out), "--drop-duplicates", *PRETRAINED]) == 0
     assert pq.read_table(out / "duplicates").num_rows == 0
     every = sorted(p.name for p in data.iterdir())
     assert sorted(pq.read_table(out / "kept")["id"].to_pylist()) == every

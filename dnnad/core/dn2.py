@@ -144,6 +144,7 @@ class Fit:
     input_dim: int  # dimension of the normal embeddings before the transform
     transform: FeatureTransform  # applied to the normal rows before indexing; queries need it too
     neighbour_pos: np.ndarray | None = None  # (n, k + extra) leave-one-out neighbours; None for reduced fits
+    neighbour_dist: np.ndarray | None = None  # (n, k + extra) their distances
 
 
 def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
@@ -179,15 +180,16 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
         reduction = f"kmeans:{len(reference)} (from {len(X)} normal rows)"
     k = clamp_k(params.k, len(reference), leave_one_out=reduction is None)
     handle = backend.build(reference, params.n_shards, params.index, exact=not params.approximate)
-    all_pos = None
+    all_pos = all_dist = None
     if reduction:
         scores, dist, pos = backend.search(handle, X, k)
     else:
         groups = duplicate_groups(reference) if params.exclude_duplicates else None
         excluded = int(np.bincount(groups).max()) if groups is not None else 1
         extra = max(0, min(params.extra_neighbours, len(reference) - excluded - k))
-        _, dist, all_pos = backend.search(handle, reference, k + extra, np.arange(len(reference)), groups)
-        scores, dist, pos = knn_score(dist[:, :k]), dist[:, :k], all_pos[:, :k]
+        _, all_dist, all_pos = backend.search(handle, reference, k + extra, np.arange(len(reference)), groups)
+        scores, dist, pos = knn_score(all_dist[:, :k]), all_dist[:, :k], all_pos[:, :k]
     q = effective_quantile(params.quantile, params.contamination)
     return Fit(handle, reference, ref_ids, k, threshold_from_scores(scores, q), q,
-               threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X), input_dim, transform, all_pos)
+               threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X), input_dim, transform, all_pos,
+               all_dist)

@@ -14,6 +14,12 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq", "sq8")
 COMPRESSED_KINDS = ("ivfpq", "sq8")  # kinds holding codes, not vectors; --approximate scores from the codes
 NORMALIZE_KINDS = ("l2",)
 
+# near-duplicate verification (core.duplicates), measured in benchmarks/duplicates.py on CIFAR-10 and
+# Fashion-MNIST with Lite0 and Lite2 at two sizes each: the ratio test's bound (identical fingerprints) and
+# the fingerprint correlation needed (identical embeddings); the rule between them is linear
+DUPLICATE_RATIO = 0.85
+DUPLICATE_SIMILARITY = 0.8
+
 
 @dataclass(frozen=True)
 class ModelSetting:

@@ -7,8 +7,8 @@ from ..stages.read import read_source
 
 
 def embed_rows(src, cfg: JobConfig, weights_ref, score_actors: int | None = None, cache_ref=None,
-               cache_out: str | None = None, hash_bytes: bool = False):
-    """The embed stage for a prepared source (lazy)."""
+               cache_out: str | None = None, hash_bytes: bool = False, fingerprints: bool = False):
+    """The embed stage for a prepared source (lazy); vectors have no ``fingerprint``."""
     if src.cfg.embedding_column:
         from ..stages.vectors import vectors
 
@@ -16,7 +16,8 @@ def embed_rows(src, cfg: JobConfig, weights_ref, score_actors: int | None = None
     from ..stages.embed import embed
 
     return embed(read_source(src), cfg.embed, weights_ref, src.cfg.max_file_bytes, cache_ref=cache_ref,
-                 score_actors=score_actors, cache_out=cache_out, hash_bytes=hash_bytes)
+                 score_actors=score_actors, cache_out=cache_out, hash_bytes=hash_bytes,
+                 fingerprints=fingerprints)
 
 
 def uses_images(*sources) -> bool:

@@ -7,6 +7,7 @@ kept rows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -38,41 +39,79 @@ def duplicates_table(ids: np.ndarray, groups) -> pa.Table:
 
 
 def find_job_duplicates(data, fit, cfg):
-    """Near-duplicate groups of the first round: its leave-one-out neighbours as candidates; equal content
-    hashes (and, with --exclude-duplicates, whose copies the search skips, equal vectors) always group."""
+    """Near-duplicate groups of the first round: its leave-one-out neighbours as candidates, verified by the
+    ratio test and the images' fingerprints; equal content hashes (and, with --exclude-duplicates, whose copies
+    the search skips, equal vectors) always group."""
     from ..core.dn2 import duplicate_groups
     from ..core.duplicates import find_duplicates
 
     same = [np.array(data.extra["hash"].tolist(), dtype="S64")] if "hash" in data.extra else []
     if cfg.score.exclude_duplicates or not same:  # a source of vectors: identical vectors are the copies
         same.append(duplicate_groups(data.X))
-    return find_duplicates(data.X, fit.neighbour_pos, cfg.rank.duplicate_threshold, same)
+    prints = data.extra.get("fingerprint")
+    if prints is not None:
+        prints = np.frombuffer(b"".join(prints.tolist()), np.uint8).reshape(len(prints), -1)
+    return find_duplicates(data.X, fit.neighbour_pos, prints, cfg.rank.duplicate_ratio,
+                           cfg.rank.duplicate_similarity, same)
+
+
+LABEL_FIELDS = [("label", pa.string()), ("voter_ids", pa.list_(pa.string())), ("neighbor_labels", pa.list_(pa.string())),
+                ("label_agreement", pa.float64()), ("label_score", pa.float64()),
+                ("suggested_label", pa.string()), ("suspect", pa.bool_())]
+
+
+def percentiles(scores: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Percentile of each score among the scores (of its group, with ``groups``); NaN scores get NaN."""
+    pct = np.full(len(scores), np.nan)
+    scored = ~np.isnan(scores)
+    keys = np.zeros(len(scores), dtype=object) if groups is None else groups
+    for g in set(keys[scored].tolist()):
+        rows = np.flatnonzero(scored & (keys == g))
+        pct[rows] = 100.0 * np.searchsorted(np.sort(scores[rows]), scores[rows], side="right") / len(rows)
+    return pct
 
 
 def rank_table(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, neighbor_dists: np.ndarray,
-               errors: pa.Table) -> pa.Table:
-    """Ranking of a set against itself: rank 1 = most anomalous, percentile of each score; error rows last."""
-    order = np.lexsort((ids.astype(str), -scores))
+               errors: pa.Table, labels: LabelColumns | None = None) -> pa.Table:
+    """Ranking of a set against itself: rank 1 = most anomalous, percentile of each score; with ``labels``,
+    scores and percentiles are within each label, rows are ranked by percentile, and the label review's
+    columns are added. Unscored rows (alone in their label), then error rows, come last."""
+    pct = percentiles(scores, labels.label if labels is not None else None)
+    first_key = -np.nan_to_num(pct if labels is not None else scores, nan=-np.inf)
+    order = np.lexsort((ids.astype(str), -np.nan_to_num(scores, nan=-np.inf), first_key))
     rank = np.empty(len(scores), dtype=np.int64)
     rank[order] = np.arange(1, len(scores) + 1)
-    pct = 100.0 * np.searchsorted(np.sort(scores), scores, side="right") / max(1, len(scores))
     n, k = neighbor_ids.shape
-    ok = pa.table({
-        "id": pa.array(ids.tolist(), pa.string()), "score": pa.array(scores, pa.float64()),
-        "rank": pa.array(rank), "percentile": pa.array(pct),
-        "neighbor_ids": pa.FixedSizeListArray.from_arrays(pa.array(neighbor_ids.ravel().tolist(), pa.string()), k)
-        .cast(pa.list_(pa.string())),
-        "neighbor_dists": pa.FixedSizeListArray.from_arrays(pa.array(neighbor_dists.ravel(), pa.float64()), k)
-        .cast(pa.list_(pa.float64())),
+    cols = {
+        "id": pa.array(ids.tolist(), pa.string()), "score": pa.array(scores, pa.float64(), from_pandas=True),
+        "rank": pa.array(rank), "percentile": pa.array(pct, from_pandas=True),
+        "neighbor_ids": pa.array([[v for v in row if v is not None] for row in neighbor_ids.tolist()],
+                                 pa.list_(pa.string())),
+        "neighbor_dists": pa.array([[v for v in row if v == v] for row in neighbor_dists.tolist()],
+                                   pa.list_(pa.float64())),
         "status": pa.array(["ok"] * n, pa.string()), "error": pa.nulls(n, pa.string()),
-    }, schema=RANKING_SCHEMA)
+    }
+    schema = pa.schema(list(RANKING_SCHEMA) + (LABEL_FIELDS if labels is not None else []))
+    if labels is not None:
+        known = labels.known
+        cols.update({
+            "label": pa.array(labels.label.tolist(), pa.string()),
+            "voter_ids": pa.array([[v for v, lab in zip(i, n) if lab is not None] for i, n in
+                                   zip(labels.voter_ids.tolist(), labels.neighbor_labels.tolist())], pa.list_(pa.string())),
+            "neighbor_labels": pa.array([[v for v in row if v is not None] for row in labels.neighbor_labels.tolist()],
+                                        pa.list_(pa.string())),
+            "label_agreement": pa.array(np.where(known, labels.agreement, np.nan), from_pandas=True),
+            "label_score": pa.array(np.where(known, labels.score, np.nan), from_pandas=True),
+            "suggested_label": pa.array(labels.suggested.tolist(), pa.string()),
+            "suspect": pa.array(np.where(known, labels.suspect, None).tolist(), pa.bool_())})
+    ok = pa.table(cols, schema=schema)
     m = errors.num_rows
     bad = pa.table({
         "id": errors["id"], "score": pa.nulls(m, pa.float64()), "rank": pa.nulls(m, pa.int64()),
         "percentile": pa.nulls(m, pa.float64()), "neighbor_ids": pa.array([[]] * m, pa.list_(pa.string())),
         "neighbor_dists": pa.array([[]] * m, pa.list_(pa.float64())), "status": pa.array(["error"] * m, pa.string()),
-        "error": errors["error"],
-    }, schema=RANKING_SCHEMA)
+        "error": errors["error"], **{name: pa.nulls(m, typ) for name, typ in (LABEL_FIELDS if labels is not None else [])},
+    }, schema=schema)
     return pa.concat_tables([ok.take(order), bad])
 
 
@@ -80,16 +119,59 @@ def dropped_table(ids: np.ndarray, reason: str, rnd: int | None = None, scores: 
     """Rows of ``dropped``: ids with one reason, the round and score (null for error rows)."""
     n = len(ids)
     return pa.table({"id": pa.array(ids.tolist(), pa.string()), "reason": pa.array([reason] * n, pa.string()),
-                     "round": pa.array([rnd] * n, pa.int32()), "score": pa.array(scores, pa.float64())
+                     "round": pa.array([rnd] * n, pa.int32()), "score": pa.array(scores, pa.float64(), from_pandas=True)
                      if scores is not None else pa.nulls(n, pa.float64())}, schema=DROPPED_SCHEMA)
 
 
-def rows_to_drop(scores: np.ndarray, ids: np.ndarray, drop: float | None, drop_score: float | None) -> np.ndarray:
-    """Positions dropped in one round: every score above ``drop_score``, or the worst ``drop`` fraction."""
+def rows_to_drop(scores: np.ndarray, ids: np.ndarray, drop: float | None, drop_score: float | None,
+                 labels: np.ndarray | None = None) -> np.ndarray:
+    """Positions dropped in one round: every score above ``drop_score``, or the worst ``drop`` fraction (of each
+    label's rows, with ``labels``). Unscored rows (NaN: alone in their label) are never dropped."""
     if drop_score is not None:
         return np.flatnonzero(scores > drop_score)
-    n_drop = math.ceil((drop or 0.0) * len(scores))
-    return np.sort(np.lexsort((ids.astype(str), -scores))[:n_drop])
+    scored = ~np.isnan(scores)
+    parts = [scored] if labels is None else [scored & (label_names(labels) == v)
+                                             for v in np.unique(label_names(labels)[scored])]
+    out = []
+    for rows in map(np.flatnonzero, parts):
+        n_drop = math.ceil((drop or 0.0) * len(rows))
+        out.append(rows[np.lexsort((ids[rows].astype(str), -scores[rows]))[:n_drop]])
+    return np.sort(np.concatenate([np.empty(0, np.int64), *out]))
+
+
+def label_names(labels: np.ndarray) -> np.ndarray:
+    """Labels as strings (None stays None): ``1`` and ``"1"`` are one label, as in the report and run.json."""
+    return np.array([None if v is None else str(v) for v in labels], dtype=object)
+
+
+def job_label_review(data, fit, own_scores: np.ndarray, k: int):
+    """The label review of every row (``core.labels``) from the first round's whole-set neighbours and the
+    per-label scores ``own_scores``; rows without a label neither vote nor get a review (their columns are null)."""
+    from ..core.labels import review_labels
+
+    names = label_names(data.extra["label"])
+    known = np.array([v is not None for v in names], dtype=bool)
+    pos = fit.neighbour_pos
+    pos = np.where((pos >= 0) & known[np.maximum(pos, 0)], pos, -1)
+    rev = review_labels(np.where(known, names, "").astype(str), pos, fit.neighbour_dist, own_scores, k)
+    valid = fit.neighbour_pos >= 0
+    at = np.maximum(fit.neighbour_pos, 0)
+    return LabelColumns(names, known, np.where(valid, data.ids[at], None), np.where(valid, names[at], None),
+                        rev.agreement, rev.score, rev.suggested, rev.suspect & known)
+
+
+@dataclass
+class LabelColumns:
+    """The ranking's label columns, one entry per ok row (positions as in the collected data)."""
+
+    label: np.ndarray  # (n,) object
+    known: np.ndarray  # (n,) bool
+    voter_ids: np.ndarray  # (n, c) object: the whole-set neighbours whose labels voted
+    neighbor_labels: np.ndarray  # (n, c) object: their labels (None: unlabelled, no vote)
+    agreement: np.ndarray  # (n,) float
+    score: np.ndarray  # (n,) float: how strongly the evidence speaks against the label (core.labels)
+    suggested: np.ndarray  # (n,) object
+    suspect: np.ndarray  # (n,) bool
 
 
 class RankJob(Job):
@@ -102,7 +184,14 @@ class RankJob(Job):
 
     def outputs(self) -> list[str]:
         return (["ranking", "kept", "dropped"] + (["duplicates"] if self.find_duplicates else [])
-                + ([] if self.cfg.model_dir else ["model"]))
+                + ([] if self.cfg.model_dir else ["model"]) + ["report.html"])
+
+    def report(self, run: Run, record: dict) -> None:
+        from ..report.rank import rank_report
+
+        run.staging.write_text("report.html", rank_report(
+            record, run.staging.fs, run.staging.path("ranking"),
+            run.staging.path("duplicates") if self.find_duplicates else None, self.cfg.normal))
 
     def prepare(self) -> None:
         from ..core.model import ModelError, check_model_target
@@ -122,42 +211,55 @@ class RankJob(Job):
         from ..core.duplicates import EXTRA_NEIGHBOURS
         from ..core.model import save_model
         from ..stages.collect import collect
-        from ..stages.fit import fit_model
+        from ..stages.fit import fit_model, fit_per_label
 
         cfg, t, r = self.cfg, run.timings, self.cfg.rank
+        labelled = bool(cfg.normal.label_column)
         with t.stage("embed data"):
-            data = collect(embed_rows(self.data_src, cfg, run.weights_ref, hash_bytes=self.find_duplicates))
+            data = collect(embed_rows(self.data_src, cfg, run.weights_ref, hash_bytes=self.find_duplicates,
+                                      fingerprints=self.find_duplicates))
         if len(data.X) < 2:
             raise ConfigError(f"ranking needs at least 2 readable images, the data has {len(data.X)}")
-        current, dropped, ranking, history, dups = data, [], None, [], None
+        current, dropped, ranking, history, dups, review = data, [], None, [], None, None
         for rnd in range(1, r.rounds + 1):
             with t.stage(f"rank round {rnd}"):
-                extra = EXTRA_NEIGHBOURS if self.find_duplicates and ranking is None else 0
+                first = ranking is None
+                extra = EXTRA_NEIGHBOURS if (self.find_duplicates or labelled) and first else 0
                 model, fit = fit_model(current, cfg, self.weights, extra_neighbours=extra)
-                scores = fit.calibration_scores
-                n_dup = 0
-                if ranking is None:
-                    ranking = rank_table(current.ids, scores, fit.ids[fit.calibration_pos], fit.calibration_dist,
-                                         data.errors)
+                scores, nbr_ids, nbr_dist = fit.calibration_scores, fit.ids[fit.calibration_pos], fit.calibration_dist
+                if labelled:  # each label's images against the rest of that label
+                    scores, nbr_ids, nbr_dist = fit_per_label(current, current.extra["label"], cfg)
+                gone = {}
+                if first:
+                    if labelled:
+                        review = job_label_review(data, fit, scores, cfg.score.k)
+                    ranking = rank_table(current.ids, scores, nbr_ids, nbr_dist, data.errors, review)
                     if self.find_duplicates:
                         dups = find_job_duplicates(data, fit, cfg)
                         run.staging.write_table("duplicates", duplicates_table(data.ids, dups))
                     if r.drop_duplicates and dups.n_groups:
-                        gone = dups.redundant
-                        n_dup = len(gone)
-                        dropped.append(dropped_table(data.ids[gone], "duplicate", rnd, scores[gone]))
-                        stay = np.setdiff1d(np.arange(len(scores)), gone)
-                        current, scores = current.take(stay), scores[stay]
-                        if len(stay) < 2:
-                            raise ConfigError(f"--drop-duplicates leaves {len(stay)} distinct image; "
-                                              "a model needs at least 2")
-                out = rows_to_drop(scores, current.ids, r.drop, r.drop_score)
-                history.append({"round": rnd, "rows": len(scores) + n_dup, "dropped": int(len(out)) + n_dup,
+                        gone["duplicate"] = dups.redundant
+                    if r.drop_suspects:
+                        taken = np.concatenate([np.empty(0, np.int64), *gone.values()])
+                        gone["label"] = np.setdiff1d(np.flatnonzero(review.suspect), taken)
+                n_first = sum(len(g) for g in gone.values())
+                if n_first:
+                    for reason, rows in gone.items():
+                        dropped.append(dropped_table(data.ids[rows], reason, rnd, scores[rows]))
+                    stay = np.setdiff1d(np.arange(len(scores)), np.concatenate(list(gone.values())))
+                    if len(stay) < 2:
+                        flags = " and ".join(f"--drop-{'duplicates' if g == 'duplicate' else 'suspects'}" for g in gone)
+                        raise ConfigError(f"{flags} leave {len(stay)} image; a model needs at least 2")
+                    current, scores = current.take(stay), scores[stay]
+                labels = current.extra["label"] if labelled else None
+                out = rows_to_drop(scores, current.ids, r.drop, r.drop_score, labels)
+                history.append({"round": rnd, "rows": len(scores) + n_first, "dropped": int(len(out)) + n_first,
                                 "threshold": model.threshold})
-                if n_dup:
-                    history[-1]["duplicates_dropped"] = n_dup
+                for reason, rows in gone.items():
+                    if len(rows):
+                        history[-1]["duplicates_dropped" if reason == "duplicate" else "suspects_dropped"] = len(rows)
                 if len(out) == 0 or len(scores) - len(out) < 2:
-                    history[-1]["dropped"] = n_dup
+                    history[-1]["dropped"] = n_first
                     break
                 dropped.append(dropped_table(current.ids[out], "outlier", rnd, scores[out]))
                 current = current.take(np.setdiff1d(np.arange(len(scores)), out))
@@ -173,6 +275,7 @@ class RankJob(Job):
             k=model.k, threshold=model.threshold, rounds=history, rows={"ok": len(data.X), "error": n_err},
             kept=len(current.ids), dropped=sum(d.num_rows for d in dropped), model=vars(model.meta),
             model_dir=redact(cfg.model_dir) or output_path(cfg.out, "model"), duplicates=duplicates_record(dups, cfg),
+            labels=labels_record(review, cfg, history[0].get("suspects_dropped", 0)),
             outputs={n: output_path(cfg.out, n) for n in self.outputs() if n != "model"})
 
 
@@ -183,9 +286,24 @@ def duplicates_record(dups, cfg) -> dict:
         return {"enabled": False}
     if dups is None:
         return {"enabled": False, "why": "--reduce replaces the leave-one-out search the groups come from"}
-    return {"enabled": True, "threshold": r.duplicate_threshold, "groups": dups.n_groups,
+    return {"enabled": True, "ratio": r.duplicate_ratio, "similarity": r.duplicate_similarity,
+            "verified_by": "fingerprints" if cfg.normal and not cfg.normal.embedding_column else "ratio test only",
+            "groups": dups.n_groups,
             "rows_in_groups": int(dups.size.sum()), "largest_group": int(dups.size.max(initial=0)),
             "dropped": len(dups.redundant) if r.drop_duplicates else 0}
+
+
+def labels_record(review: LabelColumns | None, cfg, dropped: int) -> dict:
+    """The run record's label-review counts (or that there was no label column)."""
+    if review is None:
+        return {"enabled": False}
+    names = review.label[review.known]
+    counts = {str(v): int(c) for v, c in zip(*np.unique(names.astype(str), return_counts=True))}
+    return {"enabled": True, "column": cfg.normal.label_column, "labelled_rows": int(review.known.sum()),
+            "unlabelled_rows": int((~review.known).sum()), "labels": len(counts),
+            "alone_in_their_label": sorted(v for v, c in counts.items() if c == 1)[:20],
+            "suspects": int(review.suspect.sum()),
+            "dropped": int(dropped)}
 
 
 def run_rank(cfg) -> dict:

@@ -17,6 +17,7 @@ from ..runtime import EMBED_ACTOR_GPUS, cluster_resources, embed_pool, resolved
 from ..sources import NULL_ID, PASSTHROUGH, read_bytes
 from ..vision.backbones import FeatureExtractor
 from ..vision.decode import DecodeError, decode_image
+from ..vision.fingerprint import fingerprint
 from ..vision.preprocess import crop_fn, draft_size, normalize_batch
 from ..vision.specs import EXPORTED_RUNTIMES, BackboneSpec, resolve_runtime
 
@@ -33,7 +34,7 @@ class Embedder:
     def __init__(self, spec: BackboneSpec, weights, device: str = "auto", threads: int | None = None,
                  max_pixels: int | None = None, cache=None, cache_out: str | None = None, batch_size: int = 64,
                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, hash_bytes: bool = False, onnx_model=None,
-                 runtime: str = "onnxruntime"):
+                 runtime: str = "onnxruntime", fingerprints: bool = False):
         onnx_model = resolved(onnx_model)  # the backbone's ONNX export: then the torch weights are not needed
         state = resolved(weights) if onnx_model is None else None
         self.cache = resolved(cache)
@@ -48,6 +49,7 @@ class Embedder:
         self.max_pixels = max_pixels
         self.max_file_bytes = max_file_bytes
         self.hash_bytes = hash_bytes or self.cache is not None  # sha256 of each file's bytes in ``hash``
+        self.fingerprints = fingerprints  # each image's low-level fingerprint in ``fingerprint`` (duplicates)
         self._fs: dict = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -58,6 +60,7 @@ class Embedder:
         status = np.full(n, "ok", dtype=object)
         error = np.full(n, None, dtype=object)
         hashes = np.full(n, None, dtype=object)
+        prints = np.full(n, None, dtype=object)
         cached = np.zeros(n, dtype=bool)
         hits: dict[int, np.ndarray] = {}
         pixels, ok = [], []
@@ -72,12 +75,14 @@ class Embedder:
                     data = read_bytes(str(paths[i]), self._fs, self.max_file_bytes)
                 if self.hash_bytes and data:
                     hashes[i] = hashlib.sha256(data).hexdigest()
-                if self.cache is not None and data:
-                    hit = self.cache.lookup(hashes[i].encode())
-                    if hit is not None:
-                        hits[i], cached[i] = hit, True
-                        continue
-                pixels.append(self.crop(decode_image(data, **kwargs)))
+                hit = self.cache.lookup(hashes[i].encode()) if self.cache is not None and data else None
+                img = decode_image(data, **kwargs) if hit is None or self.fingerprints else None
+                if self.fingerprints:
+                    prints[i] = fingerprint(img).tobytes()
+                if hit is not None:
+                    hits[i], cached[i] = hit, True
+                    continue
+                pixels.append(self.crop(img))
                 ok.append(i)
             except DecodeError as e:
                 status[i], error[i] = "error", str(e)
@@ -96,6 +101,8 @@ class Embedder:
                "status": pa.array(status.tolist(), pa.string()), "error": pa.array(error.tolist(), pa.string())}
         if self.hash_bytes:
             out["hash"] = pa.array(hashes.tolist(), pa.string())
+        if self.fingerprints:
+            out["fingerprint"] = pa.array(prints.tolist(), pa.binary())
         if self.cache is not None:
             out["cached"] = pa.array(cached)
             if self.cache_out and feats is not None:
@@ -129,8 +136,9 @@ class Embedder:
 
 
 def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None, score_actors: int | None = None,
-          cache_out: str | None = None, hash_bytes: bool = False):
+          cache_out: str | None = None, hash_bytes: bool = False, fingerprints: bool = False):
     """Embedded dataset (lazy): id, embedding, status, error (+ passthrough; ``hash`` with ``hash_bytes``;
+    ``fingerprint`` with ``fingerprints``;
     ``cached`` with a cache, whose new entries the actors write to ``cache_out`` as they go: nothing is
     collected on the driver)."""
     from ray.data import ActorPoolStrategy
@@ -159,7 +167,8 @@ def embed(ds, cfg: EmbedConfig, weights_ref, max_file_bytes: int, cache_ref=None
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "threads": threads,
                                "device": "cuda" if use_gpu else "cpu", "cache": cache_ref, "cache_out": cache_out,
                                "batch_size": cfg.batch_size, "max_file_bytes": max_file_bytes,
-                               "hash_bytes": hash_bytes, "onnx_model": onnx_ref, "runtime": runtime}, **res,
+                               "hash_bytes": hash_bytes, "onnx_model": onnx_ref, "runtime": runtime,
+                               "fingerprints": fingerprints}, **res,
     )
 
 

@@ -79,3 +79,25 @@ def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int =
         normal_source=cfg.to_dict()["normal"],  # credentials removed
         normal_labels=sorted({str(v) for v in labels if v is not None}) if labels is not None else None)
     return model, fit
+
+
+def fit_per_label(data: Embedded, labels: np.ndarray, cfg: JobConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each label's rows ranked against the rest of that label (the unsupervised setting, per class), on the
+    same sharded index and scoring actors as a whole-set fit: (scores (n,), neighbour ids (n, k), neighbour
+    distances (n, k)). Rows without a label, or alone in theirs, score NaN; a label of fewer than k + 1 rows
+    leaves its rows' missing neighbours None / NaN."""
+    params = replace(fit_params(cfg), extra_neighbours=0, reduce=None)
+    n, k = len(data.ids), params.k
+    scores, ids, dist = np.full(n, np.nan), np.full((n, k), None, dtype=object), np.full((n, k), np.nan)
+    known = np.array([v is not None for v in labels], dtype=bool)
+    names = np.asarray([str(v) for v in labels], dtype=object)
+    for name in sorted(set(names[known])):
+        rows = np.flatnonzero(known & (names == name))
+        if len(rows) < 2:
+            continue
+        fit = fit_reference(data.X[rows], data.ids[rows], replace(params, k=min(k, len(rows) - 1)),
+                            RayBackend(cfg.score))
+        kk = fit.k
+        scores[rows], ids[rows, :kk], dist[rows, :kk] = (fit.calibration_scores, fit.ids[fit.calibration_pos],
+                                                         fit.calibration_dist)
+    return scores, ids, dist

@@ -1,0 +1,105 @@
+"""Images filed under the wrong label, from the neighbours a kNN search over the whole set found.
+
+Two pieces of evidence, each in [0, 1], are added into ``score`` (higher: the label is more likely wrong):
+- the **vote**: each leave-one-out neighbour votes for its label, nearer ones louder (weight ``exp(-d / tau)``,
+  ``tau`` the set's median neighbour distance, so one setting holds across backbones); ``agreement`` is the
+  weighted share of votes for the row's own label, and ``1 - agreement`` the first term;
+- the **margin**: ``own / (own + other)``, with ``own`` the row's DN2 score among the images of its own label
+  (the per-label ranking) and ``other`` its mean distance to the k nearest images of the closest other
+  label, read from the same neighbour list (a label with fewer than k there is padded with the list's last
+  distance). Above 0.5 another label's images are nearer than the row's own.
+A row is a ``suspect`` when another label out-votes its own *and* the margin agrees; that label is
+``suggested``. Ray-free and vectorised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LabelReview:
+    """Per row: ``agreement`` (weighted share of neighbour votes for its own label, in [0, 1]), ``margin`` (in
+    [0, 1]; NaN without own-label scores), ``score`` (``1 - agreement`` plus the margin where known),
+    ``suggested`` (the label that out-votes its own where the margin agrees, else None)."""
+
+    agreement: np.ndarray  # (n,) float64
+    margin: np.ndarray  # (n,) float64
+    score: np.ndarray  # (n,) float64
+    suggested: np.ndarray  # (n,) object
+
+    @property
+    def suspect(self) -> np.ndarray:
+        """(n,) bool: another label out-votes the row's own, and its images are nearer."""
+        return np.array([s is not None for s in self.suggested], dtype=bool)
+
+
+def vote_weights(dist: np.ndarray, valid: np.ndarray, weighting: str = "distance") -> np.ndarray:
+    """(n, c) weight of each neighbour's vote: ``exp(-d / tau)`` (``tau``: median valid distance) or 1."""
+    if weighting == "uniform":
+        return valid.astype(np.float64)
+    d = np.asarray(dist, dtype=np.float64)
+    tau = float(np.median(d[valid])) if valid.any() else 1.0
+    return np.where(valid, np.exp(-d / max(tau, 1e-12)), 0.0)
+
+
+def nearest_other_label(code: np.ndarray, neighbour_code: np.ndarray, dist: np.ndarray, valid: np.ndarray,
+                        k: int) -> np.ndarray:
+    """(n,) mean distance to the k nearest neighbours of the closest label other than the row's own, from a
+    neighbour list sorted nearest first; labels with fewer than k entries are padded with the row's last
+    valid distance (rows with no other label listed get that distance)."""
+    n, c = dist.shape
+    last = np.where(valid, dist, -np.inf).max(axis=1)
+    last = np.where(np.isfinite(last), last, np.inf)
+    other = valid & (neighbour_code != code[:, None])
+    rows, cols = np.nonzero(other)
+    if len(rows) == 0:
+        return last
+    labs = neighbour_code[rows, cols]
+    order = np.lexsort((cols, labs, rows))  # by row, then label, then nearness
+    rows, labs, d = rows[order], labs[order], dist[rows[order], cols[order]]
+    start = np.r_[True, (rows[1:] != rows[:-1]) | (labs[1:] != labs[:-1])]
+    group = np.cumsum(start) - 1
+    rank = np.arange(len(rows)) - np.flatnonzero(start)[group]
+    take = rank < k
+    sums = np.bincount(group[take], weights=d[take])
+    counts = np.bincount(group[take])
+    g_rows = rows[start]
+    means = (sums + (k - counts) * last[g_rows]) / k
+    out = last.copy()
+    np.minimum.at(out, g_rows, means)
+    return out
+
+
+def review_labels(labels: np.ndarray, neighbour_pos: np.ndarray, neighbour_dist: np.ndarray,
+                  own_scores: np.ndarray | None = None, k: int = 2, weighting: str = "distance") -> LabelReview:
+    """Review ``labels`` (n,) against the labels of each row's neighbours ``neighbour_pos`` (n, c), positions
+    into the same rows, nearest first, -1 for none, with distances ``neighbour_dist`` (n, c). ``own_scores``
+    (n,): each row's DN2 score (mean distance to its k nearest) among its own label's images, NaN where it has
+    none; without them the vote alone decides."""
+    labels = np.asarray(labels)
+    names, code = np.unique(labels.astype(str), return_inverse=True)
+    code = code.ravel()
+    n, c = neighbour_pos.shape
+    valid = neighbour_pos >= 0
+    ncode = code[np.where(valid, neighbour_pos, 0)]
+    w = vote_weights(neighbour_dist, valid, weighting)
+    votes = np.zeros((n, len(names)))
+    np.add.at(votes, (np.repeat(np.arange(n), c), ncode.ravel()), w.ravel())
+    total = votes.sum(axis=1)
+    own_votes = votes[np.arange(n), code]
+    agreement = np.divide(own_votes, total, out=np.ones(n), where=total > 0)
+    best = votes.argmax(axis=1)
+    out_voted = votes[np.arange(n), best] > own_votes
+    margin = np.full(n, np.nan)
+    if own_scores is not None:
+        own = np.asarray(own_scores, dtype=np.float64)
+        other = nearest_other_label(code, ncode, np.asarray(neighbour_dist, np.float64), valid, k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            margin = np.where(np.isnan(own), 1.0, own / (own + other))  # alone in its label: nothing nearer
+        margin = np.nan_to_num(margin, nan=0.5)  # 0 / 0: identical copies on both sides
+        out_voted &= margin > 0.5
+    score = 1.0 - agreement + np.nan_to_num(margin, nan=0.0)
+    suggested = np.where(out_voted, names[best].astype(object), None)
+    return LabelReview(agreement, margin, score, suggested)

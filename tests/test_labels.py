@@ -1,0 +1,156 @@
+"""Labelled data: each label ranked against itself, and every label reviewed against its neighbours' labels."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dnnad.cli import main
+from dnnad.core.labels import review_labels
+from tests.helpers import cifar_rows, write_folder
+
+LITE0 = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "64", "--quiet"]
+
+
+@pytest.mark.unit
+def test_neighbours_out_voting_a_label_make_it_a_suspect_with_their_label_suggested():
+    labels = np.array(["cat"] * 4 + ["dog"] * 4)
+    labels[1] = "dog"  # filed under the wrong label: its neighbours are cats
+    pos = np.array([[2, 3, 1], [0, 2, 3], [0, 3, 1], [0, 2, 1], [5, 6, 7], [4, 6, 7], [4, 5, 7], [4, 5, 6]])
+    dist = np.full(pos.shape, 0.5)
+    r = review_labels(labels, pos, dist)
+    assert r.suspect.tolist() == [False, True, False, False, False, False, False, False]
+    assert r.suggested[1] == "cat" and r.agreement[1] == 0.0 and r.score[1] == 1.0
+    assert r.agreement[0] == pytest.approx(2 / 3)  # one of its three neighbours (row 1) now says dog
+    assert np.argmax(r.score) == 1
+
+
+@pytest.mark.unit
+def test_the_margin_must_agree_before_a_label_is_suspected():
+    """Row 0 is out-voted by b, but its own label's images are nearer than b's: not a suspect; its score
+    adds the margin own / (own + other) to the vote."""
+    labels = np.array(["a", "b", "b", "a"])
+    pos = np.array([[1, 2, 3], [2, 0, 3], [1, 0, 3], [0, 1, 2]])
+    dist = np.array([[0.30, 0.31, 0.32], [0.1, 0.30, 0.4], [0.1, 0.31, 0.4], [0.32, 0.4, 0.4]])
+    near_own = np.array([0.2, 0.1, 0.1, 0.32])  # row 0's two nearest "a"s (from the per-label ranking)
+    r = review_labels(labels, pos, dist, near_own, k=2)
+    other0 = (0.30 + 0.31) / 2  # its two nearest "b"s, from the list
+    assert r.margin[0] == pytest.approx(0.2 / (0.2 + other0)) and not r.suspect[0]
+    assert r.score[0] == pytest.approx(1 - r.agreement[0] + r.margin[0])
+    far_own = near_own.copy()
+    far_own[0] = 0.9
+    assert review_labels(labels, pos, dist, far_own, k=2).suspect[0]
+    assert review_labels(labels, pos, dist).suspect[0]  # the vote alone
+
+
+@pytest.mark.unit
+def test_nearer_neighbours_vote_louder_and_missing_ones_not_at_all():
+    labels = np.array(["a", "a", "b", "b"])
+    pos = np.array([[2, 1, 3], [0, -1, -1], [3, 0, 1], [2, -1, -1]])
+    near_a = np.array([[5.0, 0.1, 5.0], [1.0, 0, 0], [1.0, 1.0, 1.0], [1.0, 0, 0]])
+    r = review_labels(labels, pos, near_a)
+    assert not r.suspect[0]  # one near "a" outweighs two far "b"s
+    assert review_labels(labels, pos, near_a, weighting="uniform").suspect[0]
+    assert r.agreement[1] == 1.0 and r.agreement[3] == 1.0  # only valid neighbours vote
+
+
+def class_folders(root, planted: int = 3):
+    """30 automobiles under automobile/, 30 horses under horse/, and ``planted`` more horses filed under
+    automobile/: the images a label review must find."""
+    cars, horses = cifar_rows("train", 1, 30), cifar_rows("train", 7, 30 + planted)
+    write_folder(root, cars, "automobile")
+    write_folder(root, horses.slice(0, 30), "horse")
+    wrong = write_folder(root, horses.slice(30, planted), "automobile")
+    return wrong
+
+
+@pytest.mark.ray
+def test_class_folders_rank_per_label_and_find_images_under_the_wrong_label(ray_local, tmp_path):
+    data = tmp_path / "data"
+    wrong = class_folders(data)
+    out = tmp_path / "out"
+    assert main(["rank", "--data", str(data), "--out", str(out), "--label-column", "dir:1", "--drop-suspects",
+                 *LITE0]) == 0
+    ranking = pq.read_table(out / "ranking").to_pylist()
+    every = sorted(str(p.relative_to(data)) for p in data.rglob("*.jpg"))
+    assert sorted(r["id"] for r in ranking) == every  # every row once
+    assert {r["label"] for r in ranking} == {"automobile", "horse"}
+    for r in ranking:
+        assert r["label"] == r["id"].split("/")[0]
+        assert set(r["neighbor_ids"]) <= {i for i in every if i.startswith(r["label"] + "/")}  # within its label
+        assert len(r["neighbor_labels"]) == 10 and 0.0 <= r["label_agreement"] <= 1.0
+    suspects = {r["id"]: r for r in ranking if r["suspect"]}
+    assert set(wrong) <= set(suspects)
+    assert all(suspects[w]["suggested_label"] == "horse" for w in wrong)
+    assert len(suspects) <= len(wrong) + 2
+    assert all(r["suggested_label"] is None for r in ranking if not r["suspect"])
+
+    kept = pq.read_table(out / "kept")["id"].to_pylist()
+    dropped = pq.read_table(out / "dropped").to_pylist()
+    assert sorted(kept + [r["id"] for r in dropped]) == every
+    assert sorted(r["id"] for r in dropped if r["reason"] == "label") == sorted(suspects)
+    report = (out / "report.html").read_text()
+    suspects_section = report.split('id="suspects"')[1].split("Run record")[0]
+    assert all(f"{w}: filed automobile, suggested horse" in suspects_section for w in wrong)
+    assert suspects_section.count("data:image/png;base64,") >= 2 * len(wrong)  # the suspect beside its voters
+    record = json.loads((out / "run.json").read_text())
+    assert record["labels"] == {"enabled": True, "column": "dir:1", "labelled_rows": 63, "unlabelled_rows": 0,
+                                "labels": 2, "alone_in_their_label": [], "suspects": len(suspects),
+                                "dropped": len(suspects)}
+
+
+@pytest.mark.ray
+def test_a_parquet_label_column_of_integers_with_a_label_of_one_image(ray_local, tmp_path):
+    t = pa.concat_tables([cifar_rows("train", 1, 20), cifar_rows("train", 7, 20), cifar_rows("train", 3, 1)])
+    t = pa.table({"id": pa.array(range(t.num_rows)), "image": t["image"], "class": t["label"]})
+    pq.write_table(t, tmp_path / "data.parquet")
+    out = tmp_path / "out"
+    assert main(["rank", "--data", str(tmp_path / "data.parquet"), "--out", str(out), "--label-column", "class",
+                 "--drop", "0.1", *LITE0]) == 0
+    ranking = pq.read_table(out / "ranking").to_pylist()
+    assert sorted(int(r["id"]) for r in ranking) == list(range(41))
+    alone = next(r for r in ranking if r["label"] == "3")
+    assert alone["score"] is None and alone["percentile"] is None and alone["neighbor_ids"] == []
+    assert alone["rank"] == 41  # unscored rows rank last
+    assert alone["label_agreement"] == 0.0 and alone["suspect"]  # no other 3 among its neighbours
+    for label in ("1", "7"):
+        mine = [r for r in ranking if r["label"] == label]
+        assert max(r["percentile"] for r in mine) == 100.0  # percentiles within each label
+    dropped = pq.read_table(out / "dropped").to_pylist()
+    assert sorted(r["id"] for r in dropped) != [] and all(r["reason"] == "outlier" for r in dropped)
+    by_label = {}
+    for r in dropped:
+        by_label.setdefault(next(x["label"] for x in ranking if x["id"] == r["id"]), []).append(r)
+    assert {k: len(v) for k, v in by_label.items()} == {"1": 2, "7": 2}  # ceil(10 % of 20) of each label
+    record = json.loads((out / "run.json").read_text())
+    assert record["labels"]["alone_in_their_label"] == ["3"] and record["labels"]["dropped"] == 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("flags, msg", [
+    (["--drop-suspects"], "--drop-suspects needs --label-column"),
+    (["--label-column", "dir:0"], "--label-column dir:N needs a folder level"),
+    (["--label-column", "class", "--reduce", "kmeans:8"], "--reduce replaces"),
+])
+def test_label_flags_refused_with_a_reason(flags, msg):
+    from dnnad.cli import config_from_args, parser
+    from dnnad.config import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):
+        config_from_args(parser().parse_args(["rank", "--data", "d", "--out", "o", *flags])).validate()
+
+
+@pytest.mark.unit
+def test_a_label_column_the_source_cannot_give_is_refused_before_any_work(tmp_path):
+    from dnnad.config import ConfigError, SourceConfig
+    from dnnad.sources import prepare_source
+
+    pq.write_table(pa.table({"id": ["a", "b"], "image": pa.array([b"x", b"y"], pa.binary())}), tmp_path / "d.parquet")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.jpg").write_bytes(b"x")
+    for uri, label, msg in ((tmp_path / "d.parquet", "class", "--label-column column 'class' not in"),
+                            (tmp_path / "d.parquet", "dir:1", "dir:N is for folders"),
+                            (tmp_path / "folder", "class", "for a folder must be dir:N")):
+        with pytest.raises(ConfigError, match=msg):
+            prepare_source(SourceConfig(str(uri), label_column=label), "data")
