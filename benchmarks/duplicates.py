@@ -264,7 +264,10 @@ def main() -> None:
            + ("--full " if a.full else f"--per-class {a.per_class} ") + f"--per-kind {a.per_kind} --seed {a.seed}")
     lines = [f"# Near-duplicates, {a.dataset}: {a.backbone}{size} ({a.weights} weights)", "",
              f"- command: `{cmd}`", f"- machine: {machine()}; date {dt.date.today()}; commit {git_rev()}",
-             f"- {n_distinct} distinct train images of classes {CLASSES[a.dataset]} + {len(X) - n_distinct} "
+             f"- {n_distinct} " + ("train images (the whole split, which holds copies of its own: pair precision and "
+                                    "distinct merged count those as errors)" if a.full else
+                                    f"distinct train images of classes {CLASSES[a.dataset]}")
+             + f" + {len(X) - n_distinct} "
              f"planted copies ({a.per_kind} per kind); candidates: k=2 + {EXTRA_NEIGHBOURS} leave-one-out "
              f"neighbours; {time.perf_counter() - t0:.0f} s", "",
              f"Default: ratio {DUPLICATE_RATIO}, similarity {DUPLICATE_SIMILARITY} (marked *).", "",

@@ -242,11 +242,11 @@ def _prepare_parquet(cfg: SourceConfig, fs, path: str, flag: str) -> PreparedSou
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         raise ConfigError(f"--id-column {cfg.id_column!r} of type {schema.field(cfg.id_column).type} "
                           f"has no string form") from None
-    for flag, col in (("--group-by", cfg.group_by), ("--label-column", cfg.label_column)):
-        if col and col.startswith("dir:"):
-            raise ConfigError(f"{flag} dir:N is for folders; {cfg.uri} is Parquet: name a column")
-        if col and col not in schema.names:
-            raise ConfigError(f"{flag} column {col!r} not in {cfg.uri} (columns: {', '.join(schema.names)})")
+    for option, col in (("--group-by", cfg.group_by), ("--label-column", cfg.label_column)):
+        if col and col.startswith("dir:") and option == "--label-column":
+            raise ConfigError(f"{option} dir:N is for folders; {cfg.uri} is Parquet: name a column")
+        if col and not col.startswith("dir:") and col not in schema.names:
+            raise ConfigError(f"{option} column {col!r} not in {cfg.uri} (columns: {', '.join(schema.names)})")
     expr = filter_expression(schema, cfg.filters)
     try:
         n = dataset.count_rows(filter=expr)  # from the footers alone when there is no filter
