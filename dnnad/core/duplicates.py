@@ -59,8 +59,16 @@ def pair_distances(X: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = PAI
     """Distances between L2-normalised rows ``a[i]`` and ``b[i]`` of ``X``, in vectorised chunks (float64,
     without a normalised copy of ``X``)."""
     out = np.empty(len(a), dtype=np.float64)
+    if len(a) < len(X) // 4:  # a few pairs: normalise just their rows
+        for s in range(0, len(a), chunk):
+            diff = l2_normalize(X[a[s:s + chunk]], np.float64) - l2_normalize(X[b[s:s + chunk]], np.float64)
+            out[s:s + chunk] = np.sqrt(np.einsum("pd,pd->p", diff, diff))
+        return out
+    norms = np.concatenate([np.linalg.norm(X[s:s + chunk].astype(np.float64), axis=1) for s in range(0, len(X), chunk)])
+    inv = 1.0 / np.maximum(norms, 1e-12)  # every row's norm once, in float64 as l2_normalize takes it
     for s in range(0, len(a), chunk):
-        diff = l2_normalize(X[a[s:s + chunk]], np.float64) - l2_normalize(X[b[s:s + chunk]], np.float64)
+        i, j = a[s:s + chunk], b[s:s + chunk]
+        diff = X[i] * inv[i, None] - X[j] * inv[j, None]
         out[s:s + chunk] = np.sqrt(np.einsum("pd,pd->p", diff, diff))
     return out
 
@@ -94,8 +102,12 @@ def candidate_pairs(neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def neighbourhood_scale(X: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     """(n,) each row's distance to its farthest candidate (0 without candidates): the ratio test's yardstick."""
     a, b = candidate_pairs(neighbours)
-    scale = np.zeros(len(X), dtype=np.float64)
-    np.maximum.at(scale, a, pair_distances(X, a, b))
+    return _farthest(len(X), a, pair_distances(X, a, b))
+
+
+def _farthest(n: int, a: np.ndarray, d: np.ndarray) -> np.ndarray:
+    scale = np.zeros(n, dtype=np.float64)
+    np.maximum.at(scale, a, d)
     return scale
 
 
@@ -107,9 +119,11 @@ class PairCheck:
         self.X, self.scale, self.F = X, scale, fingerprints
         self.max_ratio, self.min_similarity, self.labels = max_ratio, min_similarity, labels
 
-    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def __call__(self, a: np.ndarray, b: np.ndarray, d: np.ndarray | None = None) -> np.ndarray:
+        """(len(a),) bool: pairs (a[i], b[i]) that verify; ``d``: their distances when already measured."""
         scale = np.maximum(self.scale[a], self.scale[b])
-        r = np.divide(pair_distances(self.X, a, b), scale, out=np.full(len(a), np.inf), where=scale > 0)
+        d = pair_distances(self.X, a, b) if d is None else d
+        r = np.divide(d, scale, out=np.full(len(a), np.inf), where=scale > 0)
         if self.F is None:
             ok = r <= self.max_ratio / 2
         else:
@@ -141,16 +155,17 @@ def find_duplicates(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndar
     are one group whatever their distance."""
     n = len(X)
     labels = _same_labels(n, same)
-    check = PairCheck(X, neighbourhood_scale(X, neighbours), fingerprints, max_ratio, min_similarity, labels)
     a, b = candidate_pairs(neighbours)
-    ok = check(a, b)
-    a, b = a[ok], b[ok]
+    d = pair_distances(X, a, b)  # measured once: the yardstick, the test and the merge order all use it
+    check = PairCheck(X, _farthest(n, a, d), fingerprints, max_ratio, min_similarity, labels)
+    ok = check(a, b, d)
+    a, b, d = a[ok], b[ok], d[ok]
     # complete linkage over verified pairs, closest first; label groups start merged
     group = labels.astype(np.int64)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(group.tolist()):
         members.setdefault(g, []).append(i)
-    order = np.argsort(pair_distances(X, a, b), kind="stable")
+    order = np.argsort(d, kind="stable")
     for p, q in zip(a[order].tolist(), b[order].tolist()):
         gp, gq = group[p], group[q]
         if gp == gq:
