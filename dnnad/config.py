@@ -54,11 +54,12 @@ class EmbedConfig:
     runtime: str = "auto"  # auto | torch | onnxruntime | openvino: what runs the network on CPU (same embedding)
     decode: str = "exact"  # exact | reduced: large JPEGs decoded at 1/2-1/8 scale, still >= 2x the resize size
     precision: str = "fp32"  # fp32 | bf16 (OpenVINO on a CPU with bf16: 3x the images/s, not the same embedding)
+    localize: bool = False  # patch features and anomaly maps (core.localize); the whole image: --resize full
 
     def spec(self) -> BackboneSpec:
         """The backbone spec these settings embed with (raises ValueError on an unknown option)."""
-        return get_spec(self.backbone, self.image_size, self.layers, self.tta, self.resize, self.decode,
-                        self.precision)
+        return get_spec(self.backbone, self.image_size, self.layers, self.tta, "full" if self.localize else self.resize,
+                        self.decode, self.precision, self.localize)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class IndexConfig:
     shards: int = 1
     reduce: int | None = None  # k-means centroids replacing the normal set
     approximate: bool = False  # ivfpq/sq8: distances from the codes, no exact re-rank (vectors never read)
+    coreset: float | None = None  # --localize: fraction of normal patches the memory bank keeps (greedy k-centre)
 
 
 IMAGE_PARTITION_ROWS = 100_000
@@ -245,8 +247,27 @@ class JobConfig:
             for flag, value in (("--group-by", src.group_by), ("--label-column", src.label_column)):
                 if value and value.startswith("dir:") and not (value[4:].isdigit() and int(value[4:]) >= 1):
                     raise ConfigError(f"{flag} dir:N needs a folder level N >= 1, got {value!r}")
+        self._validate_localize()
         self._validate_kind()
         return self
+
+    def _validate_localize(self) -> None:
+        c = self.index.coreset
+        if c is not None and not 0.0 < c <= 1.0:
+            raise ConfigError(f"--coreset must be a fraction in (0, 1], got {c}")
+        if not self.embed.localize:
+            if c is not None:
+                raise ConfigError("--coreset subsamples the patch memory bank: it needs --localize")
+            return
+        if self.kind == "rank":
+            raise ConfigError("--localize maps anomalies in scored images: use it with the score or audit job")
+        if "resize" in self.explicit and self.embed.resize != "full":
+            raise ConfigError("--localize maps the whole image as the network saw it: drop --resize crop")
+        for src in (self.normal, self.query):
+            if src is not None and src.embedding_column:
+                raise ConfigError("--localize needs images (patch features), not the vectors of --embedding-column")
+        if self.query is not None and self.query.group_by:
+            raise ConfigError("--localize maps single images; --group-by scores groups")
 
     def _validate_kind(self) -> None:
         if self.kind == "score":

@@ -64,6 +64,10 @@ class ModelMeta:
     pca: int | None = None  # principal components kept (then dim == pca)
     input_dim: int | None = None  # dimension of the embeddings before the transform, when it differs from dim
     approximate: bool = False  # compressed index scored from its codes (no exact re-rank), calibration included
+    localize: bool = False  # a patch memory bank (bank-*.npy): scores, threshold and calibration are the maps'
+    coreset: float | None = None  # fraction of normal patches the bank kept (None: all)
+    patch_grid: list | None = None  # [h, w, d] of every image's patch grid
+    n_bank: int | None = None  # patches in the bank
 
     @property
     def query_dim(self) -> int:
@@ -82,6 +86,8 @@ class FittedModel:
     meta: ModelMeta
     calibration_scores: np.ndarray  # (n_normal,) scores the threshold was set from, sorted ascending
     transform: FeatureTransform = field(default_factory=FeatureTransform)  # applied to queries before the kNN
+    bank: list[Shard] | None = None  # --localize: the normal patches' index shards
+    bank_owners: np.ndarray | None = None  # (n_bank,) int64: the normal image (reference position) of each patch
 
     def normal_percentile(self, scores: np.ndarray) -> np.ndarray:
         """Percentage of the normal set's calibration scores strictly below each score (100 = above all)."""
@@ -135,6 +141,11 @@ def _model_files(model: FittedModel) -> dict[str, Callable]:
         if s.faiss_bytes is not None:
             files[f"shard-{i:03d}.faiss"] = raw(s.faiss_bytes.data)
         shard_meta.append({"offset": s.offset, "rows": len(s.vectors), "faiss": s.faiss_bytes is not None})
+    for i, s in enumerate(model.bank or []):
+        files[f"bank-{i:03d}.npy"] = npy(s.vectors)
+        shard_meta.append({"bank": True, "offset": s.offset, "rows": len(s.vectors)})
+    if model.bank_owners is not None:
+        files["bank_owners.npy"] = npy(np.asarray(model.bank_owners, np.int64))
     files["normal.parquet"] = lambda f: pq.write_table(pa.table({"id": pa.array(model.ids.tolist(), pa.string())}), f)
     files["calibration.npy"] = npy(np.asarray(model.calibration_scores, np.float64))
     for name, array in transform_files(model.transform).items():
@@ -199,7 +210,8 @@ def load_model(uri: str) -> FittedModel:
         names = {f.name for f in fields(ModelMeta)}
         meta = ModelMeta(**{k: v for k, v in doc["meta"].items() if k in names})
         k, threshold, shard_docs = doc["k"], doc["threshold"], doc["shards"]
-        shards = []
+        shards, bank_docs = [], [sm for sm in shard_docs if sm.get("bank")]
+        shard_docs = [sm for sm in shard_docs if not sm.get("bank")]
         for i, sm in enumerate(shard_docs):
             mapped = meta.index_kind in COMPRESSED_KINDS and storage.is_local(fs)  # codes in memory, vectors on demand
             npy = storage.join(path, f"shard-{i:03d}.npy")
@@ -217,6 +229,7 @@ def load_model(uri: str) -> FittedModel:
         calib = storage.load_npy(fs, storage.join(path, "calibration.npy"))
         transform = load_transform(lambda name: storage.load_npy(fs, storage.join(path, name)), meta.normalize,
                                    meta.whiten, meta.whiten_shrinkage, meta.dim, meta.input_dim, meta.pca)
+        bank, owners = _load_bank(fs, path, bank_docs, meta)
     except (OSError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, ModelError):
             raise
@@ -231,7 +244,40 @@ def load_model(uri: str) -> FittedModel:
     _check(calib.ndim == 1 and len(calib) == meta.n_normal and bool(np.isfinite(calib).all()), path,
            "calibration scores do not match the normal set")
     _check(not any(i is None for i in ids), path, "null reference ids")
-    return FittedModel(shards, ids, k, float(threshold), meta, np.sort(calib.astype(np.float64)), transform)
+    if meta.localize:
+        _check(owners is not None and len(owners) == meta.n_bank and bool((owners >= 0).all())
+               and bool((owners < meta.n_reference).all()), path, "patch bank owners do not match the normal set")
+    return FittedModel(shards, ids, k, float(threshold), meta, np.sort(calib.astype(np.float64)), transform,
+                       bank, owners)
+
+
+def _load_bank(fs, path: str, docs: list[dict], meta: ModelMeta) -> tuple[list[Shard] | None, np.ndarray | None]:
+    """The patch bank's shards and owners of a ``--localize`` model (None, None for others)."""
+    if not meta.localize:
+        return None, None
+    _check(bool(docs) and meta.patch_grid is not None and len(meta.patch_grid) == 3, path, "no patch bank")
+    d, bank = int(meta.patch_grid[2]), []
+    for i, sm in enumerate(docs):
+        vec = storage.load_npy(fs, storage.join(path, f"bank-{i:03d}.npy"))
+        _check(vec.dtype == np.float32 and vec.shape == (sm["rows"], d) and bool(np.isfinite(vec).all()), path,
+               f"bank shard {i} holds {vec.dtype} {vec.shape}, expected finite float32 ({sm['rows']}, {d})")
+        bank.append(Shard(int(sm["offset"]), np.ascontiguousarray(vec)))
+    owners = storage.load_npy(fs, storage.join(path, "bank_owners.npy")).astype(np.int64)
+    return bank, owners
+
+
+def with_bank(model: FittedModel, bank: list[Shard], owners: np.ndarray, loo_scores: np.ndarray, threshold: float,
+              grid: tuple[int, int, int], coreset: float | None) -> FittedModel:
+    """A fitted model turned into a localising one: its patch bank, and the threshold and calibration of the
+    normal images' leave-one-image-out map scores in place of the global ones."""
+    from dataclasses import replace
+
+    calib = np.sort(np.asarray(loo_scores, dtype=np.float64))
+    meta = replace(model.meta, localize=True, coreset=coreset, patch_grid=[int(v) for v in grid],
+                   n_bank=int(sum(len(s.vectors) for s in bank)),
+                   loo_score_quantiles={str(p): float(np.quantile(calib, p)) for p in (0.5, 0.9, 0.99)})
+    return replace(model, threshold=float(threshold), meta=meta, calibration_scores=calib, bank=list(bank),
+                   bank_owners=np.asarray(owners, np.int64))
 
 
 def model_from_fit(fit, shards: list[Shard], params, embedding: dict | None = None,

@@ -68,6 +68,10 @@ class ScoreJob(Job):
             normal_rows = {"ok": len(normal.X), "error": normal.errors.num_rows}
             with t.stage("fit index + threshold"):
                 model, fit = fit_model(pool_groups(normal) if grouped else normal, cfg, self.weights)
+                if cfg.embed.localize:  # the patch bank; the threshold becomes the maps'
+                    from ..stages.localize import fit_bank
+
+                    model = fit_bank(model, normal.extra.pop("patches"), cfg)
                 save_model(model, cfg.model_dir or run.staging.uri("model"))
                 shard_refs = fit.handle  # the fitted shards, already in the object store
         scorer = Scorer.of(model, cfg.score, shard_refs=shard_refs)

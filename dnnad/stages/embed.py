@@ -50,6 +50,8 @@ class Embedder:
         self.max_file_bytes = max_file_bytes
         self.hash_bytes = hash_bytes or self.cache is not None  # sha256 of each file's bytes in ``hash``
         self.fingerprints = fingerprints  # each image's low-level fingerprint in ``fingerprint`` (duplicates)
+        self.localize = bool(spec.patches)  # patch grids in ``patches`` and image sizes in ``width``/``height``
+        self.grid: tuple | None = None
         self._fs: dict = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -62,6 +64,7 @@ class Embedder:
         hashes = np.full(n, None, dtype=object)
         prints = np.full(n, None, dtype=object)
         cached = np.zeros(n, dtype=bool)
+        sizes = np.zeros((n, 2), dtype=np.int64)
         hits: dict[int, np.ndarray] = {}
         pixels, ok = [], []
         kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
@@ -75,20 +78,25 @@ class Embedder:
                     data = read_bytes(str(paths[i]), self._fs, self.max_file_bytes)
                 if self.hash_bytes and data:
                     hashes[i] = hashlib.sha256(data).hexdigest()
-                hit = self.cache.lookup(hashes[i].encode()) if self.cache is not None and data else None
+                use_cache = self.cache is not None and data and not self.localize  # the cache holds no patches
+                hit = self.cache.lookup(hashes[i].encode()) if use_cache else None
                 img = decode_image(data, **kwargs) if hit is None or self.fingerprints else None
                 if self.fingerprints:
                     prints[i] = fingerprint(img).tobytes()
                 if hit is not None:
                     hits[i], cached[i] = hit, True
                     continue
+                sizes[i] = img.size
                 pixels.append(self.crop(img))
                 ok.append(i)
             except DecodeError as e:
                 status[i], error[i] = "error", str(e)
             except Exception as e:  # noqa: BLE001 - an unforeseen decoder failure is still one row's error
                 status[i], error[i] = "error", f"decode failed: {type(e).__name__}: {e}"
-        feats = self.forward(normalize_batch(self.spec, np.stack(pixels))) if pixels else None
+        feats = grids = None
+        if pixels:
+            x = normalize_batch(self.spec, np.stack(pixels))
+            feats, grids = self.forward_patches(x) if self.localize else (self.forward(x), None)
         if self.dim is None:
             self.dim = feats.shape[1] if feats is not None else self._probe_dim()
         emb = np.full((n, self.dim), np.nan, dtype=np.float32)
@@ -103,6 +111,14 @@ class Embedder:
             out["hash"] = pa.array(hashes.tolist(), pa.string())
         if self.fingerprints:
             out["fingerprint"] = pa.array(prints.tolist(), pa.binary())
+        if self.localize:
+            if grids is not None:
+                self.grid = grids.shape[1:]
+            all_grids = np.full((n, *(self.grid or self._probe_grid())), np.nan, dtype=np.float32)
+            if grids is not None:
+                all_grids[ok] = grids
+            out["patches"] = ArrowTensorArray.from_numpy(all_grids)
+            out["width"], out["height"] = pa.array(sizes[:, 0]), pa.array(sizes[:, 1])
         if self.cache is not None:
             out["cached"] = pa.array(cached)
             if self.cache_out and feats is not None:
@@ -119,8 +135,7 @@ class Embedder:
         any batch size, ``tests/test_backbones.py``): their chunks are cache-sized (``CPU_FORWARD_PIXELS``)
         and a short one runs as it is (a filtered source's 45-row blocks once spent 30 % of the work on padding)."""
         pad = self.extractor.runtime == "torch"
-        b = self.batch_size if pad or self.extractor.half else \
-            max(1, min(self.batch_size, CPU_FORWARD_PIXELS // self.spec.image_size ** 2))
+        b = self._chunk()
         out = []
         for i in range(0, len(x), b):
             chunk = x[i:i + b]
@@ -129,6 +144,22 @@ class Embedder:
                 chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
             out.append(self.extractor(chunk)[:n])
         return np.concatenate(out)
+
+    def forward_patches(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (n, d) and patch grids (n, h, w, d_p) in the chunks ``forward`` uses."""
+        b = self._chunk()
+        parts = [self.extractor.with_patches(x[i:i + b]) for i in range(0, len(x), b)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _chunk(self) -> int:
+        pad = self.extractor.runtime == "torch"
+        return self.batch_size if pad or self.extractor.half else \
+            max(1, min(self.batch_size, CPU_FORWARD_PIXELS // self.spec.image_size ** 2))
+
+    def _probe_grid(self) -> tuple:
+        size = self.spec.image_size
+        self.grid = self.extractor.with_patches(np.zeros((1, 3, size, size), np.float32))[1].shape[1:]
+        return self.grid
 
     def _probe_dim(self) -> int:
         size = self.extractor.spec.image_size

@@ -29,6 +29,7 @@ from ..runtime import (
     score_pool,
 )
 from ..sources import PASSTHROUGH
+from .localize import MAP_COLUMNS, PATCH_SCORE, Bank, map_patches
 
 SCORE_COLUMNS = pa.schema([
     ("id", pa.string()), ("score", pa.float64()), ("is_anomaly", pa.bool_()),
@@ -118,6 +119,8 @@ class KnnScorer(IndexActor):
             if self.transform is not None:
                 X = self.transform.transform(X)
             score[rows], dist, pos = score_against(self.index, X, self.k, exclude=self.exclusion(batch, rows))
+        if PATCH_SCORE in batch:  # --localize: the image's score is its map's (neighbours stay the global ones)
+            score[rows] = batch[PATCH_SCORE][rows]
         cols = {
             "id": pa.array(batch["id"].tolist(), pa.string()),
             "score": pa.array(score, pa.float64(), mask=~ok),
@@ -135,6 +138,12 @@ class KnnScorer(IndexActor):
         for c in CARRIED:
             if c in batch:
                 table = table.append_column(c, pa.array(batch[c].tolist()))
+        if "anomaly_map" in batch:
+            maps = np.asarray(batch["anomaly_map"], np.float32)
+            table = table.append_column("anomaly_map", _list_column(pa.array(maps[ok].ravel(), pa.float32()), ok,
+                                                                    maps.shape[1], pa.list_(pa.float32())))
+            for c in MAP_COLUMNS[1:]:
+                table = table.append_column(c, pa.array(batch[c], pa.int64(), mask=~ok))
         if self.positions:
             table = table.append_column("_nbr_pos", _list_column(pa.array(pos.ravel(), pa.int64()), ok, self.k,
                                                                  pa.list_(pa.int64())))
@@ -186,6 +195,7 @@ class Scorer:
     exact: bool = True  # False: compressed kinds score from their codes (a model fitted with --approximate)
     shard_rows: list | None = None  # rows per shard (shard groups are balanced by rows)
     shard_bytes: list | None = None  # memory a scoring actor holds per shard (Ray's memory request per group)
+    bank: Bank | None = None  # --localize: the patch memory bank; rows are mapped before their kNN search
 
     @classmethod
     def of(cls, model, cfg: ScoreConfig, files_shared: bool | None = None, shard_refs: list | None = None) -> Scorer:
@@ -204,12 +214,15 @@ class Scorer:
         return cls(list(shard_refs), ray.put(model.ids), model.k, model.threshold, cfg,
                    ray.put(model.calibration_scores),
                    None if model.transform.is_identity else ray.put(model.transform), not model.meta.approximate,
-                   [len(s.vectors) for s in shards], [s.memory_bytes for s in shards])
+                   [len(s.vectors) for s in shards], [s.memory_bytes for s in shards],
+                   Bank.of(model) if model.bank is not None else None)
 
     def map(self, ds, exclude: str | None = None, groups_ref=None, positions: bool = False):
         """``ds`` scored (lazily): one output row per input row."""
         from ray.data import ActorPoolStrategy
 
+        if self.bank is not None:
+            ds = map_patches(ds, self.bank, self.cfg)
         cpus, gpus = cluster_resources()
         actors, threads = score_pool(cpus, self.cfg.actors)
         res = {"num_cpus": SCORE_ACTOR_CPUS}

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..core.arrays import l2_normalize
 from .preprocess import crop_fn, normalize_batch
-from .specs import FINAL, BackboneSpec
+from .specs import FINAL, PATCHES, BackboneSpec
 
 if TYPE_CHECKING:
     import torch
@@ -114,13 +114,19 @@ class FeatureExtractor:
         self._pooled: dict[str, torch.Tensor] = {}
         for name, module in tap_modules(self.model, spec).items():
             module.register_forward_hook(lambda _m, _i, out, name=name: self._pooled.__setitem__(name, _gap(out)))
+        self._patches = None
+        if spec.patches:
+            from .patches import PatchTaps
+
+            self._patches = PatchTaps(self.model, spec)
 
     @property
     def runtime(self) -> str:
         return self._runtime
 
     def taps(self, x: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        """Pooled features of one view, by layer name (``final`` always included), float32, unnormalised."""
+        """Pooled features of one view, by layer name (``final`` always included), float32, unnormalised; with
+        ``spec.patches`` also the patch feature map ``PATCHES`` (n, d, h, w)."""
         if self.onnx is not None:
             return self.onnx(np.asarray(x))
         import torch
@@ -132,7 +138,16 @@ class FeatureExtractor:
             if self.half:
                 x = x.contiguous(memory_format=torch.channels_last)
             final = self.model(x).float().cpu().numpy()
+            if self._patches is not None:
+                self._pooled[PATCHES] = self._patches.features()
             return {FINAL: final, **{n: v.cpu().numpy() for n, v in self._pooled.items()}}
+
+    def with_patches(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 3, H, W) → embeddings (n, d) and patch features (n, h, w, d_p), float32 (no TTA: the map is of
+        the image as the network saw it)."""
+        taps = self.taps(x)
+        patches = np.ascontiguousarray(np.asarray(taps.pop(PATCHES), np.float32).transpose(0, 2, 3, 1))
+        return embed_from_taps([taps], self.spec.layers), patches
 
     def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """(n, 3, H, W) float32 (numpy or torch) → (n, d) float32 embeddings."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .specs import FINAL
+from .specs import FINAL, PATCHES
 
 
 class OnnxTaps:
@@ -59,11 +59,12 @@ class OpenVinoTaps:
 
 
 def pooled_taps(names: list[str], outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs by name, feature maps globally average-pooled, float32; a user's model without a ``final``
-    output gives its (first) output as the embedding."""
+    """Outputs by name, feature maps globally average-pooled (the patch map ``PATCHES`` kept as it is),
+    float32; a user's model without a ``final`` output gives its (first) output as the embedding."""
     taps = {}
     for name, out in zip(names, outputs):
-        out = out.reshape(out.shape[0], out.shape[1], -1).mean(axis=2) if out.ndim > 2 else out
+        if out.ndim > 2 and name != PATCHES:
+            out = out.reshape(out.shape[0], out.shape[1], -1).mean(axis=2)
         taps[name] = np.ascontiguousarray(out, dtype=np.float32)
     return taps if FINAL in taps else {FINAL: taps[names[0]]}
 

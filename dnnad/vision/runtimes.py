@@ -17,7 +17,9 @@ import warnings
 import torch
 
 from .backbones import _gap, build_classifier, strip_head, tap_modules
-from .specs import FINAL, BackboneSpec, resolve_runtime, runtime_version
+from .patches import VERSION as PATCH_VERSION
+from .patches import PatchTaps
+from .specs import FINAL, PATCHES, BackboneSpec, resolve_runtime, runtime_version
 
 __all__ = ["TapNet", "cached_export", "export_key", "export_onnx", "resolve_runtime", "runtime_version"]
 
@@ -27,7 +29,8 @@ EXPORT_MARKER = ".dnnad-onnx-cache"  # a cache directory dnnad made; files in it
 
 
 class TapNet(torch.nn.Module):
-    """The backbone returning its pooled penultimate features and the pools of ``spec.layers``, in order."""
+    """The backbone returning its pooled penultimate features, the pools of ``spec.layers`` in order, and with
+    ``spec.patches`` the patch feature map (``vision.patches``) last."""
 
     def __init__(self, spec: BackboneSpec, state_dict: dict | None):
         super().__init__()
@@ -39,10 +42,15 @@ class TapNet(torch.nn.Module):
         self._pooled: dict[str, torch.Tensor] = {}
         for name, module in tap_modules(self.model, spec).items():
             module.register_forward_hook(lambda _m, _i, out, name=name: self._pooled.__setitem__(name, _gap(out)))
+        self.patches = PatchTaps(self.model, spec) if spec.patches else None
+        if self.patches is not None:
+            self.names.append(PATCHES)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._pooled.clear()
         final = self.model(x)
+        if self.patches is not None:
+            self._pooled[PATCHES] = self.patches.features()
         return (final, *(self._pooled[n] for n in self.names))
 
 
@@ -57,7 +65,8 @@ def weights_digest(state_dict: dict | None) -> str:
 
 
 def export_key(spec: BackboneSpec, state_dict: dict | None) -> str:
-    what = f"{spec.family}:{spec.arch}:{spec.image_size}:{','.join(spec.layers)}:{ONNX_OPSET}:{torch.__version__}"
+    what = f"{spec.family}:{spec.arch}:{spec.image_size}:{','.join(spec.layers)}:{ONNX_OPSET}:{torch.__version__}" \
+        + (f":P{','.join(spec.patches)}:v{PATCH_VERSION}" if spec.patches else "")
     return hashlib.sha256(f"{what}:{weights_digest(state_dict)}".encode()).hexdigest()[:24]
 
 

@@ -12,6 +12,11 @@ DEFAULT_BACKBONE = "efficientnet_lite2"
 FINAL = "final"  # --layers name of the pooled penultimate features (what plain DN2 uses)
 TTA_MODES = ("flip",)
 RESIZE_MODES = ("crop", "full")
+PATCHES = "patches"  # the output holding the patch feature map (localisation)
+# Stages whose feature maps make the patch features (--localize): stride 8 and 16, as PatchCore takes ResNet's
+# layer2 + layer3; for the Lite family blocks.2 (48 ch) + blocks.4 (120 ch), chosen on MTD
+# (benchmarks/localise.py).
+PATCH_STAGES = {**{n: ("layer2", "layer3") for n in TORCHVISION}, **{n: ("blocks.2", "blocks.4") for n in LITE_SIZES}}
 PRECISIONS = ("fp32", "bf16")  # bf16: OpenVINO's bf16 inference (vision.onnx_session)
 DECODE_MODES = ("exact", "reduced")  # reduced: large JPEGs decoded at a reduced scale (vision.preprocess)
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # auto: ONNX Runtime on CPU, torch on GPU
@@ -34,13 +39,15 @@ class BackboneSpec:
     resize: str = "crop"  # crop: shorter side to size/0.875 then centre crop; full: whole image to size x size
     decode: str = "exact"  # exact | reduced (JPEG DCT scaling down to twice the resize size)
     precision: str = "fp32"  # fp32 | bf16 (OpenVINO)
+    patches: tuple[str, ...] = ()  # stages of the patch feature map (output PATCHES); () = no localisation
 
     @property
     def feature_tag(self) -> str:
         """How features are read, for cache keys: empty for plain DN2 features."""
         parts = ([f"L{'+'.join(self.layers)}"] if self.layers else []) + ([self.tta] if self.tta else []) \
             + (["full"] if self.resize != "crop" else []) + (["reduced"] if self.decode != "exact" else []) \
-            + ([self.precision] if self.precision != "fp32" else [])
+            + ([self.precision] if self.precision != "fp32" else []) \
+            + ([f"P{'+'.join(self.patches)}"] if self.patches else [])
         return "-".join(parts)
 
     @property
@@ -53,7 +60,8 @@ def backbone_names() -> list[str]:
 
 
 def get_spec(name: str, image_size: int | None = None, layers: tuple[str, ...] = (), tta: str | None = None,
-             resize: str = "crop", decode: str = "exact", precision: str = "fp32") -> BackboneSpec:
+             resize: str = "crop", decode: str = "exact", precision: str = "fp32",
+             localize: bool = False) -> BackboneSpec:
     """Spec for a backbone name; ``image_size`` overrides the default input size; ``layers``, ``tta`` and
     ``resize`` choose how features are read (module names are checked when the backbone is built)."""
     if tta is not None and tta not in TTA_MODES:
@@ -66,7 +74,13 @@ def get_spec(name: str, image_size: int | None = None, layers: tuple[str, ...] =
         raise ValueError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     if len(set(layers)) != len(layers) or any(not n for n in layers):
         raise ValueError(f"--layers must name distinct modules, got {','.join(layers)!r}")
-    opts = {"layers": tuple(layers), "tta": tta, "resize": resize, "decode": decode, "precision": precision}
+    if localize and name not in PATCH_STAGES:
+        raise ValueError(f"--localize needs a backbone whose stages are known ({', '.join(PATCH_STAGES)}), "
+                         f"not {name}")
+    if localize and tta is not None:
+        raise ValueError("--localize maps the image as the network saw it: drop --tta")
+    opts = {"layers": tuple(layers), "tta": tta, "resize": resize, "decode": decode, "precision": precision,
+            "patches": PATCH_STAGES[name] if localize else ()}
     if name in TORCHVISION:
         return BackboneSpec(name, "torchvision", name, image_size or 224, IMAGENET_MEAN, IMAGENET_STD, **opts)
     if name in LITE_SIZES:

@@ -1,0 +1,180 @@
+"""Localisation on Magnetic-Tile defects: patch-level DN2 (``core.localize.PatchDN2``) against global DN2.
+
+Normal set: MTD ``split=train`` (600 defect-free tiles); test: ``split=test`` (150 free, 115 blowholes, 57
+cracks) with pixel masks. Images go to the network whole (``--resize full``). Reports, per setting, image
+ROC AUC, pixel ROC AUC and AUPRO (per-region overlap integrated to FPR 0.3, normalised, as anomalib does),
+overall and per defect kind; bank size, coreset / build / leave-one-image-out (threshold) time and query
+time per image. SPADE (each test image against the patches of its K nearest normal images by the global
+feature) is measured beside the full bank.
+
+    .venv/bin/python benchmarks/localise.py --backbone efficientnet_lite2 --coreset 0.01 0.1
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+from common import CACHE, DATASETS, git_rev, machine, write_results
+from PIL import Image
+from scipy.ndimage import label as components
+from sklearn.metrics import roc_auc_score
+
+from dnnad.core.arrays import l2_normalize
+from dnnad.core.localize import PatchDN2, map_scores
+from dnnad.core.patches import SIGMA, greedy_coreset, map_to_image
+from dnnad.vision.decode import decode_image
+
+FPR_LIMIT = 0.3
+
+
+def features(backbone: str, size: int | None, batch: int = 8) -> dict:
+    """Global embeddings and patch grids of every MTD tile (cached in benchmarks/.cache)."""
+    from dnnad.vision.backbones import FeatureExtractor
+    from dnnad.vision.preprocess import crop_fn, normalize_batch
+    from dnnad.vision.runtimes import cached_export
+    from dnnad.vision.specs import get_spec
+    from dnnad.vision.weights import resolve_weights
+
+    spec = get_spec(backbone, size, resize="full", localize=True)
+    path = CACHE / f"localise-mtd-{backbone}-{spec.image_size}-{'+'.join(spec.patches)}-l2.npz"
+    t = pq.read_table(DATASETS["mtd"])
+    if path.exists():
+        z = np.load(path)
+        return {"emb": z["emb"], "patches": z["patches"].astype(np.float32), "embed_s": float(z["embed_s"]),
+                "table": t, "size": spec.image_size}
+    w = resolve_weights(spec, "imagenet")
+    fe = FeatureExtractor(spec, None, device="cpu", threads=os.cpu_count(), onnx_model=cached_export(spec, w.state_dict))
+    crop = crop_fn(spec)
+    images = t["image"].to_pylist()
+    embs, grids = [], []
+    t0 = time.perf_counter()
+    for s in range(0, len(images), batch):
+        x = normalize_batch(spec, np.stack([crop(decode_image(b)) for b in images[s:s + batch]]))
+        e, p = fe.with_patches(x)
+        embs.append(e)
+        grids.append(p.astype(np.float16))
+    embed_s = time.perf_counter() - t0
+    emb, patches = np.concatenate(embs), np.concatenate(grids)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, emb=emb, patches=patches, embed_s=embed_s)
+    return {"emb": emb, "patches": patches.astype(np.float32), "embed_s": embed_s, "table": t, "size": spec.image_size}
+
+
+def aupro(maps: list[np.ndarray], masks: list[np.ndarray], limit: float = FPR_LIMIT, steps: int = 2000) -> float:
+    """Per-region overlap averaged over defect regions, integrated over FPR 0..limit, divided by limit."""
+    normal = np.concatenate([m[~k].ravel() for m, k in zip(maps, masks)])
+    allv = np.concatenate([m.ravel() for m in maps])
+    thresholds = np.quantile(allv, np.linspace(0, 1, steps))[::-1]
+    normal.sort()
+    fpr = 1 - np.searchsorted(normal, thresholds, side="left") / len(normal)
+    pros = []
+    for m, k in zip(maps, masks):
+        lab, n = components(k)
+        for r in range(1, n + 1):
+            v = np.sort(m[lab == r])
+            pros.append(1 - np.searchsorted(v, thresholds, side="left") / len(v))
+    pro = np.mean(pros, axis=0)
+    keep = fpr <= limit
+    f, p = np.append(fpr[keep], limit), np.append(pro[keep], np.interp(limit, fpr, pro))
+    return float(np.trapezoid(p, f) / limit)
+
+
+def evaluate(scores: np.ndarray, pixel_maps: list[np.ndarray] | None, masks: list[np.ndarray], kinds: np.ndarray):
+    """{group: (image AUROC, pixel AUROC, AUPRO)} for all defects and per kind (each against the free tiles)."""
+    out = {}
+    for kind in ["all", *sorted(set(kinds) - {"MT_Free"})]:
+        rows = np.flatnonzero((kinds == "MT_Free") | ((kinds == kind) if kind != "all" else True))
+        y = kinds[rows] != "MT_Free"
+        img = roc_auc_score(y, scores[rows])
+        if pixel_maps is None:
+            out[kind] = (img, None, None)
+            continue
+        pm, pk = [pixel_maps[i] for i in rows], [masks[i] for i in rows]
+        pix = roc_auc_score(np.concatenate([k.ravel() for k in pk]), np.concatenate([m.ravel() for m in pm]))
+        out[kind] = (img, pix, aupro(pm, pk))
+    return out
+
+
+def fmt(v: float | None) -> str:
+    return f"{v:.3f}" if v is not None else "-"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="efficientnet_lite2")
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--coreset", type=float, nargs="*", default=[0.01, 0.1], help="fractions (1 = the whole bank)")
+    ap.add_argument("--spade", type=int, nargs="*", default=[10], help="K nearest normal images (SPADE variant)")
+    ap.add_argument("--sigma", type=float, default=SIGMA)
+    args = ap.parse_args()
+
+    f = features(args.backbone, args.image_size)
+    t, size = f["table"], f["size"]
+    split = np.array(t["split"].to_pylist())
+    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    kinds = np.array(t["label_name"].to_pylist())[test]
+    masks = [np.asarray(Image.open(io.BytesIO(b)).convert("L")) > 127 for b in t.take(test)["mask"].to_pylist()]
+    G = f["patches"]
+    n_grid = G.shape[1] * G.shape[2]
+    lines = [f"# Localisation on MTD: {args.backbone} at {size} px (--resize full), patch grid {G.shape[1]}x"
+             f"{G.shape[2]}x{G.shape[3]}", "", f"{machine()}; dnnad {git_rev()}; {len(train)} normal tiles, "
+             f"{len(test)} test tiles ({', '.join(f'{k} {int((kinds == k).sum())}' for k in sorted(set(kinds)))}); "
+             f"features {f['embed_s']:.0f} s for {len(t)} tiles; smoothing sigma {args.sigma} px.", "",
+             "| setting | bank patches | bank MB | coreset s | build + LOO threshold s | query ms/image | "
+             "image AUROC | pixel AUROC | AUPRO | per kind: image / pixel / AUPRO |", "|---" * 10 + "|"]
+
+    def row(name, bank, cs, fit_s, q_ms, res):
+        a = res["all"]
+        kinds_txt = "; ".join(f"{k}: {v[0]:.3f}" + (f" / {v[1]:.3f} / {v[2]:.3f}" if v[1] is not None else "")
+                              for k, v in res.items() if k != "all")
+        lines.append(f"| {name} | {bank if bank else '-'} | {bank * G.shape[3] * 4 / 2**20 if bank else 0:.0f} | "
+                     f"{cs} | {fit_s} | {q_ms} | {a[0]:.3f} | {fmt(a[1])} | {fmt(a[2])} | {kinds_txt} |")
+        print(lines[-1], flush=True)
+
+    import faiss
+
+    E = l2_normalize(f["emb"])
+    D, _ = faiss.knn(E[test], E[train], 2)
+    row("global DN2 (k=2)", 0, "-", "-", "-", evaluate(np.sqrt(np.maximum(D, 0)).mean(1), None, masks, kinds))
+
+    def pixel(maps):
+        return [map_to_image(m, *k.shape, size, args.sigma) for m, k in zip(maps, masks)]
+
+    for K in args.spade:
+        _, nn = faiss.knn(E[test], E[train], K)
+        t0 = time.perf_counter()
+        maps = []
+        for qi, ref in zip(test, nn):
+            bank = G[train[ref]].reshape(-1, G.shape[3])
+            d, _ = faiss.knn(G[qi].reshape(-1, G.shape[3]), bank, 1)
+            maps.append(np.sqrt(np.maximum(d[:, 0], 0)).reshape(G.shape[1:3]))
+        q_ms = (time.perf_counter() - t0) / len(test) * 1e3
+        maps = np.stack(maps)
+        row(f"SPADE: patches of the {K} nearest normal tiles", K * n_grid, "-", "-", f"{q_ms:.0f}",
+            evaluate(map_scores(maps, size, args.sigma), pixel(maps), masks, kinds))
+
+    for frac in args.coreset:
+        t0 = time.perf_counter()
+        greedy_coreset(G[train].reshape(-1, G.shape[3]), frac, n_grid) if frac < 1 else None
+        cs = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        est = PatchDN2(coreset=frac if frac < 1 else None, image_size=size, sigma=args.sigma).fit(G[train])
+        fit_s = time.perf_counter() - t0 - cs
+        t0 = time.perf_counter()
+        maps = est.anomaly_maps(G[test])
+        q_ms = (time.perf_counter() - t0) / len(test) * 1e3
+        row(f"bank, coreset {frac:g}", est.index_.ntotal, f"{cs:.1f}" if frac < 1 else "-", f"{fit_s:.1f}",
+            f"{q_ms:.0f}", evaluate(map_scores(maps, size, args.sigma), pixel(maps), masks, kinds))
+
+    stem = f"localise-mtd-{args.backbone}-{size}"
+    write_results(stem, lines + ["", f"Command: `.venv/bin/python benchmarks/localise.py --backbone {args.backbone}"
+                                 f"{f' --image-size {args.image_size}' if args.image_size else ''} --coreset "
+                                 f"{' '.join(map(str, args.coreset))} --spade {' '.join(map(str, args.spade))}`"])
+
+
+if __name__ == "__main__":
+    main()

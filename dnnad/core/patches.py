@@ -1,0 +1,117 @@
+"""Patch-level nearest neighbours (SPADE / PatchCore): anomaly maps from a memory bank of normal patches.
+
+A patch grid ``(h, w, d)`` per image (``vision.patches``); each query patch's distance to its nearest normal
+patch is the anomaly map ``(h, w)``. ``smooth_map`` brings a map to the network's input resolution
+(bilinear, then a Gaussian of ``SIGMA`` pixels, as PatchCore does); the image score is its maximum.
+``map_to_image`` brings it to an image's own size exactly as the score saw it. ``greedy_coreset`` is
+PatchCore's k-centre subsampling on a random projection, run in independent chunks so it is linear in the
+number of patches and parallel. Numpy, SciPy and FAISS only.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from .arrays import as_float32
+
+SIGMA = 4.0  # Gaussian blur of the map at input resolution, pixels (PatchCore's)
+CORESET_DIM = 128  # random projection the k-centre distances are taken in (PatchCore's)
+CORESET_CHUNK = 65_536  # patches one greedy pass covers: its distance vector stays in cache
+
+
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) bilinear interpolation weights with half-pixel centres (``align_corners=False``, as
+    torch's ``interpolate`` and OpenCV's ``resize`` place them)."""
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    W = np.zeros((n_out, n_in))
+    W[np.arange(n_out), lo] += 1 - frac
+    W[np.arange(n_out), hi] += frac
+    return W
+
+
+def resize_map(m: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A map (..., h, w) resized bilinearly to (..., height, width), float64."""
+    m = np.asarray(m, dtype=np.float64)
+    return resize_matrix(m.shape[-2], height) @ m @ resize_matrix(m.shape[-1], width).T
+
+
+def smooth_map(grid: np.ndarray, size: int, sigma: float = SIGMA) -> np.ndarray:
+    """Patch map(s) (..., h, w) → (..., size, size) at the network's input resolution: bilinear, then a
+    Gaussian blur of ``sigma`` pixels (per map)."""
+    up = resize_map(grid, size, size)
+    axes = (up.ndim - 2, up.ndim - 1)
+    return gaussian_filter(up, sigma=sigma, axes=axes, mode="nearest") if sigma > 0 else up
+
+
+def map_to_image(grid: np.ndarray, height: int, width: int, image_size: int, sigma: float = SIGMA) -> np.ndarray:
+    """An ``anomaly_map`` (h, w) over an image of ``height`` x ``width`` pixels that the network saw whole at
+    ``image_size`` (``--resize full``): smoothed as the score was (``smooth_map``), then resized bilinearly
+    to the image. Its maximum over the image is the row's ``score`` up to that last interpolation."""
+    return resize_map(smooth_map(grid, image_size, sigma), height, width)
+
+
+def image_score(smoothed: np.ndarray) -> np.ndarray:
+    """Image anomaly scores from smoothed maps (n, H, W): their maxima, (n,) float64."""
+    s = np.asarray(smoothed, dtype=np.float64)
+    return s.reshape(len(s), -1).max(axis=1)
+
+
+def peak(smoothed: np.ndarray, height: int, width: int) -> tuple[int, int]:
+    """(x, y) of a smoothed map's (size, size) maximum, in the pixels of a ``width`` x ``height`` image."""
+    size_y, size_x = smoothed.shape
+    y, x = np.unravel_index(int(np.argmax(smoothed)), smoothed.shape)
+    return int((x + 0.5) * width / size_x), int((y + 0.5) * height / size_y)
+
+
+def coreset_size(n: int, fraction: float | None) -> int:
+    """Patches kept by a coreset of ``fraction`` (None or 1: all), at least one."""
+    return n if fraction is None or fraction >= 1 else max(1, int(round(n * fraction)))
+
+
+def coreset_projection(d: int, dim: int = CORESET_DIM, seed: int = 0) -> np.ndarray | None:
+    """The Gaussian random projection (d, dim) float32 the k-centre distances are taken in (None: d <= dim)."""
+    if d <= dim:
+        return None
+    return np.random.default_rng(seed).standard_normal((d, dim)).astype(np.float32)
+
+
+def coreset_chunks(n_images: int, per_image: int, chunk: int = CORESET_CHUNK) -> list[tuple[int, int]]:
+    """[start, stop) image ranges of about ``chunk`` patches each (whole images, at least one)."""
+    step = max(1, chunk // max(1, per_image))
+    return [(a, min(n_images, a + step)) for a in range(0, n_images, step)]
+
+
+def greedy_coreset(X: np.ndarray, fraction: float, per_image: int = 1, seed: int = 0) -> np.ndarray:
+    """Sorted row positions of a k-centre coreset keeping ``fraction`` of the rows of ``X`` (n, d), the rows
+    of consecutive images (``per_image`` rows each).
+
+    PatchCore's greedy selection (each step takes the row farthest from those taken) in a Gaussian random
+    projection to ``CORESET_DIM`` dimensions, run independently on chunks of whole images of about
+    ``CORESET_CHUNK`` rows: time O(n * fraction * chunk * dim) instead of O(n^2 * fraction * dim), memory one
+    chunk; chunks are independent (the job runs them as parallel tasks and gets the same rows)."""
+    X = as_float32(X)
+    if fraction >= 1:
+        return np.arange(len(X))
+    P = coreset_projection(X.shape[1], seed=seed)
+    out = [a * per_image + coreset_chunk(X[a * per_image:b * per_image], fraction, P)
+           for a, b in coreset_chunks(len(X) // per_image, per_image)]
+    return np.concatenate(out)
+
+
+def coreset_chunk(X: np.ndarray, fraction: float, projection: np.ndarray | None = None) -> np.ndarray:
+    """Greedy k-centre positions (sorted) within one chunk, ``coreset_size(len(X), fraction)`` of them; the
+    first centre is row 0, so the result depends on nothing but the chunk."""
+    Z = X @ projection if projection is not None else np.array(X, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", Z, Z)
+    m = coreset_size(len(Z), fraction)
+    chosen = np.empty(m, dtype=np.int64)
+    chosen[0] = 0
+    best = sq + sq[0] - 2 * (Z @ Z[0])
+    for i in range(1, m):
+        j = int(np.argmax(best))
+        chosen[i] = j
+        np.minimum(best, sq + sq[j] - 2 * (Z @ Z[j]), out=best)
+    return np.sort(chosen)
