@@ -4,7 +4,7 @@
 """
 __version__ = "0.2.0"
 
-__all__ = ["DN2", "rank_outliers", "__version__"]
+__all__ = ["DN2", "PatchDN2", "rank_outliers", "__version__"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from .core import estimator
 
         return getattr(estimator, name)
+    if name == "PatchDN2":
+        from .core.localize import PatchDN2
+
+        return PatchDN2
     raise AttributeError(f"module 'dnnad' has no attribute {name!r}")

@@ -8,6 +8,8 @@ query patch's distance to its nearest normal patch; ``anomaly_score`` the maximu
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from .index import Exclusion, ShardedIndex, build_index
@@ -44,7 +46,8 @@ class PatchDN2:
     ``coreset``: fraction of normal patches kept (greedy k-centre, ``core.patches.greedy_coreset``; None
     keeps all). ``image_size``: the network's input side, the resolution maps are smoothed at. The threshold
     is the ``quantile`` of the normal images' leave-one-image-out scores. Fitted attributes: ``index_``,
-    ``bank_owners_`` (normal image of each bank row), ``loo_scores_``, ``threshold_``, ``grid_`` (h, w).
+    ``bank_owners_`` (normal image of each bank row), ``loo_scores_``, ``threshold_``, ``grid_`` (h, w),
+    ``coreset_seconds_``.
     """
 
     def __init__(self, coreset: float | None = None, image_size: int = 260, sigma: float = SIGMA,
@@ -60,7 +63,9 @@ class PatchDN2:
         n, h, w, d = grids.shape
         bank = grids.reshape(-1, d)
         owners = np.repeat(np.arange(n), h * w)
+        t0 = time.perf_counter()
         keep = greedy_coreset(bank, self.coreset, h * w, self.seed) if self.coreset else np.arange(len(bank))
+        self.coreset_seconds_ = time.perf_counter() - t0
         self.index_ = build_index(bank[keep], self.n_shards)
         self.bank_owners_ = owners[keep]
         self.grid_ = (h, w)

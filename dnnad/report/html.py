@@ -65,10 +65,23 @@ def percentile_note(p: float | None) -> str:
     return "" if p is None else f"<br>above {p:.1f}% of normal"
 
 
+def heatmap_figure(r: dict, data: bytes | None, image_size: int | None, threshold: float) -> str:
+    """A top row's anomaly map over its image (``--localize``), or nothing."""
+    if not r.get("anomaly_map") or not image_size:
+        return ""
+    from .heatmap import heatmap_uri
+
+    uri = heatmap_uri(data, r["anomaly_map"], r["map_height"], r["map_width"], image_size, threshold,
+                      (r["peak_x"], r["peak_y"]))
+    return (f'<figure class="map"><img class="heatmap" src="{uri or ""}" alt="anomaly map of {html.escape(r["id"])}">'
+            f'<figcaption>anomaly map; peak at ({r["peak_x"]}, {r["peak_y"]})</figcaption></figure>')
+
+
 def render(record: dict, scores: np.ndarray, normal_scores: np.ndarray | None, threshold: float,
            top: list[dict], images: dict[str, bytes], normal_images: dict[str, bytes],
-           labels_anomalous: np.ndarray | None = None) -> str:
-    """The report as one HTML string; ``top`` rows carry id, score, neighbor_ids, neighbor_dists."""
+           labels_anomalous: np.ndarray | None = None, image_size: int | None = None) -> str:
+    """The report as one HTML string; ``top`` rows carry id, score, neighbor_ids, neighbor_dists (and with
+    ``--localize`` their anomaly_map, map_height, map_width, peak_x, peak_y: shown over the image)."""
     roc = ""
     if labels_anomalous is not None and 0 < labels_anomalous.sum() < len(labels_anomalous):
         svg, auc = svg_roc(labels_anomalous, scores)
@@ -77,7 +90,8 @@ def render(record: dict, scores: np.ndarray, normal_scores: np.ndarray | None, t
     for r in top:
         thumbs = [f'<figure><img class="query" src="{thumbnail_uri(images.get(r["id"])) or ""}" '
                   f'alt="{html.escape(r["id"])}"><figcaption>{html.escape(r["id"])}<br>score {r["score"]:.3f}'
-                  f'{percentile_note(r.get("normal_percentile"))}</figcaption></figure>']
+                  f'{percentile_note(r.get("normal_percentile"))}</figcaption></figure>'
+                  + heatmap_figure(r, images.get(r["id"]), image_size, threshold)]
         for nid, nd in zip(r["neighbor_ids"], r["neighbor_dists"]):
             uri = thumbnail_uri(normal_images.get(nid)) or ""
             thumbs.append(f'<figure><img class="neighbor" src="{uri}" alt="{html.escape(nid)}">'
@@ -87,7 +101,8 @@ def render(record: dict, scores: np.ndarray, normal_scores: np.ndarray | None, t
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>dnnad report</title><style>
 body{{font-family:sans-serif;margin:24px;color:#222}} .row{{display:flex;gap:8px;margin:6px 0;align-items:flex-start}}
 figure{{margin:0;width:110px;font-size:11px;word-break:break-all}} img{{width:96px;image-rendering:pixelated;
-border:2px solid #ddd}} img.query{{border-color:#d33}} pre{{background:#f6f6f6;padding:12px;overflow:auto}}
+border:2px solid #ddd}} img.query{{border-color:#d33}} figure.map{{width:170px}} img.heatmap{{width:160px;
+image-rendering:auto}} pre{{background:#f6f6f6;padding:12px;overflow:auto}}
 </style></head><body>
 <h1>dnnad run report</h1>
 <p>{html.escape(str(record.get("kind", "")))} run finished {html.escape(str(record.get("finished_at", "")))}:
@@ -129,6 +144,8 @@ def run_report(record: dict, fs, scores_path: str, model, query_source, top_n: i
         best = (rows if best is None else pa.concat_tables([best, rows])).sort_by(order).slice(0, top_n)
     top_ids = best["id"] if best is not None else pa.array([], pa.string())
     shown = ["id", "score", "normal_percentile", "neighbor_ids", "neighbor_dists"]
+    if "anomaly_map" in dataset.schema.names:
+        shown += ["anomaly_map", "map_height", "map_width", "peak_x", "peak_y"]
     top = pa.Table.from_batches(dataset.to_batches(columns=shown, filter=pc.field("id").isin(top_ids), **ONE_AT_A_TIME),
                                 schema=pa.schema([dataset.schema.field(c) for c in shown])).sort_by(order).to_pylist()
     images = fetch_images(query_source, [r["id"] for r in top])
@@ -137,4 +154,4 @@ def run_report(record: dict, fs, scores_path: str, model, query_source, top_n: i
     scores = np.concatenate([np.empty(0), *scores])
     labels = np.concatenate([np.empty(0, int), *map(np.asarray, labels)]) if with_labels else None
     return render(record, scores, model.calibration_scores, model.threshold, top, images,
-                  normal_images, labels)
+                  normal_images, labels, model.meta.image_size if model.meta.localize else None)

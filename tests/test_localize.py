@@ -1,0 +1,249 @@
+"""Localisation (--localize): patch maps from a memory bank of normal patches, where an image is anomalous."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dnnad.cli import main
+from dnnad.config import ConfigError, EmbedConfig, IndexConfig, JobConfig, SourceConfig
+from dnnad.core.localize import PatchDN2, map_scores
+from dnnad.core.model import ModelError, load_model, save_model, with_bank
+from dnnad.core.patches import (
+    coreset_chunks,
+    greedy_coreset,
+    map_to_image,
+    peak,
+    resize_map,
+    smooth_map,
+)
+
+
+def textures(n, h=6, w=6, d=8, seed=0):
+    """Patch grids of a 'normal' texture: every patch one of four prototypes plus a little noise."""
+    protos = np.random.default_rng(0).normal(size=(4, d))
+    rng = np.random.default_rng(seed + 1)
+    return (protos[rng.integers(0, 4, size=(n, h, w))] + 0.05 * rng.normal(size=(n, h, w, d))).astype(np.float32)
+
+
+@pytest.mark.unit
+def test_bilinear_resize_matches_torch_interpolate():
+    import torch
+    import torch.nn.functional as F
+
+    m = np.random.default_rng(0).random((5, 7))
+    ref = F.interpolate(torch.from_numpy(m)[None, None], size=(13, 4), mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(resize_map(m, 13, 4), ref.numpy(), atol=1e-12)
+
+
+@pytest.mark.unit
+def test_greedy_coreset_keeps_the_fraction_and_the_rare_patches():
+    rng = np.random.default_rng(1)
+    X = rng.normal(0, 0.1, size=(8000, 16)).astype(np.float32)
+    rare = rng.choice(8000, 20, replace=False)
+    X[rare] += rng.normal(0, 5, size=(20, 16)).astype(np.float32)  # 20 patches unlike the rest
+    keep = greedy_coreset(X, 0.01, per_image=100)
+    assert len(keep) == 80 and np.all(np.diff(keep) > 0)
+    assert set(rare) <= set(keep)  # a random 1 % would keep about none of them
+
+
+@pytest.mark.unit
+def test_coreset_chunks_hold_whole_images():
+    chunks = coreset_chunks(10, 30_000)
+    assert chunks[0] == (0, 2) and chunks[-1] == (10, 10) or chunks[-1][1] == 10
+    assert sum(b - a for a, b in chunks) == 10
+
+
+@pytest.mark.unit
+def test_patch_map_finds_the_defect_and_threshold_leaves_each_image_out():
+    normal = textures(20)
+    est = PatchDN2(image_size=48).fit(normal)
+    assert est.index_.ntotal == 20 * 36 and est.grid_ == (6, 6)
+    assert (est.loo_scores_ > 0).all()  # a normal image never matches its own patches
+    query = textures(3, seed=5)
+    query[1, 4, 2] += 3.0  # one patch unlike any normal one
+    maps = est.anomaly_maps(query)
+    assert np.unravel_index(maps[1].argmax(), (6, 6)) == (4, 2)
+    scores = est.anomaly_score(query)
+    assert scores[1] > 3 * est.threshold_ and max(scores[0], scores[2]) < 1.5 * est.threshold_
+    assert est.predict(query)[1] == -1
+    s = smooth_map(maps[1], 48)
+    x, y = peak(s, 120, 60)  # an image 60 wide, 120 high seen whole at 48 x 48
+    assert 20 <= x <= 40 and 80 <= y <= 110
+
+
+@pytest.mark.unit
+def test_leave_one_image_out_when_only_one_image_has_a_patch():
+    normal = textures(6)
+    normal[0, 0, 0] += 4.0  # image 0's own patch: the only one like it
+    est = PatchDN2(image_size=24).fit(normal)
+    assert est.loo_scores_[0] == est.loo_scores_.max() and est.loo_scores_[0] > 2 * np.median(est.loo_scores_)
+
+
+@pytest.mark.unit
+def test_coreset_bank_keeps_a_fraction_and_still_finds_the_defect():
+    normal = textures(40)
+    est = PatchDN2(coreset=0.1, image_size=48).fit(normal)
+    assert est.index_.ntotal == round(40 * 36 * 0.1)
+    query = textures(1, seed=9)
+    query[0, 1, 1] += 3.0
+    assert np.unravel_index(est.anomaly_maps(query)[0].argmax(), (6, 6)) == (1, 1)
+
+
+@pytest.mark.unit
+def test_map_to_image_is_the_scored_map_at_the_image_size():
+    grid = np.random.default_rng(2).random((6, 6))
+    full = map_to_image(grid, 90, 150, 48)
+    assert full.shape == (90, 150)
+    assert abs(full.max() - map_scores(grid[None], 48)[0]) < 0.02 * full.max()
+
+
+@pytest.mark.unit
+def test_localizing_model_round_trips_and_damage_is_refused(tmp_path):
+    from dnnad.core.dn2 import FitParams, fit_reference
+    from dnnad.core.index import build_shard
+    from dnnad.core.model import model_from_fit
+
+    rng = np.random.default_rng(0)
+    fit = fit_reference(rng.normal(size=(10, 4)).astype(np.float32), None, FitParams())
+    model = model_from_fit(fit, fit.handle.shards, FitParams())
+    bank = rng.normal(size=(30, 8)).astype(np.float32)
+    loc = with_bank(model, [build_shard(bank[:15], 0), build_shard(bank[15:], 15)], np.arange(30) // 3,
+                    np.linspace(1, 2, 10), 1.9, (1, 3, 8), 0.5)
+    save_model(loc, str(tmp_path / "m"))
+    back = load_model(str(tmp_path / "m"))
+    assert back.meta.localize and back.meta.patch_grid == [1, 3, 8] and back.meta.coreset == 0.5
+    np.testing.assert_array_equal(np.concatenate([s.vectors for s in back.bank]), bank)
+    np.testing.assert_array_equal(back.bank_owners, np.arange(30) // 3)
+    assert back.threshold == 1.9 and len(back.shards) == len(model.shards)
+    (tmp_path / "m" / "bank_owners.npy").unlink()
+    with pytest.raises(ModelError, match="damaged"):
+        load_model(str(tmp_path / "m"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("change, message", [
+    ({"kind": "rank"}, "score or audit"),
+    ({"index": IndexConfig(coreset=0.0)}, "--coreset must be"),
+    ({"embed": EmbedConfig(localize=True, backbone="onnx:/x.onnx")}, "stages are known"),
+    ({"embed": EmbedConfig(localize=True, tta="flip")}, "drop --tta"),
+    ({"explicit": ("resize",)}, "drop --resize crop"),
+    ({"query": SourceConfig("/q.parquet", embedding_column="v")}, "--embedding-column"),
+])
+def test_bad_localize_settings_are_one_line_errors(change, message):
+    base = dict(kind="score", out="/tmp/o", normal=SourceConfig("/n"), query=SourceConfig("/q"),
+                embed=EmbedConfig(localize=True))
+    with pytest.raises(ConfigError, match=message):
+        JobConfig(**{**base, **change}).validate()
+
+
+@pytest.mark.unit
+def test_coreset_without_localize_is_refused():
+    with pytest.raises(ConfigError, match="needs --localize"):
+        JobConfig("score", "/tmp/o", SourceConfig("/n"), SourceConfig("/q"), index=IndexConfig(coreset=0.1)).validate()
+
+
+def tile(rng, defect=None, size=(128, 96)):
+    """A grey striped tile (width x height); ``defect``: (x, y) of a dark 20 px blob."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = 128 + 40 * np.sin((xx + rng.uniform(0, 8)) * 0.8) + rng.normal(0, 6, (h, w))
+    if defect is not None:
+        x, y = defect
+        a[max(0, y - 10):y + 10, max(0, x - 10):x + 10] = 20
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+
+
+LOCALIZE = ["--backbone", "efficientnet_lite0", "--image-size", "96", "--localize", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def localized(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("localize")
+    rng = np.random.default_rng(0)
+    (root / "normal").mkdir()
+    (root / "query").mkdir()
+    for i in range(16):
+        tile(rng).save(root / "normal" / f"{i}.png")
+    for i in range(3):
+        tile(rng).save(root / "query" / f"ok{i}.png")
+    defects = {"defect_a.png": (30, 70), "defect_b.png": (100, 20)}
+    for name, xy in defects.items():
+        tile(rng, xy).save(root / "query" / name)
+    (root / "query" / "broken.png").write_bytes(b"not a png")
+    out = root / "out"
+    assert main(["score", "--normal", str(root / "normal"), "--query", str(root / "query"), "--out", str(out),
+                 "--model", str(root / "model"), *LOCALIZE]) == 0
+    return root, out, defects
+
+
+@pytest.mark.ray
+def test_localize_maps_every_row_and_peaks_on_the_defect(localized):
+    root, out, defects = localized
+    t = pq.read_table(out / "scores").to_pandas().set_index("id")
+    assert sorted(t.index) == sorted(p.name for p in (root / "query").iterdir())
+    assert t.loc["broken.png", "status"] == "error" and "not an image" in t.loc["broken.png", "error"]
+    ok = t[t.status == "ok"]
+    assert (ok.map_height * ok.map_width == ok.anomaly_map.map(len)).all() and (ok.map_height == 12).all()
+    assert ok.loc[list(defects), "score"].min() > ok.drop(index=list(defects)).score.max()
+    assert ok.loc[list(defects), "is_anomaly"].all()
+    for name, (x, y) in defects.items():
+        assert abs(ok.loc[name, "peak_x"] - x) <= 16 and abs(ok.loc[name, "peak_y"] - y) <= 16
+    # the documented function gives the score back from the stored map
+    r = ok.loc["defect_a.png"]
+    grid = np.asarray(r.anomaly_map).reshape(int(r.map_height), int(r.map_width))
+    assert abs(map_scores(grid[None], 96)[0] - r.score) < 1e-4
+    assert map_to_image(grid, 96, 128, 96).shape == (96, 128)
+
+
+@pytest.mark.ray
+def test_localize_model_records_the_bank_and_scores_again_identically(localized, tmp_path):
+    root, out, _ = localized
+    record = json.loads((out / "run.json").read_text())
+    assert record["model"]["localize"] and record["model"]["patch_grid"] == [12, 12, 40 + 112]
+    again = tmp_path / "again"
+    assert main(["score", "--model", str(root / "model"), "--query", str(root / "query"), "--out", str(again),
+                 "--quiet"]) == 0
+    a = pq.read_table(out / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    b = pq.read_table(again / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    assert a.score.equals(b.score) and all(np.array_equal(x, y) for x, y in zip(a.anomaly_map, b.anomaly_map))
+
+
+@pytest.mark.ray
+def test_report_shows_heatmaps_of_the_top_rows(localized):
+    _, out, _ = localized
+    html = (out / "report.html").read_text()
+    assert html.count('class="heatmap"') == 5 and "anomaly map; peak at" in html
+
+
+@pytest.mark.ray
+def test_localize_against_a_model_fitted_without_it_is_refused(ray_local, tmp_path, capsys):
+    root = tmp_path
+    rng = np.random.default_rng(1)
+    (root / "n").mkdir()
+    for i in range(4):
+        tile(rng).save(root / "n" / f"{i}.png")
+    assert main(["score", "--normal", str(root / "n"), "--query", str(root / "n"), "--out", str(root / "o"),
+                 "--model", str(root / "m"), "--backbone", "efficientnet_lite0", "--image-size", "64", "--quiet"]) == 0
+    code = main(["score", "--model", str(root / "m"), "--query", str(root / "n"), "--out", str(root / "o2"),
+                 "--localize", "--quiet"])
+    assert code != 0 and "--localize conflicts with the saved model" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_patch_features_are_the_same_in_torch_and_onnx_runtime():
+    from dnnad.vision.backbones import FeatureExtractor
+    from dnnad.vision.runtimes import export_onnx
+    from dnnad.vision.specs import get_spec
+    from dnnad.vision.weights import resolve_weights
+
+    spec = get_spec("efficientnet_lite0", 64, resize="full", localize=True)
+    state = resolve_weights(spec, "imagenet").state_dict
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    emb_t, grid_t = FeatureExtractor(spec, state, "cpu", threads=1).with_patches(x)
+    emb_o, grid_o = FeatureExtractor(spec, None, "cpu", threads=1, onnx_model=export_onnx(spec, state)).with_patches(x)
+    assert grid_t.shape == (2, 8, 8, 152)
+    np.testing.assert_allclose(grid_o, grid_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(emb_o, emb_t, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(grid_t[..., :40], axis=-1), 1, atol=1e-5)  # each stage unit-length
