@@ -159,7 +159,7 @@ def main() -> None:
 
     for frac in args.coreset:
         t0 = time.perf_counter()
-        est = PatchDN2(coreset=frac if frac < 1 else None, image_size=size, sigma=args.sigma).fit(G[train])
+        est = PatchDN2(coreset=frac, image_size=size, sigma=args.sigma).fit(G[train])
         cs = est.coreset_seconds_
         fit_s = time.perf_counter() - t0 - cs
         t0 = time.perf_counter()

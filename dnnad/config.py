@@ -77,7 +77,7 @@ class IndexConfig:
     shards: int = 1
     reduce: int | None = None  # k-means centroids replacing the normal set
     approximate: bool = False  # ivfpq/sq8: distances from the codes, no exact re-rank (vectors never read)
-    coreset: float | None = None  # --localize: fraction of normal patches the memory bank keeps (greedy k-centre)
+    coreset: float | None = 0.1  # --localize: fraction of normal patches the bank keeps (greedy k-centre; 1 = all)
 
 
 IMAGE_PARTITION_ROWS = 100_000
@@ -256,7 +256,7 @@ class JobConfig:
         if c is not None and not 0.0 < c <= 1.0:
             raise ConfigError(f"--coreset must be a fraction in (0, 1], got {c}")
         if not self.embed.localize:
-            if c is not None:
+            if "coreset" in self.explicit:
                 raise ConfigError("--coreset subsamples the patch memory bank: it needs --localize")
             return
         if self.kind == "rank":

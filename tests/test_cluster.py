@@ -119,6 +119,25 @@ def test_ray_job_submit_runs_on_both_nodes_and_matches_a_single_node_run(cluster
     assert json.loads((out / "run.json").read_text())["cluster"]["cpus"] == 4
 
 
+def test_localize_through_ray_job_submit_gives_the_maps_of_one_node(cluster, data, tmp_path, ray_local):
+    address, env = cluster
+    args = [*JOB_ARGS, "--localize", "--coreset", "0.5", "--shards", "2"]
+    out = tmp_path / "cluster-maps"
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+              sys.executable, "jobs/score.py", "--normal", str(data.normal), "--query", str(data.query),
+              "--out", str(out), *args]
+    proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    single = tmp_path / "single-maps"
+    assert main(["score", "--normal", str(data.normal), "--query", str(data.query), "--out", str(single), *args]) == 0
+    a, b = (pq.read_table(p / "scores").sort_by("id") for p in (out, single))
+    assert a.num_rows == b.num_rows == 121 and a["id"].to_pylist() == b["id"].to_pylist()
+    np.testing.assert_array_equal(a["score"].to_numpy(zero_copy_only=False), b["score"].to_numpy(zero_copy_only=False))
+    assert a["anomaly_map"].to_pylist() == b["anomaly_map"].to_pylist()
+    assert a["peak_x"].to_pylist() == b["peak_x"].to_pylist()
+    assert sum(m is not None and len(m) > 0 for m in a["anomaly_map"].to_pylist()) == 120  # the broken file: none
+
+
 @pytest.mark.slow
 def test_corpus_larger_than_the_object_store_streams_into_s3(cluster, s3, tmp_path):
     """10^6 vectors (1.95 GiB of float32, 2.4x the two nodes' 800 MB of object store) scored through ``ray job

@@ -58,7 +58,7 @@ def test_coreset_chunks_hold_whole_images():
 @pytest.mark.unit
 def test_patch_map_finds_the_defect_and_threshold_leaves_each_image_out():
     normal = textures(20)
-    est = PatchDN2(image_size=48).fit(normal)
+    est = PatchDN2(coreset=None, image_size=48).fit(normal)
     assert est.index_.ntotal == 20 * 36 and est.grid_ == (6, 6)
     assert (est.loo_scores_ > 0).all()  # a normal image never matches its own patches
     query = textures(3, seed=5)
@@ -77,7 +77,7 @@ def test_patch_map_finds_the_defect_and_threshold_leaves_each_image_out():
 def test_leave_one_image_out_when_only_one_image_has_a_patch():
     normal = textures(6)
     normal[0, 0, 0] += 4.0  # image 0's own patch: the only one like it
-    est = PatchDN2(image_size=24).fit(normal)
+    est = PatchDN2(coreset=None, image_size=24).fit(normal)
     assert est.loo_scores_[0] == est.loo_scores_.max() and est.loo_scores_[0] > 2 * np.median(est.loo_scores_)
 
 
@@ -141,7 +141,8 @@ def test_bad_localize_settings_are_one_line_errors(change, message):
 @pytest.mark.unit
 def test_coreset_without_localize_is_refused():
     with pytest.raises(ConfigError, match="needs --localize"):
-        JobConfig("score", "/tmp/o", SourceConfig("/n"), SourceConfig("/q"), index=IndexConfig(coreset=0.1)).validate()
+        JobConfig("score", "/tmp/o", SourceConfig("/n"), SourceConfig("/q"), index=IndexConfig(coreset=0.2),
+                  explicit=("coreset",)).validate()
 
 
 def tile(rng, defect=None, size=(128, 96)):

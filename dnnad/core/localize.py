@@ -43,14 +43,15 @@ def map_scores(maps: np.ndarray, image_size: int, sigma: float = SIGMA) -> np.nd
 class PatchDN2:
     """Patch memory bank + nearest-neighbour anomaly maps, in scikit-learn's estimator style.
 
-    ``coreset``: fraction of normal patches kept (greedy k-centre, ``core.patches.greedy_coreset``; None
-    keeps all). ``image_size``: the network's input side, the resolution maps are smoothed at. The threshold
-    is the ``quantile`` of the normal images' leave-one-image-out scores. Fitted attributes: ``index_``,
+    ``coreset``: fraction of normal patches kept (greedy k-centre, ``core.patches.greedy_coreset``; the
+    jobs' default 0.1; None or 1 keeps all). ``image_size``: the network's input side, the resolution maps
+    are smoothed at. The threshold is the ``quantile`` of the normal images' leave-one-image-out scores.
+    Fitted attributes: ``index_``,
     ``bank_owners_`` (normal image of each bank row), ``loo_scores_``, ``threshold_``, ``grid_`` (h, w),
     ``coreset_seconds_``.
     """
 
-    def __init__(self, coreset: float | None = None, image_size: int = 260, sigma: float = SIGMA,
+    def __init__(self, coreset: float | None = 0.1, image_size: int = 260, sigma: float = SIGMA,
                  quantile: float = 0.99, n_shards: int = 1, seed: int = 0):
         self.coreset, self.image_size, self.sigma = coreset, image_size, sigma
         self.quantile, self.n_shards, self.seed = quantile, n_shards, seed
@@ -64,7 +65,7 @@ class PatchDN2:
         bank = grids.reshape(-1, d)
         owners = np.repeat(np.arange(n), h * w)
         t0 = time.perf_counter()
-        keep = greedy_coreset(bank, self.coreset, h * w, self.seed) if self.coreset else np.arange(len(bank))
+        keep = greedy_coreset(bank, self.coreset or 1.0, h * w, self.seed)
         self.coreset_seconds_ = time.perf_counter() - t0
         self.index_ = build_index(bank[keep], self.n_shards)
         self.bank_owners_ = owners[keep]
