@@ -248,3 +248,30 @@ def test_patch_features_are_the_same_in_torch_and_onnx_runtime():
     np.testing.assert_allclose(grid_o, grid_t, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(emb_o, emb_t, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(grid_t[..., :40], axis=-1), 1, atol=1e-5)  # each stage unit-length
+
+
+@pytest.mark.ray
+def test_job_bank_and_threshold_are_the_library_estimators(localized, tmp_path):
+    from dnnad.vision.backbones import FeatureExtractor
+    from dnnad.vision.decode import decode_image
+    from dnnad.vision.preprocess import crop_fn, normalize_batch
+    from dnnad.vision.runtimes import cached_export
+    from dnnad.vision.specs import get_spec
+    from dnnad.vision.weights import resolve_weights
+
+    root, _, _ = localized
+    assert main(["score", "--normal", str(root / "normal"), "--query", str(root / "query"), "--out",
+                 str(tmp_path / "o"), "--model", str(tmp_path / "m"), "--coreset", "0.05", *LOCALIZE]) == 0
+    job = load_model(str(tmp_path / "m"))
+    spec = get_spec("efficientnet_lite0", 96, resize="full", localize=True)
+    fe = FeatureExtractor(spec, None, "cpu", threads=1,
+                          onnx_model=cached_export(spec, resolve_weights(spec, "imagenet").state_dict))
+    files = sorted(p.name for p in (root / "normal").iterdir())  # reference order: sorted ids
+    assert list(job.ids) == files
+    x = normalize_batch(spec, np.stack([crop_fn(spec)(decode_image((root / "normal" / f).read_bytes())) for f in files]))
+    lib = PatchDN2(coreset=0.05, image_size=96, quantile=0.99).fit(fe.with_patches(x)[1])
+    np.testing.assert_array_equal(np.concatenate([s.vectors for s in job.bank]), lib.index_.vectors(
+        np.arange(lib.index_.ntotal)))
+    np.testing.assert_array_equal(job.bank_owners, lib.bank_owners_)
+    np.testing.assert_allclose(job.calibration_scores, np.sort(lib.loo_scores_), rtol=1e-6)
+    assert job.threshold == pytest.approx(lib.threshold_, rel=1e-6)

@@ -4,8 +4,8 @@ A patch grid ``(h, w, d)`` per image (``vision.patches``); each query patch's di
 patch is the anomaly map ``(h, w)``. ``smooth_map`` brings a map to the network's input resolution
 (bilinear, then a Gaussian of ``SIGMA`` pixels, as PatchCore does); the image score is its maximum.
 ``map_to_image`` brings it to an image's own size exactly as the score saw it. ``greedy_coreset`` is
-PatchCore's k-centre subsampling on a random projection, run in independent chunks so it is linear in the
-number of patches and parallel. Numpy, SciPy and FAISS only.
+PatchCore's k-centre subsampling on a random projection, run per image and then in independent chunks so
+it is linear in the number of patches, parallel and bounded in memory. Numpy, SciPy and FAISS only.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .arrays import as_float32
 SIGMA = 4.0  # Gaussian blur of the map at input resolution, pixels (PatchCore's)
 CORESET_DIM = 128  # random projection the k-centre distances are taken in (PatchCore's)
 CORESET_CHUNK = 65_536  # patches one greedy pass covers: its distance vector stays in cache
+PRESELECT = 10  # each image's own pre-selection keeps this many times the coreset's fraction
 
 
 def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -84,21 +85,40 @@ def coreset_chunks(n_images: int, per_image: int, chunk: int = CORESET_CHUNK) ->
     return [(a, min(n_images, a + step)) for a in range(0, n_images, step)]
 
 
+def preselect(patches: np.ndarray, fraction: float, projection: np.ndarray | None) -> np.ndarray:
+    """Sorted positions of one image's patches (m, d) that its own k-centre pre-selection keeps:
+    ``PRESELECT * fraction`` of them (all from a fraction of 1 / PRESELECT up)."""
+    f = PRESELECT * fraction
+    return np.arange(len(patches)) if f >= 1 else coreset_chunk(as_float32(patches), f, projection)
+
+
+def select_chunks(S: np.ndarray, per_image: int, fraction: float, projection: np.ndarray | None) -> np.ndarray:
+    """Sorted positions of a k-centre selection of ``fraction`` of the rows of ``S`` (whole images of
+    ``per_image`` rows, image-major), chunk by chunk (``coreset_chunks``)."""
+    return np.concatenate([a * per_image + coreset_chunk(S[a * per_image:b * per_image], fraction, projection)
+                           for a, b in coreset_chunks(len(S) // per_image, per_image)])
+
+
 def greedy_coreset(X: np.ndarray, fraction: float, per_image: int = 1, seed: int = 0) -> np.ndarray:
     """Sorted row positions of a k-centre coreset keeping ``fraction`` of the rows of ``X`` (n, d), the rows
     of consecutive images (``per_image`` rows each).
 
     PatchCore's greedy selection (each step takes the row farthest from those taken) in a Gaussian random
-    projection to ``CORESET_DIM`` dimensions, run independently on chunks of whole images of about
-    ``CORESET_CHUNK`` rows: time O(n * fraction * chunk * dim) instead of O(n^2 * fraction * dim), memory one
-    chunk; chunks are independent (the job runs them as parallel tasks and gets the same rows)."""
+    projection to ``CORESET_DIM`` dimensions, made linear and parallel in two independent stages (composable
+    coresets): each image first keeps ``PRESELECT * fraction`` of its own patches (``preselect``: where the
+    job's embedding actors stream), then chunks of whole images of about ``CORESET_CHUNK`` survivors each
+    keep ``fraction`` of the total (``select_chunks``: parallel tasks). Time O(n * fraction * (per_image +
+    chunk) * dim) instead of O(n^2 * fraction * dim); memory: the survivors, ``PRESELECT * fraction`` of the
+    patches. The job runs the same two stages and gets the same rows."""
     X = as_float32(X)
     if fraction >= 1:
         return np.arange(len(X))
     P = coreset_projection(X.shape[1], seed=seed)
-    out = [a * per_image + coreset_chunk(X[a * per_image:b * per_image], fraction, P)
-           for a, b in coreset_chunks(len(X) // per_image, per_image)]
-    return np.concatenate(out)
+    n_images = len(X) // per_image
+    pre = np.concatenate([i * per_image + preselect(X[i * per_image:(i + 1) * per_image], fraction, P)
+                          for i in range(n_images)])
+    kept = len(pre) // n_images
+    return pre[select_chunks(X[pre], kept, coreset_size(len(X), fraction) / len(pre), P)]
 
 
 def coreset_chunk(X: np.ndarray, fraction: float, projection: np.ndarray | None = None) -> np.ndarray:

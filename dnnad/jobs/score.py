@@ -62,7 +62,10 @@ class ScoreJob(Job):
             model = load_model(staged)  # fitted and saved by the killed run we resume
         if model is None:
             with t.stage("embed normal"):
-                normal = collect(embed_rows(self.normal_src, cfg, run.weights_ref))
+                embedded = embed_rows(self.normal_src, cfg, run.weights_ref)
+                if cfg.embed.localize:  # read twice more by the patch bank's fit; the patches stay off the driver
+                    embedded = embedded.materialize()
+                normal = collect(embedded.drop_columns(["patches"]) if cfg.embed.localize else embedded)
             if len(normal.X) < 2:
                 raise ConfigError(f"the normal set has {len(normal.X)} readable images; DN2 needs at least 2")
             normal_rows = {"ok": len(normal.X), "error": normal.errors.num_rows}
@@ -71,7 +74,7 @@ class ScoreJob(Job):
                 if cfg.embed.localize:  # the patch bank; the threshold becomes the maps'
                     from ..stages.localize import fit_bank
 
-                    model = fit_bank(model, normal.extra.pop("patches"), cfg)
+                    model = fit_bank(model, embedded, normal.ids, cfg)
                 save_model(model, cfg.model_dir or run.staging.uri("model"))
                 shard_refs = fit.handle  # the fitted shards, already in the object store
         scorer = Scorer.of(model, cfg.score, shard_refs=shard_refs)

@@ -15,7 +15,7 @@ class Embedded:
 
     ids: np.ndarray
     X: np.ndarray  # (n, d) float32
-    extra: dict  # passthrough columns (group, label, split, n_members; hash, fingerprint, patches when embedded so)
+    extra: dict  # passthrough columns (group, label, split, n_members; hash, fingerprint when embedded so)
     errors: pa.Table  # id, error of unreadable rows
 
     def take(self, rows: np.ndarray) -> Embedded:
@@ -30,7 +30,7 @@ def collect(emb_ds) -> Embedded:
         ok = b["status"] == "ok"
         ids.append(b["id"][ok]), embs.append(b["embedding"][ok])
         bad_ids.append(b["id"][~ok]), errors.append(b["error"][~ok])
-        for c in (*PASSTHROUGH, "hash", "fingerprint", "patches"):
+        for c in (*PASSTHROUGH, "hash", "fingerprint"):
             if c in b:
                 extra.setdefault(c, []).append(b[c][ok])
     ids, extra = np.concatenate(ids).astype(object), {c: np.concatenate(v) for c, v in extra.items()}

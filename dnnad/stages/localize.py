@@ -1,23 +1,33 @@
 """Localise stage (``--localize``): the patch memory bank built by parallel Ray tasks, and ``PatchScorer``, the
 ``map_batches`` callable that turns each row's patch grid into its anomaly map and map score.
 
-The fit: the normal images' patch grids (collected in id order) go to coreset tasks, one per chunk of whole
-images (``core.patches.coreset_chunks``: the library's ``PatchDN2`` takes the same rows), the kept patches
-to shard-building tasks, and the threshold comes from every normal image's leave-one-image-out map, scored
-by the same actors that score queries. Maps stream to the sink with the other score columns.
+The fit streams over the materialised normal rows twice and never brings their patches to the driver:
+actors pre-select each image's patches (coreset stage 1), the driver orders the survivors by reference
+position and coreset tasks take chunks of whole images (stage 2; ``core.patches.greedy_coreset`` is the same
+two stages, so the library's ``PatchDN2`` keeps the same rows), shard-building tasks index them, and the
+threshold comes from every normal image's leave-one-image-out map, scored by the same actors that score
+queries. Maps stream to the sink with the other score columns.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from ..config import JobConfig
 from ..core.index import ShardedIndex, build_shard, shard_bounds
 from ..core.localize import patch_maps
 from ..core.model import FittedModel, with_bank
-from ..core.patches import SIGMA, coreset_chunk, coreset_chunks, coreset_projection, peak, smooth_map
+from ..core.patches import (
+    SIGMA,
+    coreset_chunk,
+    coreset_chunks,
+    coreset_projection,
+    coreset_size,
+    peak,
+    preselect,
+    smooth_map,
+)
 from ..core.threshold import effective_quantile, threshold_from_scores
 from ..runtime import SCORE_ACTOR_CPUS, cluster_resources, resolved, score_pool
 
@@ -44,17 +54,18 @@ class Bank:
 class PatchScorer:
     """Patch-scoring actor: each ok row's ``patches`` grid → ``anomaly_map`` (row-major h x w), its size, the
     smoothed map's peak in the original image's pixels and the map score (``PATCH_SCORE``); ``patches`` is
-    dropped. With ``exclude`` (a fit's calibration), rows carry their reference position in ``_pos`` and
-    their patches never match their own image's."""
+    dropped. With ``exclude_ids`` (a fit's calibration: the sorted normal ids), each row's patches never match
+    the bank patches of its own image."""
 
-    def __init__(self, bank: Bank, exclude: bool = False, threads: int | None = None):
+    def __init__(self, bank: Bank, exclude_ids=None, threads: int | None = None):
         import faiss
 
         if threads:
             faiss.omp_set_num_threads(threads)
         self.index = ShardedIndex([resolved(s) for s in resolved(bank.shards)])
-        self.owners = resolved(bank.owners) if exclude else None
-        self.max_own = int(np.bincount(self.owners).max()) if exclude else 0
+        self.ids = None if exclude_ids is None else resolved(exclude_ids)
+        self.owners = resolved(bank.owners) if self.ids is not None else None
+        self.max_own = int(np.bincount(self.owners).max()) if self.owners is not None else 0
         self.size, self.sigma = bank.image_size, bank.sigma
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,7 +75,7 @@ class PatchScorer:
         maps = np.full((n, h * w), np.nan, dtype=np.float32)
         score, px, py = np.full(n, np.nan), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
         if len(rows):
-            owners = batch["_pos"][rows] if self.owners is not None else None
+            owners = None if self.ids is None else np.searchsorted(self.ids, batch["id"][rows].astype(str))
             m = patch_maps(self.index, grids[rows], owners, self.owners, self.max_own)
             maps[rows] = m.reshape(len(rows), -1)
             for r, grid in zip(rows, m):
@@ -76,7 +87,7 @@ class PatchScorer:
         return batch
 
 
-def map_patches(ds, bank: Bank, cfg, exclude: bool = False):
+def map_patches(ds, bank: Bank, cfg, exclude_ids=None):
     """``ds`` (embedded rows with ``patches``) with its maps and map scores (lazy), on a pool of patch scorers."""
     from ray.data import ActorPoolStrategy
 
@@ -84,43 +95,75 @@ def map_patches(ds, bank: Bank, cfg, exclude: bool = False):
     actors, threads = score_pool(cpus, cfg.actors)
     return ds.map_batches(PatchScorer, batch_size=max(1, min(cfg.batch_size, 64)), batch_format="numpy",
                           compute=ActorPoolStrategy(size=actors), num_cpus=SCORE_ACTOR_CPUS,
-                          fn_constructor_kwargs={"bank": bank, "exclude": exclude, "threads": threads})
+                          fn_constructor_kwargs={"bank": bank, "exclude_ids": exclude_ids, "threads": threads})
 
 
-def fit_bank(model: FittedModel, grids: np.ndarray, cfg: JobConfig) -> FittedModel:
-    """``model`` (fitted on the normal images' embeddings, in the order of ``grids`` (n, h, w, d)) with its
-    patch bank, and its threshold and calibration from leave-one-image-out map scores."""
+class Preselect:
+    """Coreset stage 1 (``core.patches.preselect``) where the normal patches are: each ok row's own k-centre
+    survivors, with the row's reference position (``_pos``: its id's place in the sorted normal ids)."""
+
+    def __init__(self, ids, fraction: float):
+        self.ids, self.fraction = resolved(ids), fraction
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = np.flatnonzero(batch["status"] == "ok")
+        grids = batch["patches"][rows]
+        h, w, d = grids.shape[1:]
+        P = coreset_projection(d)  # seeded: the driver's stage 2 uses the same
+        kept = [g.reshape(-1, d)[preselect(g.reshape(-1, d), self.fraction, P)] for g in grids]
+        return {"_pos": np.searchsorted(self.ids, batch["id"][rows].astype(str)).astype(np.int64),
+                "survivors": np.stack(kept) if kept else np.empty((0, 1, d), np.float32),
+                "_grid": np.tile([h, w, d], (len(rows), 1))}
+
+
+def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedModel:
+    """``model`` (fitted on the global embeddings of the normal rows ``ids``, sorted) with its patch bank and
+    with the threshold and calibration of leave-one-image-out map scores. ``ds``: the embedded normal rows
+    with ``patches``, materialised (it is read twice, by the coreset's first stage and by the calibration):
+    the driver holds the coreset's survivors, never the normal set's patches."""
     import ray
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
+    from ray.data import ActorPoolStrategy
 
-    n, h, w, d = grids.shape
-    X = grids.reshape(-1, d)
-    fraction = cfg.index.coreset
-    if fraction is not None and fraction < 1:
-        P = coreset_projection(d)
+    ids = np.asarray(ids).astype(str)
+    ids_ref = ray.put(ids)
+    n = len(ids)
+    fraction = min(1.0, cfg.index.coreset if cfg.index.coreset is not None else 1.0)
+    cpus, _ = cluster_resources()
+    survivors = ds.select_columns(["id", "status", "patches"]).map_batches(
+        Preselect, batch_size=16, batch_format="numpy", num_cpus=1, compute=ActorPoolStrategy(size=max(1, cpus)),
+        fn_constructor_kwargs={"ids": ids_ref, "fraction": fraction})
+    pos, parts, grid = [], [], None
+    for b in survivors.iter_batches(batch_size=None, batch_format="numpy"):
+        if len(b["_pos"]):
+            pos.append(b["_pos"]), parts.append(b["survivors"])
+            grid = tuple(int(v) for v in b["_grid"][0])
+    pos = np.concatenate(pos)
+    order = np.argsort(pos, kind="stable")
+    S = np.concatenate(parts)[order]  # (n, k, d): every image's survivors, in reference order
+    pos, (_, k, d) = pos[order], S.shape
+    S = np.ascontiguousarray(S.reshape(-1, d))
+    P = coreset_projection(d)
+    if fraction < 1:
         task = ray.remote(coreset_chunk)
-        chunks = coreset_chunks(n, h * w)
-        picked = ray.get([task.remote(X[a * h * w:b * h * w], fraction, P) for a, b in chunks])
-        keep = np.concatenate([a * h * w + p for (a, _), p in zip(chunks, picked)])
+        share = coreset_size(n * grid[0] * grid[1], fraction) / len(S)  # stage 2 keeps the rest of the fraction
+        chunks = coreset_chunks(n, k)
+        picked = ray.get([task.remote(S[a * k:b * k], share, P) for a, b in chunks])
+        keep = np.concatenate([a * k + p for (a, _), p in zip(chunks, picked)])
     else:
-        keep = np.arange(len(X))
-    bank_rows = np.ascontiguousarray(X[keep])
-    build = ray.remote(build_shard)
-    shards = ray.get([build.remote(bank_rows[a:b], a) for a, b in shard_bounds(len(bank_rows), cfg.index.shards)])
-    owners = (keep // (h * w)).astype(np.int64)
+        keep = np.arange(len(S))
+    bank_rows = np.ascontiguousarray(S[keep])
+    owners = pos[keep // k].astype(np.int64)
+    del S
     if np.bincount(owners, minlength=n).max() == len(owners):
         raise ValueError("every patch of the bank belongs to one image: --localize needs more normal images")
+    build = ray.remote(build_shard)
+    shards = ray.get([build.remote(bank_rows[a:b], a) for a, b in shard_bounds(len(bank_rows), cfg.index.shards)])
     bank = Bank([ray.put(s) for s in shards], ray.put(owners), int(cfg.embed.spec().image_size))
-    cpus, _ = cluster_resources()
-    step = max(1, -(-n // max(1, cpus)))
-    table = pa.table({"_pos": pa.array(np.arange(n)), "status": pa.array(["ok"] * n),
-                      "height": pa.array(np.zeros(n, np.int64)), "width": pa.array(np.zeros(n, np.int64)),
-                      "patches": ArrowTensorArray.from_numpy(grids)})
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, n, step)])
-    scored = map_patches(ds, bank, cfg.score, exclude=True)
-    t = pa.concat_tables(list(scored.select_columns(["_pos", PATCH_SCORE]).iter_batches(
-        batch_size=None, batch_format="pyarrow"))).sort_by("_pos")
-    loo = t[PATCH_SCORE].to_numpy()
+    scored = map_patches(ds, bank, cfg.score, exclude_ids=ids_ref)
+    loo = np.full(n, np.nan)
+    for b in scored.select_columns(["id", "status", PATCH_SCORE]).iter_batches(batch_size=None,
+                                                                               batch_format="numpy"):
+        ok = b["status"] == "ok"
+        loo[np.searchsorted(ids, b["id"][ok].astype(str))] = b[PATCH_SCORE][ok]
     q = effective_quantile(cfg.score.quantile, cfg.score.contamination)
-    return with_bank(model, shards, owners, loo, threshold_from_scores(loo, q), (h, w, d), fraction)
+    return with_bank(model, shards, owners, loo, threshold_from_scores(loo, q), grid, cfg.index.coreset)
