@@ -15,10 +15,11 @@ import argparse
 import io
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from common import CACHE, DATASETS, git_rev, machine, write_results
+from common import CACHE, DATASETS, ROOT, git_rev, machine, write_results
 from PIL import Image
 from scipy.ndimage import label as components
 from sklearn.metrics import roc_auc_score
@@ -31,8 +32,11 @@ from dnnad.vision.decode import decode_image
 FPR_LIMIT = 0.3
 
 
-def features(backbone: str, size: int | None, batch: int = 8) -> dict:
-    """Global embeddings and patch grids of every MTD tile (cached in benchmarks/.cache)."""
+def features(backbone: str, size: int | None, stages: tuple[str, ...] = (), batch: int = 8) -> dict:
+    """Global embeddings and patch grids of every MTD tile (cached in benchmarks/.cache); ``stages``
+    replaces the backbone's patch stages (``vision.specs.PATCH_STAGES``) to compare others."""
+    import dataclasses
+
     from dnnad.vision.backbones import FeatureExtractor
     from dnnad.vision.preprocess import crop_fn, normalize_batch
     from dnnad.vision.runtimes import cached_export
@@ -40,6 +44,7 @@ def features(backbone: str, size: int | None, batch: int = 8) -> dict:
     from dnnad.vision.weights import resolve_weights
 
     spec = get_spec(backbone, size, resize="full", localize=True)
+    spec = dataclasses.replace(spec, patches=tuple(stages)) if stages else spec
     path = CACHE / f"localise-mtd-{backbone}-{spec.image_size}-{'+'.join(spec.patches)}-l2.npz"
     t = pq.read_table(DATASETS["mtd"])
     if path.exists():
@@ -103,6 +108,59 @@ def fmt(v: float | None) -> str:
     return f"{v:.3f}" if v is not None else "-"
 
 
+def scale(n: int, coreset: float, backbone: str) -> None:
+    """The score job with --localize through the CLI on ``n`` normal images (CIFAR-10 train rows, upsampled to
+    the input size) and 100 queries: wall time, stage timings, bank size and the driver's peak RSS beside the
+    size of the normal set's patches (what a driver-side fit would hold)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+
+    import psutil
+    import pyarrow.compute as pc
+
+    t = pq.read_table(DATASETS["cifar10"], columns=["id", "image", "split"])
+    tmp = Path(tempfile.mkdtemp(prefix="localise-scale-"))
+    train = t.filter(pc.equal(t["split"], "train")).slice(0, n)
+    pq.write_table(train, tmp / "normal.parquet")
+    pq.write_table(t.filter(pc.equal(t["split"], "test")).slice(0, 100), tmp / "query.parquet")
+    cmd = [sys.executable, "-m", "dnnad.cli", "score", "--normal", str(tmp / "normal.parquet"), "--query",
+           str(tmp / "query.parquet"), "--out", str(tmp / "out"), "--backbone", backbone, "--localize",
+           "--coreset", str(coreset), "--quiet"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0]
+
+    def watch():
+        p = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak[0] = max(peak[0], p.memory_info().rss)
+            except psutil.Error:
+                break
+            time.sleep(0.2)
+
+    th = threading.Thread(target=watch)
+    th.start()
+    _, err = proc.communicate()
+    th.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(err.decode()[-3000:])
+    rec = json.loads((tmp / "out" / "run.json").read_text())
+    m = rec["model"]
+    h, w, d = m["patch_grid"]
+    lines = [f"# --localize at scale: {n} normal images ({n * h * w:,} patches of {d} floats), coreset {coreset}",
+             "", f"{machine()}; dnnad {git_rev()}; CIFAR-10 train rows upsampled to the input, {backbone}.", "",
+             "| normal patches | bank patches | patches' size | driver peak RSS | wall s | stages s |", "|---" * 6 + "|",
+             f"| {n * h * w:,} | {m['n_bank']:,} | {n * h * w * d * 4 / 2**30:.2f} GiB | {peak[0] / 2**30:.2f} GiB | "
+             f"{wall:.0f} | {', '.join(f'{k} {v:.0f}' for k, v in rec['timings_s'].items())} |", "",
+             f"Command: `.venv/bin/python benchmarks/localise.py --scale {n} --coreset {coreset}`"]
+    write_results(f"localise-scale-{n}-{coreset:g}", lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="efficientnet_lite2")
@@ -110,9 +168,14 @@ def main() -> None:
     ap.add_argument("--coreset", type=float, nargs="*", default=[0.01, 0.1], help="fractions (1 = the whole bank)")
     ap.add_argument("--spade", type=int, nargs="*", default=[10], help="K nearest normal images (SPADE variant)")
     ap.add_argument("--sigma", type=float, default=SIGMA)
+    ap.add_argument("--stages", default=None, help="patch stages instead of the backbone's, e.g. blocks.2,blocks.3")
+    ap.add_argument("--scale", type=int, default=None, metavar="N",
+                    help="instead: the score job on N normal images with --coreset (its first value)")
     args = ap.parse_args()
+    if args.scale:
+        return scale(args.scale, args.coreset[0], args.backbone)
 
-    f = features(args.backbone, args.image_size)
+    f = features(args.backbone, args.image_size, tuple(args.stages.split(",")) if args.stages else ())
     t, size = f["table"], f["size"]
     split = np.array(t["split"].to_pylist())
     train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
@@ -168,9 +231,10 @@ def main() -> None:
         row(f"bank, coreset {frac:g}", est.index_.ntotal, f"{cs:.1f}" if frac < 1 else "-", f"{fit_s:.1f}",
             f"{q_ms:.0f}", evaluate(map_scores(maps, size, args.sigma), pixel(maps), masks, kinds))
 
-    stem = f"localise-mtd-{args.backbone}-{size}"
+    stem = f"localise-mtd-{args.backbone}-{size}" + (f"-{args.stages.replace(',', '+')}" if args.stages else "")
     write_results(stem, lines + ["", f"Command: `.venv/bin/python benchmarks/localise.py --backbone {args.backbone}"
-                                 f"{f' --image-size {args.image_size}' if args.image_size else ''} --coreset "
+                                 f"{f' --image-size {args.image_size}' if args.image_size else ''}"
+                                 f"{f' --stages {args.stages}' if args.stages else ''} --coreset "
                                  f"{' '.join(map(str, args.coreset))} --spade {' '.join(map(str, args.spade))}`"])
 
 

@@ -79,12 +79,17 @@ def test_look_alikes_whose_pictures_differ_are_not_grouped():
     assert find_duplicates(X, neighbours(X), None).n_groups == 1  # vectors alone: the ratio test decides
 
 
-def test_ratio_test_decides_against_the_neighbourhood():
+def near_pair():
+    """A cloud where row 20 sits 0.05 from row 7: (X, its neighbours, the pair's ratio, the pictures)."""
     X = cloud()
     X[20] = X[7] + 0.05
     nb = neighbours(X)
     r = pair_distances(X, np.array([7]), np.array([20]))[0] / max(neighbourhood_scale(X, nb)[[7, 20]])
-    images = [picture(i) for i in range(60)]
+    return X, nb, r, [picture(i) for i in range(60)]
+
+
+def test_ratio_test_decides_against_the_neighbourhood():
+    X, nb, r, images = near_pair()
     images[20] = images[7]
     F = prints(*images)  # identical fingerprints: the ratio test alone decides, at the full bound
     assert find_duplicates(X, nb, F, max_ratio=r * 1.001).n_groups == 1
@@ -94,11 +99,7 @@ def test_ratio_test_decides_against_the_neighbourhood():
 
 
 def test_the_two_tests_trade_off_linearly():
-    X = cloud()
-    X[20] = X[7] + 0.05
-    nb = neighbours(X)
-    r = pair_distances(X, np.array([7]), np.array([20]))[0] / max(neighbourhood_scale(X, nb)[[7, 20]])
-    images = [picture(i) for i in range(60)]
+    X, nb, r, images = near_pair()
     images[20] = ImageEnhance.Contrast(images[7]).enhance(0.5).rotate(3, Image.BICUBIC)
     F = prints(*images)
     s = fingerprint_similarity(F, np.array([7]), np.array([20]))[0]

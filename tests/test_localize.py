@@ -275,3 +275,15 @@ def test_job_bank_and_threshold_are_the_library_estimators(localized, tmp_path):
     np.testing.assert_array_equal(job.bank_owners, lib.bank_owners_)
     np.testing.assert_allclose(job.calibration_scores, np.sort(lib.loo_scores_), rtol=1e-6)
     assert job.threshold == pytest.approx(lib.threshold_, rel=1e-6)
+
+
+@pytest.mark.unit
+def test_calibration_takes_every_image_up_to_the_limit_then_a_fixed_sample():
+    from dnnad.core.localize import CALIBRATION_IMAGES, calibration_sample
+
+    assert calibration_sample(600).tolist() == list(range(600))
+    big = calibration_sample(5000)
+    assert len(big) == CALIBRATION_IMAGES == len(set(big)) and np.all(np.diff(big) > 0)
+    assert big.tolist() == calibration_sample(5000).tolist()
+    est = PatchDN2(coreset=0.1, image_size=24).fit(textures(CALIBRATION_IMAGES + 5, h=3, w=3))
+    assert len(est.loo_scores_) == CALIBRATION_IMAGES

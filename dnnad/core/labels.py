@@ -35,6 +35,12 @@ class LabelReview:
         return np.array([s is not None for s in self.suggested], dtype=bool)
 
 
+def label_names(labels: np.ndarray) -> np.ndarray:
+    """Labels as strings (None stays None): ``1`` and ``"1"`` are one label, in the review, the per-label
+    ranking, the report and run.json alike."""
+    return np.array([None if v is None else str(v) for v in labels], dtype=object)
+
+
 def vote_weights(dist: np.ndarray, valid: np.ndarray, weighting: str = "distance") -> np.ndarray:
     """(n, c) weight of each neighbour's vote: ``exp(-d / tau)`` (``tau``: median valid distance) or 1."""
     if weighting == "uniform":

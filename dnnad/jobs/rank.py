@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError
+from ..core.labels import label_names
 from ..outputs import output_path
 from ..sources import prepare_source
 from ..storage import redact
@@ -71,6 +72,13 @@ def percentiles(scores: np.ndarray, groups: np.ndarray | None = None) -> np.ndar
     return pct
 
 
+def ragged(values: np.ndarray, keep: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """Row-wise lists of the entries of ``values`` (n, k) where ``keep`` (n, k) holds, built without a
+    per-row loop (a label smaller than k + 1 rows leaves missing neighbours)."""
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep], type_.value_type)).cast(type_)
+
+
 def rank_table(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, neighbor_dists: np.ndarray,
                errors: pa.Table, labels: LabelColumns | None = None) -> pa.Table:
     """Ranking of a set against itself: rank 1 = most anomalous, percentile of each score; with ``labels``,
@@ -85,10 +93,8 @@ def rank_table(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, ne
     cols = {
         "id": pa.array(ids.tolist(), pa.string()), "score": pa.array(scores, pa.float64(), from_pandas=True),
         "rank": pa.array(rank), "percentile": pa.array(pct, from_pandas=True),
-        "neighbor_ids": pa.array([[v for v in row if v is not None] for row in neighbor_ids.tolist()],
-                                 pa.list_(pa.string())),
-        "neighbor_dists": pa.array([[v for v in row if v == v] for row in neighbor_dists.tolist()],
-                                   pa.list_(pa.float64())),
+        "neighbor_ids": ragged(neighbor_ids, neighbor_ids != None, pa.list_(pa.string())),  # noqa: E711
+        "neighbor_dists": ragged(neighbor_dists, ~np.isnan(neighbor_dists), pa.list_(pa.float64())),
         "status": pa.array(["ok"] * n, pa.string()), "error": pa.nulls(n, pa.string()),
     }
     schema = pa.schema(list(RANKING_SCHEMA) + (LABEL_FIELDS if labels is not None else []))
@@ -96,10 +102,9 @@ def rank_table(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, ne
         known = labels.known
         cols.update({
             "label": pa.array(labels.label.tolist(), pa.string()),
-            "voter_ids": pa.array([[v for v, lab in zip(i, n) if lab is not None] for i, n in
-                                   zip(labels.voter_ids.tolist(), labels.neighbor_labels.tolist())], pa.list_(pa.string())),
-            "neighbor_labels": pa.array([[v for v in row if v is not None] for row in labels.neighbor_labels.tolist()],
-                                        pa.list_(pa.string())),
+            "voter_ids": ragged(labels.voter_ids, labels.neighbor_labels != None, pa.list_(pa.string())),  # noqa: E711
+            "neighbor_labels": ragged(labels.neighbor_labels, labels.neighbor_labels != None,  # noqa: E711
+                                      pa.list_(pa.string())),
             "label_agreement": pa.array(np.where(known, labels.agreement, np.nan), from_pandas=True),
             "label_score": pa.array(np.where(known, labels.score, np.nan), from_pandas=True),
             "suggested_label": pa.array(labels.suggested.tolist(), pa.string()),
@@ -137,11 +142,6 @@ def rows_to_drop(scores: np.ndarray, ids: np.ndarray, drop: float | None, drop_s
         n_drop = math.ceil((drop or 0.0) * len(rows))
         out.append(rows[np.lexsort((ids[rows].astype(str), -scores[rows]))[:n_drop]])
     return np.sort(np.concatenate([np.empty(0, np.int64), *out]))
-
-
-def label_names(labels: np.ndarray) -> np.ndarray:
-    """Labels as strings (None stays None): ``1`` and ``"1"`` are one label, as in the report and run.json."""
-    return np.array([None if v is None else str(v) for v in labels], dtype=object)
 
 
 def job_label_review(data, fit, own_scores: np.ndarray, k: int):
@@ -225,8 +225,10 @@ class RankJob(Job):
             with t.stage(f"rank round {rnd}"):
                 first = ranking is None
                 extra = EXTRA_NEIGHBOURS if (self.find_duplicates or labelled) and first else 0
-                model, fit = fit_model(current, cfg, self.weights, extra_neighbours=extra)
-                scores, nbr_ids, nbr_dist = fit.calibration_scores, fit.ids[fit.calibration_pos], fit.calibration_dist
+                if first or not labelled:  # with labels only the first round's review needs the whole-set search
+                    model, fit = fit_model(current, cfg, self.weights, extra_neighbours=extra)
+                    scores, nbr_ids, nbr_dist = (fit.calibration_scores, fit.ids[fit.calibration_pos],
+                                                 fit.calibration_dist)
                 if labelled:  # each label's images against the rest of that label
                     scores, nbr_ids, nbr_dist = fit_per_label(current, current.extra["label"], cfg)
                 gone = {}
@@ -254,7 +256,7 @@ class RankJob(Job):
                 labels = current.extra["label"] if labelled else None
                 out = rows_to_drop(scores, current.ids, r.drop, r.drop_score, labels)
                 history.append({"round": rnd, "rows": len(scores) + n_first, "dropped": int(len(out)) + n_first,
-                                "threshold": model.threshold})
+                                "threshold": model.threshold if not labelled else None})
                 for reason, rows in gone.items():
                     if len(rows):
                         history[-1]["duplicates_dropped" if reason == "duplicate" else "suspects_dropped"] = len(rows)

@@ -10,6 +10,7 @@ import pyarrow as pa
 from ..config import ConfigError, JobConfig, ScoreConfig
 from ..core.dn2 import Fit, FitParams, fit_reference
 from ..core.index import build_shard, shard_bounds
+from ..core.labels import label_names
 from ..core.model import FittedModel, model_from_fit
 from ..core.settings import FIT_SETTINGS, IMAGE_SETTINGS
 from ..runtime import cluster_resources
@@ -89,8 +90,8 @@ def fit_per_label(data: Embedded, labels: np.ndarray, cfg: JobConfig) -> tuple[n
     params = replace(fit_params(cfg), extra_neighbours=0, reduce=None)
     n, k = len(data.ids), params.k
     scores, ids, dist = np.full(n, np.nan), np.full((n, k), None, dtype=object), np.full((n, k), np.nan)
-    known = np.array([v is not None for v in labels], dtype=bool)
-    names = np.asarray([str(v) for v in labels], dtype=object)
+    names = label_names(labels)
+    known = names != None  # noqa: E711 - elementwise
     for name in sorted(set(names[known])):
         rows = np.flatnonzero(known & (names == name))
         if len(rows) < 2:

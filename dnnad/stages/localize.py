@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import JobConfig
 from ..core.index import ShardedIndex, build_shard, shard_bounds
-from ..core.localize import patch_maps
+from ..core.localize import calibration_sample, patch_maps
 from ..core.model import FittedModel, with_bank
 from ..core.patches import (
     SIGMA,
@@ -30,6 +30,7 @@ from ..core.patches import (
 )
 from ..core.threshold import effective_quantile, threshold_from_scores
 from ..runtime import SCORE_ACTOR_CPUS, cluster_resources, resolved, score_pool
+from .collect import take_rows
 
 PATCH_SCORE = "_patch_score"  # the map score, which KnnScorer writes as ``score``
 MAP_COLUMNS = ("anomaly_map", "map_height", "map_width", "peak_x", "peak_y")
@@ -57,7 +58,7 @@ class PatchScorer:
     dropped. With ``exclude_ids`` (a fit's calibration: the sorted normal ids), each row's patches never match
     the bank patches of its own image."""
 
-    def __init__(self, bank: Bank, exclude_ids=None, threads: int | None = None):
+    def __init__(self, bank: Bank, exclude_ids=None, threads: int | None = None, calibrate=None):
         import faiss
 
         if threads:
@@ -66,16 +67,20 @@ class PatchScorer:
         self.ids = None if exclude_ids is None else resolved(exclude_ids)
         self.owners = resolved(bank.owners) if self.ids is not None else None
         self.max_own = int(np.bincount(self.owners).max()) if self.owners is not None else 0
+        self.calibrate = resolved(calibrate)  # calibration: positions of the images to score, the others skipped
         self.size, self.sigma = bank.image_size, bank.sigma
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         grids = batch.pop("patches")
         n, h, w = grids.shape[:3]
         rows = np.flatnonzero(batch["status"] == "ok")
+        owners = None if self.ids is None else np.searchsorted(self.ids, batch["id"][rows].astype(str))
+        if self.calibrate is not None:
+            take = np.isin(owners, self.calibrate)
+            rows, owners = rows[take], owners[take]
         maps = np.full((n, h * w), np.nan, dtype=np.float32)
         score, px, py = np.full(n, np.nan), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
         if len(rows):
-            owners = None if self.ids is None else np.searchsorted(self.ids, batch["id"][rows].astype(str))
             m = patch_maps(self.index, grids[rows], owners, self.owners, self.max_own)
             maps[rows] = m.reshape(len(rows), -1)
             for r, grid in zip(rows, m):
@@ -87,7 +92,7 @@ class PatchScorer:
         return batch
 
 
-def map_patches(ds, bank: Bank, cfg, exclude_ids=None):
+def map_patches(ds, bank: Bank, cfg, exclude_ids=None, calibrate=None):
     """``ds`` (embedded rows with ``patches``) with its maps and map scores (lazy), on a pool of patch scorers."""
     from ray.data import ActorPoolStrategy
 
@@ -95,7 +100,8 @@ def map_patches(ds, bank: Bank, cfg, exclude_ids=None):
     actors, threads = score_pool(cpus, cfg.actors)
     return ds.map_batches(PatchScorer, batch_size=max(1, min(cfg.batch_size, 64)), batch_format="numpy",
                           compute=ActorPoolStrategy(size=actors), num_cpus=SCORE_ACTOR_CPUS,
-                          fn_constructor_kwargs={"bank": bank, "exclude_ids": exclude_ids, "threads": threads})
+                          fn_constructor_kwargs={"bank": bank, "exclude_ids": exclude_ids, "threads": threads,
+                                                 "calibrate": calibrate})
 
 
 class Preselect:
@@ -139,9 +145,10 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
             grid = tuple(int(v) for v in b["_grid"][0])
     pos = np.concatenate(pos)
     order = np.argsort(pos, kind="stable")
-    S = np.concatenate(parts)[order]  # (n, k, d): every image's survivors, in reference order
-    pos, (_, k, d) = pos[order], S.shape
-    S = np.ascontiguousarray(S.reshape(-1, d))
+    _, k, d = parts[0].shape
+    parts = [p.reshape(len(p), -1) for p in parts]
+    S = take_rows(parts, order).reshape(-1, d)  # every image's survivors in reference order; blocks freed as placed
+    pos = pos[order]
     P = coreset_projection(d)
     if fraction < 1:
         task = ray.remote(coreset_chunk)
@@ -159,11 +166,13 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
     build = ray.remote(build_shard)
     shards = ray.get([build.remote(bank_rows[a:b], a) for a, b in shard_bounds(len(bank_rows), cfg.index.shards)])
     bank = Bank([ray.put(s) for s in shards], ray.put(owners), int(cfg.embed.spec().image_size))
-    scored = map_patches(ds, bank, cfg.score, exclude_ids=ids_ref)
+    calib = calibration_sample(n)
+    scored = map_patches(ds, bank, cfg.score, exclude_ids=ids_ref, calibrate=ray.put(calib))
     loo = np.full(n, np.nan)
     for b in scored.select_columns(["id", "status", PATCH_SCORE]).iter_batches(batch_size=None,
                                                                                batch_format="numpy"):
         ok = b["status"] == "ok"
         loo[np.searchsorted(ids, b["id"][ok].astype(str))] = b[PATCH_SCORE][ok]
+    loo = loo[calib]
     q = effective_quantile(cfg.score.quantile, cfg.score.contamination)
     return with_bank(model, shards, owners, loo, threshold_from_scores(loo, q), grid, cfg.index.coreset)
