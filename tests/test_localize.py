@@ -287,3 +287,19 @@ def test_calibration_takes_every_image_up_to_the_limit_then_a_fixed_sample():
     assert big.tolist() == calibration_sample(5000).tolist()
     est = PatchDN2(coreset=0.1, image_size=24).fit(textures(CALIBRATION_IMAGES + 5, h=3, w=3))
     assert len(est.loo_scores_) == CALIBRATION_IMAGES
+
+
+@pytest.mark.ray
+def test_nightly_audit_with_a_localizing_model_maps_and_summarises_peaks(localized, tmp_path, capsys):
+    root, out, defects = localized
+    audits = tmp_path / "audits"
+    assert main(["audit", "--model", str(root / "model"), "--query", str(root / "query"), "--out", str(audits),
+                 "--date", "2026-12-01", "--top", "3"]) == 0
+    record = json.loads((audits / "runs" / "2026-12-01.json").read_text())
+    top = record["summary"]["top"]
+    assert {r["id"] for r in top[:2]} == set(defects) and all(r["peak_x"] >= 0 for r in top)
+    assert "peak at (" in capsys.readouterr().out
+    scores = pq.read_table(audits / "scores").to_pandas().set_index("id")
+    first = pq.read_table(out / "scores").to_pandas().set_index("id")
+    assert scores.loc["defect_a.png", "score"] == first.loc["defect_a.png", "score"]
+    assert (audits / "reports" / "2026-12-01.html").read_text().count('class="heatmap"') == 3

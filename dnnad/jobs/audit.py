@@ -43,8 +43,10 @@ def summarise(fs, scores_path: str, model, top_n: int, previous: tuple[str, np.n
     ok = t.filter(pc.field("status") == "ok")
     s = ok["score"].to_numpy()
     top_ids = ok.sort_by([("score", "descending"), ("id", "ascending")]).slice(0, top_n)["id"]
-    top = pq.read_table(scores_path, columns=["id", "score", "normal_percentile", "neighbor_ids"], filesystem=fs,
-                        filters=pc.field("id").isin(top_ids)).sort_by([("score", "descending"), ("id", "ascending")])
+    peaks = ["peak_x", "peak_y"] if model.meta.localize else []  # where each top image is anomalous
+    top = pq.read_table(scores_path, columns=["id", "score", "normal_percentile", "neighbor_ids", *peaks],
+                        filesystem=fs, filters=pc.field("id").isin(top_ids))
+    top = top.sort_by([("score", "descending"), ("id", "ascending")])
     qs = (0.5, 0.9, 0.99)
     flagged = s > model.threshold
     summary = {
@@ -146,7 +148,8 @@ def print_summary(record: dict) -> None:
         print(f"[dnnad] drift vs {d['previous_run_date']}: KS {d['ks_statistic']:.3f} (p={d['ks_pvalue']:.3g}), "
               f"median shift {d['median_shift']:+.4f}")
     for r in s["top"][:10]:
-        print(f"[dnnad]   {r['score']:.4f}  {r['id']}  nearest normal: {', '.join(r['neighbor_ids'])}")
+        where = f"  peak at ({r['peak_x']}, {r['peak_y']})" if r.get("peak_x") is not None else ""
+        print(f"[dnnad]   {r['score']:.4f}  {r['id']}{where}  nearest normal: {', '.join(r['neighbor_ids'])}")
 
 
 def run_audit(cfg) -> dict:
