@@ -92,14 +92,20 @@ def data(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("cluster-data"), normal=40, query=120, bad=["broken.jpg"])
 
 
+def submit_score(cluster, data, out, args: list[str]) -> None:
+    """The score job over ``data`` through ``ray job submit`` on the two-node cluster; it must succeed."""
+    address, env = cluster
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+              sys.executable, "jobs/score.py", "--normal", str(data.normal), "--query", str(data.query),
+              "--out", str(out), *args]
+    proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
 def test_ray_job_submit_runs_on_both_nodes_and_matches_a_single_node_run(cluster, data, tmp_path, ray_local):
     address, env = cluster
     out = tmp_path / "cluster-out"
-    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-              sys.executable, "jobs/score.py", "--normal", str(data.normal), "--query", str(data.query),
-              "--out", str(out), *JOB_ARGS]
-    proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    submit_score(cluster, data, out, JOB_ARGS)
 
     actors = json.loads(subprocess.run([RAY, "list", "actors", "--address", address, "--detail", "--format", "json",
                                         "--limit", "1000"], capture_output=True, text=True, env=env).stdout)
@@ -120,14 +126,9 @@ def test_ray_job_submit_runs_on_both_nodes_and_matches_a_single_node_run(cluster
 
 
 def test_localize_through_ray_job_submit_gives_the_maps_of_one_node(cluster, data, tmp_path, ray_local):
-    address, env = cluster
     args = [*JOB_ARGS, "--localize", "--coreset", "0.5", "--shards", "2"]
     out = tmp_path / "cluster-maps"
-    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-              sys.executable, "jobs/score.py", "--normal", str(data.normal), "--query", str(data.query),
-              "--out", str(out), *args]
-    proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    submit_score(cluster, data, out, args)
     single = tmp_path / "single-maps"
     assert main(["score", "--normal", str(data.normal), "--query", str(data.query), "--out", str(single), *args]) == 0
     a, b = (pq.read_table(p / "scores").sort_by("id") for p in (out, single))
