@@ -261,6 +261,11 @@ class JobConfig:
             return
         if self.kind == "rank":
             raise ConfigError("--localize maps anomalies in scored images: use it with the score or audit job")
+        for refused, flag in ((self.index.reduce, "--reduce"), (self.score.exclude_duplicates, "--exclude-duplicates"),
+                              (self.embed.decode != "exact", "--decode reduced")):
+            if refused:
+                raise ConfigError(f"--localize keeps every normal image's patches and maps each image at its own "
+                                  f"size: drop {flag}")
         if "resize" in self.explicit and self.embed.resize != "full":
             raise ConfigError("--localize maps the whole image as the network saw it: drop --resize crop")
         for src in (self.normal, self.query):

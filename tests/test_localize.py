@@ -110,13 +110,13 @@ def test_localizing_model_round_trips_and_damage_is_refused(tmp_path):
     model = model_from_fit(fit, fit.handle.shards, FitParams())
     bank = rng.normal(size=(30, 8)).astype(np.float32)
     loc = with_bank(model, [build_shard(bank[:15], 0), build_shard(bank[15:], 15)], np.arange(30) // 3,
-                    np.linspace(1, 2, 10), 1.9, (1, 3, 8), 0.5)
+                    np.linspace(1, 2, 4), 1.9, (1, 3, 8), 0.5)  # the threshold from a sample of 4 of the 10
     save_model(loc, str(tmp_path / "m"))
     back = load_model(str(tmp_path / "m"))
     assert back.meta.localize and back.meta.patch_grid == [1, 3, 8] and back.meta.coreset == 0.5
     np.testing.assert_array_equal(np.concatenate([s.vectors for s in back.bank]), bank)
     np.testing.assert_array_equal(back.bank_owners, np.arange(30) // 3)
-    assert back.threshold == 1.9 and len(back.shards) == len(model.shards)
+    assert back.threshold == 1.9 and len(back.shards) == len(model.shards) and back.meta.n_calibration == 4
     (tmp_path / "m" / "bank_owners.npy").unlink()
     with pytest.raises(ModelError, match="damaged"):
         load_model(str(tmp_path / "m"))
@@ -130,6 +130,8 @@ def test_localizing_model_round_trips_and_damage_is_refused(tmp_path):
     ({"embed": EmbedConfig(localize=True, tta="flip")}, "drop --tta"),
     ({"explicit": ("resize",)}, "drop --resize crop"),
     ({"query": SourceConfig("/q.parquet", embedding_column="v")}, "--embedding-column"),
+    ({"index": IndexConfig(reduce=10)}, "drop --reduce"),
+    ({"embed": EmbedConfig(localize=True, decode="reduced")}, "drop --decode reduced"),
 ])
 def test_bad_localize_settings_are_one_line_errors(change, message):
     base = dict(kind="score", out="/tmp/o", normal=SourceConfig("/n"), query=SourceConfig("/q"),
@@ -303,3 +305,24 @@ def test_nightly_audit_with_a_localizing_model_maps_and_summarises_peaks(localiz
     first = pq.read_table(out / "scores").to_pandas().set_index("id")
     assert scores.loc["defect_a.png", "score"] == first.loc["defect_a.png", "score"]
     assert (audits / "reports" / "2026-12-01.html").read_text().count('class="heatmap"') == 3
+
+
+@pytest.mark.unit
+def test_preselection_of_a_batch_without_readable_rows_keeps_the_survivor_shape():
+    from dnnad.core.patches import preselect_size
+    from dnnad.stages.localize import Preselect
+
+    grids = np.zeros((3, 4, 4, 8), np.float32)
+    step = Preselect(np.array(["a", "b", "c"]), 0.01)
+    empty = step({"id": np.array(["a", "b", "c"], dtype=object), "status": np.array(["error"] * 3, dtype=object),
+                  "patches": grids})
+    full = step({"id": np.array(["a", "b", "c"], dtype=object), "status": np.array(["ok"] * 3, dtype=object),
+                 "patches": textures(3, 4, 4, 8)})
+    assert empty["survivors"].shape == (0, preselect_size(16, 0.01), 8) == (0, *full["survivors"].shape[1:])
+    assert full["_pos"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.unit
+def test_estimator_refuses_a_coreset_outside_zero_to_one():
+    with pytest.raises(ValueError, match="coreset must be"):
+        PatchDN2(coreset=0).fit(textures(3))

@@ -66,6 +66,8 @@ class PatchDN2:
 
     def fit(self, grids: np.ndarray) -> PatchDN2:
         """Fit on the normal images' patch grids (n, h, w, d), n >= 2."""
+        if self.coreset is not None and not 0 < self.coreset <= 1:
+            raise ValueError(f"coreset must be a fraction in (0, 1] or None, got {self.coreset}")
         grids = np.asarray(grids, dtype=np.float32)
         if grids.ndim != 4 or len(grids) < 2:
             raise ValueError(f"patch grids must be (n >= 2, h, w, d), got {grids.shape}")

@@ -68,6 +68,7 @@ class ModelMeta:
     coreset: float | None = None  # fraction of normal patches the bank kept (None: all)
     patch_grid: list | None = None  # [h, w, d] of every image's patch grid
     n_bank: int | None = None  # patches in the bank
+    n_calibration: int | None = None  # normal images whose scores set the threshold (localize: a sample)
 
     @property
     def query_dim(self) -> int:
@@ -241,12 +242,12 @@ def load_model(uri: str) -> FittedModel:
            f"{offsets[-1]} vectors, {len(ids)} ids, {meta.n_reference} reference rows recorded")
     _check(isinstance(k, int) and 1 <= k <= meta.n_reference, path, f"k={k!r}")
     _check(isinstance(threshold, (int, float)) and math.isfinite(threshold), path, f"threshold={threshold!r}")
-    _check(calib.ndim == 1 and len(calib) == meta.n_normal and bool(np.isfinite(calib).all()), path,
-           "calibration scores do not match the normal set")
+    _check(calib.ndim == 1 and len(calib) == (meta.n_calibration or meta.n_normal) and bool(np.isfinite(calib).all()),
+           path, "calibration scores do not match the normal set")
     _check(not any(i is None for i in ids), path, "null reference ids")
     if meta.localize:
         _check(owners is not None and len(owners) == meta.n_bank and bool((owners >= 0).all())
-               and bool((owners < meta.n_reference).all()), path, "patch bank owners do not match the normal set")
+               and bool((owners < meta.n_normal).all()), path, "patch bank owners do not match the normal set")
     return FittedModel(shards, ids, k, float(threshold), meta, np.sort(calib.astype(np.float64)), transform,
                        bank, owners)
 
@@ -274,7 +275,7 @@ def with_bank(model: FittedModel, bank: list[Shard], owners: np.ndarray, loo_sco
 
     calib = np.sort(np.asarray(loo_scores, dtype=np.float64))
     meta = replace(model.meta, localize=True, coreset=coreset, patch_grid=[int(v) for v in grid],
-                   n_bank=int(sum(len(s.vectors) for s in bank)),
+                   n_bank=int(sum(len(s.vectors) for s in bank)), n_calibration=len(calib),
                    loo_score_quantiles={str(p): float(np.quantile(calib, p)) for p in (0.5, 0.9, 0.99)})
     return replace(model, threshold=float(threshold), meta=meta, calibration_scores=calib, bank=list(bank),
                    bank_owners=np.asarray(owners, np.int64))

@@ -85,6 +85,11 @@ def coreset_chunks(n_images: int, per_image: int, chunk: int = CORESET_CHUNK) ->
     return [(a, min(n_images, a + step)) for a in range(0, n_images, step)]
 
 
+def preselect_size(m: int, fraction: float) -> int:
+    """How many of an image's ``m`` patches ``preselect`` keeps."""
+    return coreset_size(m, PRESELECT * fraction)
+
+
 def preselect(patches: np.ndarray, fraction: float, projection: np.ndarray | None) -> np.ndarray:
     """Sorted positions of one image's patches (m, d) that its own k-centre pre-selection keeps:
     ``PRESELECT * fraction`` of them (all from a fraction of 1 / PRESELECT up)."""

@@ -88,8 +88,8 @@ class AuditJob(Job):
         self.weights = resolve_job_weights(cfg, cfg.query)
         check_model_weights(self.model, self.weights)
         self.cache_dir = None
-        if self.weights is None:
-            return  # vectors: nothing to embed, nothing to cache
+        if self.weights is None or self.model.meta.localize:
+            return  # vectors: nothing to embed; maps need patch grids, which the embedding cache does not hold
         if cfg.audit.cache is None and "://" in cfg.out:
             raise ConfigError("--out is on an object store: give the embedding cache a local or shared path with --cache")
         root = cfg.audit.cache or os.path.join(cfg.out, "cache")
@@ -110,15 +110,19 @@ class AuditJob(Job):
         cfg, t, d = self.cfg, run.timings, self.cfg.run_date
         part = f"scores/run_date={d}"
         images = self.weights is not None
+        cached = self.cache_dir is not None
         with t.stage("embed (cache-aware) + score"):
-            cache = ray.put(EmbeddingCache.load(self.cache_dir)) if images else None
+            cache = ray.put(EmbeddingCache.load(self.cache_dir)) if cached else None
             scorer = Scorer.of(self.model, cfg.score)
             parts = write_partitioned(run, part, self.query_src, lambda src: scorer.map(embed_rows(
                 src, cfg, run.weights_ref, score_actors=cfg.score.actors, cache_ref=cache,
-                cache_out=self.cache_dir if images else None)))
+                cache_out=self.cache_dir)))
         fs, path = run.staging.fs, run.staging.path(part)
         summary = summarise(fs, path, self.model, cfg.audit.top, previous_scores(cfg.out, d))
-        if images:
+        if images and not cached:  # --localize: every image embedded (its patch grid is needed)
+            ok = pc.equal(pq.read_table(path, columns=["status"], filesystem=fs)["status"], "ok")
+            summary.update({"embedded": int(pc.sum(ok).as_py() or 0), "from_cache": 0, "cache_dir": None})
+        elif images:
             t_cached = pq.read_table(path, columns=["status", "cached"], filesystem=fs)
             ok = pc.equal(t_cached["status"], "ok")
             n_cached = int(pc.sum(pc.and_(ok, t_cached["cached"])).as_py() or 0)

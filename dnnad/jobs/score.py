@@ -75,6 +75,7 @@ class ScoreJob(Job):
                     from ..stages.localize import fit_bank
 
                     model = fit_bank(model, embedded, normal.ids, cfg)
+                del embedded  # the normal patches leave the object store before the queries stream
                 save_model(model, cfg.model_dir or run.staging.uri("model"))
                 shard_refs = fit.handle  # the fitted shards, already in the object store
         scorer = Scorer.of(model, cfg.score, shard_refs=shard_refs)

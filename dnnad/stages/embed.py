@@ -134,6 +134,15 @@ class Embedder:
         partitioned into batches. ONNX Runtime and OpenVINO compute each image alone on CPU (the same bits at
         any batch size, ``tests/test_backbones.py``): their chunks are cache-sized (``CPU_FORWARD_PIXELS``)
         and a short one runs as it is (a filtered source's 45-row blocks once spent 30 % of the work on padding)."""
+        return np.concatenate([f[0] for f in self._chunks(x, lambda c: (self.extractor(c),))])
+
+    def forward_patches(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (n, d) and patch grids (n, h, w, d_p) in the chunks ``forward`` uses."""
+        parts = self._chunks(x, self.extractor.with_patches)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _chunks(self, x: np.ndarray, fn) -> list[tuple[np.ndarray, ...]]:
+        """``fn`` (a tuple of per-image arrays) over ``x`` in forward chunks, torch's last one zero-padded."""
         pad = self.extractor.runtime == "torch"
         b = self._chunk()
         out = []
@@ -142,14 +151,8 @@ class Embedder:
             n = len(chunk)
             if n < b and pad:
                 chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
-            out.append(self.extractor(chunk)[:n])
-        return np.concatenate(out)
-
-    def forward_patches(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings (n, d) and patch grids (n, h, w, d_p) in the chunks ``forward`` uses."""
-        b = self._chunk()
-        parts = [self.extractor.with_patches(x[i:i + b]) for i in range(0, len(x), b)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            out.append(tuple(a[:n] for a in fn(chunk)))
+        return out
 
     def _chunk(self) -> int:
         pad = self.extractor.runtime == "torch"

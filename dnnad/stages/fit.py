@@ -57,7 +57,9 @@ def fit_params(cfg: JobConfig) -> FitParams:
 
 def embedding_meta(cfg: JobConfig) -> dict:
     """How the job embeds images, as the model records it: the image settings, the crop size resolved."""
-    return {**{s.meta: s.to_meta(s.get(cfg)) for s in IMAGE_SETTINGS}, "image_size": cfg.embed.spec().image_size}
+    spec = cfg.embed.spec()
+    return {**{s.meta: s.to_meta(s.get(cfg)) for s in IMAGE_SETTINGS}, "image_size": spec.image_size,
+            "resize": spec.resize}  # --localize embeds whole images whatever --resize says
 
 
 def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int = 0) -> tuple[FittedModel, Fit]:

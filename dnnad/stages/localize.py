@@ -26,6 +26,7 @@ from ..core.patches import (
     coreset_size,
     peak,
     preselect,
+    preselect_size,
     smooth_map,
 )
 from ..core.threshold import effective_quantile, threshold_from_scores
@@ -118,7 +119,8 @@ class Preselect:
         P = coreset_projection(d)  # seeded: the driver's stage 2 uses the same
         kept = [g.reshape(-1, d)[preselect(g.reshape(-1, d), self.fraction, P)] for g in grids]
         return {"_pos": np.searchsorted(self.ids, batch["id"][rows].astype(str)).astype(np.int64),
-                "survivors": np.stack(kept) if kept else np.empty((0, 1, d), np.float32),
+                "survivors": np.stack(kept) if kept else np.empty((0, preselect_size(h * w, self.fraction), d),
+                                                                  np.float32),
                 "_grid": np.tile([h, w, d], (len(rows), 1))}
 
 
