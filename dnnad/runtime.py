@@ -21,14 +21,32 @@ class Stopped(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, ``kill``, a scheduler) raised in the driver: the job unwinds as on Ctrl-C."""
 
 
+_RECEIVED: list[int] = []  # stop signals this process received: honoured at the next partition even if swallowed
+
+
 def _stop(signum, frame):
+    _RECEIVED.append(signum)
     raise Stopped(signum)
 
 
 def stop_on_sigterm() -> None:
-    """SIGTERM raises ``Stopped`` in the driver's main thread (Ray's own handler would abort the process)."""
+    """SIGTERM (Ray's own handler would abort the process) and SIGINT raise ``Stopped`` in the driver's main
+    thread, and are remembered: a KeyboardInterrupt that lands inside Ray's own code can be swallowed there
+    (seen once in CI: a Ctrl-C'd job ran to completion), so ``check_stopped`` raises it again."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+
+
+def reset_stops() -> None:
+    """Forget earlier stop signals: a new job in this process starts unstopped."""
+    _RECEIVED.clear()
+
+
+def check_stopped() -> None:
+    """Raise ``Stopped`` if a stop signal arrived (between partitions, where a swallowed one is caught)."""
+    if _RECEIVED:
+        raise Stopped(_RECEIVED[0])
 
 
 OWNER_ENV = "DNNAD_RAY_OWNER"  # inherited by every process of a Ray this job started: how stop_ray finds them

@@ -15,7 +15,10 @@ def write_partitioned(run, name: str, src, scored_of) -> dict:
     parts = partitions(src, run.cfg.score.rows_per_partition(bool(src.cfg.embedding_column)))
     log = run.staging.partitions(name)
     skipped = 0
+    from ..runtime import check_stopped
+
     for i, part in enumerate(parts):
+        check_stopped()
         if log.done(i):
             skipped += 1
             continue
@@ -24,5 +27,6 @@ def write_partitioned(run, name: str, src, scored_of) -> dict:
                                       min_rows_per_file=MIN_ROWS_PER_FILE,
                                       filename_provider=FilenameProvider(dataset_uuid=prefix, file_format="parquet"))
         log.finish(i)
+        check_stopped()
     log.clear_markers()
     return {"partitions": len(parts), "partitions_resumed": skipped}
