@@ -3,8 +3,8 @@
 ``PatchDN2.fit`` takes the normal images' patch grids (n, h, w, d) (``vision.patches``), keeps a memory
 bank of their patches (all, or a greedy coreset), and sets the threshold from leave-one-image-out maps: a
 normal image's patches are scored against the bank without its own patches. ``anomaly_maps`` gives each
-query patch's distance to its nearest normal patch; ``anomaly_score`` the maximum of the smoothed map
-(``core.patches``). The jobs call the same ``patch_maps`` on the sharded index.
+query patch's distance to its nearest normal patch; ``anomaly_score`` the maximum of the border-calibrated,
+smoothed map (``core.patches.score_map``; the calibration comes from the same leave-one-image-out maps). The jobs call the same ``patch_maps`` on the sharded index.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from .index import Exclusion, ShardedIndex, build_index
-from .patches import SIGMA, greedy_coreset, image_score, smooth_map
+from .patches import SIGMA, border_calibration, greedy_coreset, score_map
 from .threshold import threshold_from_scores
 
 QUERY_PATCHES = 65_536  # patches per search call: bounded memory for the candidate lists
@@ -43,9 +43,10 @@ def patch_maps(index: ShardedIndex, grids: np.ndarray, owners: np.ndarray | None
     return out.reshape(n, h, w)
 
 
-def map_scores(maps: np.ndarray, image_size: int, sigma: float = SIGMA) -> np.ndarray:
-    """Image scores (n,) from patch maps (n, h, w): the maximum of each smoothed map."""
-    return np.array([image_score(smooth_map(m, image_size, sigma)[None])[0] for m in maps])
+def map_scores(maps: np.ndarray, image_size: int, sigma: float = SIGMA, border: np.ndarray | None = None) -> np.ndarray:
+    """Image scores (n,) float64 from patch maps (n, h, w): the maximum of each border-calibrated (``border``:
+    ``core.patches.border_calibration``; None: none), smoothed map."""
+    return np.array([float(score_map(m, image_size, border, sigma).max()) for m in maps], dtype=np.float64)
 
 
 class PatchDN2:
@@ -55,13 +56,14 @@ class PatchDN2:
     jobs' default 0.1; None or 1 keeps all). ``image_size``: the network's input side, the resolution maps
     are smoothed at. The threshold is the ``quantile`` of the normal images' leave-one-image-out scores (of
     ``calibration_sample``: every image up to ``CALIBRATION_IMAGES``, then a seeded sample). Fitted attributes: ``index_``,
-    ``bank_owners_`` (normal image of each bank row), ``loo_scores_``, ``threshold_``, ``grid_`` (h, w),
-    ``coreset_seconds_``.
+    ``bank_owners_`` (normal image of each bank row), ``border_`` (the border calibration of the
+    leave-one-image-out maps; None with ``calibrate_border=False``), ``loo_scores_``, ``threshold_``, ``grid_``
+    (h, w), ``coreset_seconds_``.
     """
 
     def __init__(self, coreset: float | None = 0.1, image_size: int = 260, sigma: float = SIGMA,
-                 quantile: float = 0.99, n_shards: int = 1, seed: int = 0):
-        self.coreset, self.image_size, self.sigma = coreset, image_size, sigma
+                 quantile: float = 0.99, n_shards: int = 1, seed: int = 0, calibrate_border: bool = True):
+        self.coreset, self.image_size, self.sigma, self.calibrate_border = coreset, image_size, sigma, calibrate_border
         self.quantile, self.n_shards, self.seed = quantile, n_shards, seed
 
     def fit(self, grids: np.ndarray) -> PatchDN2:
@@ -85,7 +87,8 @@ class PatchDN2:
             raise ValueError("every bank patch belongs to one image: leave-one-image-out needs more images")
         calib = calibration_sample(n)
         loo = patch_maps(self.index_, grids[calib], calib, self.bank_owners_, int(counts.max()))
-        self.loo_scores_ = map_scores(loo, self.image_size, self.sigma)
+        self.border_ = border_calibration(loo) if self.calibrate_border else None
+        self.loo_scores_ = map_scores(loo, self.image_size, self.sigma, self.border_)
         self.threshold_ = float(threshold_from_scores(self.loo_scores_, self.quantile))
         return self
 
@@ -97,8 +100,8 @@ class PatchDN2:
         return patch_maps(self.index_, grids)
 
     def anomaly_score(self, grids: np.ndarray) -> np.ndarray:
-        """Image scores (n,): the maximum of each smoothed map (higher = more anomalous)."""
-        return map_scores(self.anomaly_maps(grids), self.image_size, self.sigma)
+        """Image scores (n,): the maximum of each border-calibrated, smoothed map (higher = more anomalous)."""
+        return map_scores(self.anomaly_maps(grids), self.image_size, self.sigma, self.border_)
 
     def predict(self, grids: np.ndarray) -> np.ndarray:
         """-1 for anomalous images (score above the threshold), +1 for normal ones."""

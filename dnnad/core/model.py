@@ -69,6 +69,7 @@ class ModelMeta:
     patch_grid: list | None = None  # [h, w, d] of every image's patch grid
     n_bank: int | None = None  # patches in the bank
     n_calibration: int | None = None  # normal images whose scores set the threshold (localize: a sample)
+    border_calibration: list | None = None  # localize: [means, stds] per ring of the map (core.patches)
 
     @property
     def query_dim(self) -> int:
@@ -248,6 +249,9 @@ def load_model(uri: str) -> FittedModel:
     if meta.localize:
         _check(owners is not None and len(owners) == meta.n_bank and bool((owners >= 0).all())
                and bool((owners < meta.n_normal).all()), path, "patch bank owners do not match the normal set")
+        border = meta.border_calibration
+        _check(border is None or (np.shape(border)[0] == 2 and bool(np.isfinite(border).all())
+                                  and bool((np.asarray(border)[1] > 0).all())), path, "border calibration is damaged")
     return FittedModel(shards, ids, k, float(threshold), meta, np.sort(calib.astype(np.float64)), transform,
                        bank, owners)
 
@@ -268,14 +272,16 @@ def _load_bank(fs, path: str, docs: list[dict], meta: ModelMeta) -> tuple[list[S
 
 
 def with_bank(model: FittedModel, bank: list[Shard], owners: np.ndarray, loo_scores: np.ndarray, threshold: float,
-              grid: tuple[int, int, int], coreset: float | None) -> FittedModel:
+              grid: tuple[int, int, int], coreset: float | None, border: np.ndarray | None = None) -> FittedModel:
     """A fitted model turned into a localising one: its patch bank, and the threshold and calibration of the
-    normal images' leave-one-image-out map scores in place of the global ones."""
+    normal images' leave-one-image-out map scores in place of the global ones, and ``border``
+    (``core.patches.border_calibration``) the scores were taken with."""
     from dataclasses import replace
 
     calib = np.sort(np.asarray(loo_scores, dtype=np.float64))
     meta = replace(model.meta, localize=True, coreset=coreset, patch_grid=[int(v) for v in grid],
                    n_bank=int(sum(len(s.vectors) for s in bank)), n_calibration=len(calib),
+                   border_calibration=None if border is None else np.asarray(border, np.float64).tolist(),
                    loo_score_quantiles={str(p): float(np.quantile(calib, p)) for p in (0.5, 0.9, 0.99)})
     return replace(model, threshold=float(threshold), meta=meta, calibration_scores=calib, bank=list(bank),
                    bank_owners=np.asarray(owners, np.int64))

@@ -2,10 +2,13 @@
 
 A patch grid ``(h, w, d)`` per image (``vision.patches``); each query patch's distance to its nearest normal
 patch is the anomaly map ``(h, w)``. ``smooth_map`` brings a map to the network's input resolution
-(bilinear, then a Gaussian of ``SIGMA`` pixels, as PatchCore does); the image score is its maximum.
-``map_to_image`` brings it to an image's own size exactly as the score saw it. ``greedy_coreset`` is
-PatchCore's k-centre subsampling on a random projection, run per image and then in independent chunks so
-it is linear in the number of patches, parallel and bounded in memory. Numpy, SciPy and FAISS only.
+(bilinear, then a Gaussian of ``SIGMA`` pixels, as PatchCore does). The image score is the maximum of the
+smoothed map after border calibration (``calibrate_map``: each ring of cells by its distance from the edge
+standardised against the normal images' leave-one-image-out maps), which keeps padding artefacts at the
+edge from outscoring a defect. ``map_to_image`` brings a map to an image's own size exactly as the score
+saw it. ``greedy_coreset`` is PatchCore's k-centre subsampling on a random projection, run per image and
+then in independent chunks so it is linear in the number of patches, parallel and bounded in memory.
+Numpy, SciPy and FAISS only.
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ SIGMA = 4.0  # Gaussian blur of the map at input resolution, pixels (PatchCore's
 CORESET_DIM = 128  # random projection the k-centre distances are taken in (PatchCore's)
 CORESET_CHUNK = 65_536  # patches one greedy pass covers: its distance vector stays in cache
 PRESELECT = 10  # each image's own pre-selection keeps this many times the coreset's fraction
+# Border calibration: cells this far (or farther) from the grid's edge form the interior ring. Padding makes
+# edge patches of normal images match less well, so an uncalibrated maximum sits on the border (every free
+# MTD test tile peaked within 16 px of it); each ring's normal distances are standardised to the interior's.
+BORDER_RINGS = 6
 
 
 def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -47,17 +54,53 @@ def smooth_map(grid: np.ndarray, size: int, sigma: float = SIGMA) -> np.ndarray:
     return gaussian_filter(up, sigma=sigma, axes=axes, mode="nearest") if sigma > 0 else up
 
 
-def map_to_image(grid: np.ndarray, height: int, width: int, image_size: int, sigma: float = SIGMA) -> np.ndarray:
+def ring_index(h: int, w: int, rings: int = BORDER_RINGS) -> np.ndarray:
+    """(h, w) int: each cell's distance in cells from the grid's nearest edge, capped at ``rings``."""
+    y, x = np.arange(h)[:, None], np.arange(w)[None, :]
+    return np.minimum(np.minimum(y, h - 1 - y), np.minimum(x, w - 1 - x)).clip(max=rings)
+
+
+def border_calibration(maps: np.ndarray, rings: int = BORDER_RINGS) -> np.ndarray:
+    """(2, rings + 1) float64: mean and standard deviation of normal maps' (n, h, w) values on each ring
+    (``ring_index``; leave-one-image-out maps, so they are what a new normal image would get). A ring the
+    grid lacks (a small grid) takes the innermost present ring's statistics."""
+    maps = np.asarray(maps, dtype=np.float64)
+    r = ring_index(maps.shape[-2], maps.shape[-1], rings)
+    stats = np.full((2, rings + 1), np.nan)
+    for i in range(rings + 1):
+        v = maps[..., r == i]
+        if v.size:
+            stats[:, i] = v.mean(), max(float(v.std()), 1e-12)
+    top = int(r.max())
+    stats[:, top + 1:] = stats[:, top:top + 1]
+    return stats
+
+
+def calibrate_map(grid: np.ndarray, stats: np.ndarray | None) -> np.ndarray:
+    """Map(s) (..., h, w) with each ring's values standardised by ``stats`` (``border_calibration``) and put
+    back on the interior ring's scale: (v - mean_r) / std_r * std_in + mean_in; unchanged for None."""
+    grid = np.asarray(grid, dtype=np.float64)
+    if stats is None:
+        return grid
+    stats = np.asarray(stats, dtype=np.float64)
+    r = ring_index(grid.shape[-2], grid.shape[-1], stats.shape[1] - 1)
+    mean, std = stats[0][r], stats[1][r]
+    return (grid - mean) / std * stats[1, -1] + stats[0, -1]
+
+
+def score_map(grid: np.ndarray, image_size: int, stats: np.ndarray | None = None, sigma: float = SIGMA) -> np.ndarray:
+    """The map a row's ``score`` and peak come from, (image_size, image_size): the border-calibrated grid
+    (``calibrate_map``) smoothed (``smooth_map``). Its maximum is the score."""
+    return smooth_map(calibrate_map(grid, stats), image_size, sigma)
+
+
+def map_to_image(grid: np.ndarray, height: int, width: int, image_size: int, sigma: float = SIGMA,
+                 stats: np.ndarray | None = None) -> np.ndarray:
     """An ``anomaly_map`` (h, w) over an image of ``height`` x ``width`` pixels that the network saw whole at
     ``image_size`` (``--resize full``): smoothed as the score was (``smooth_map``), then resized bilinearly
-    to the image. Its maximum over the image is the row's ``score`` up to that last interpolation."""
-    return resize_map(smooth_map(grid, image_size, sigma), height, width)
-
-
-def image_score(smoothed: np.ndarray) -> np.ndarray:
-    """Image anomaly scores from smoothed maps (n, H, W): their maxima, (n,) float64."""
-    s = np.asarray(smoothed, dtype=np.float64)
-    return s.reshape(len(s), -1).max(axis=1)
+    to the image. With the model's border ``stats`` it is the map the score and peak came from (its maximum
+    is the row's ``score`` up to that last interpolation); without, the distances themselves."""
+    return resize_map(score_map(grid, image_size, stats, sigma), height, width)
 
 
 def peak(smoothed: np.ndarray, height: int, width: int) -> tuple[int, int]:

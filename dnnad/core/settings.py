@@ -78,7 +78,7 @@ MODEL_SETTINGS: tuple[ModelSetting, ...] = (
     ModelSetting("--resize", "embed.resize", meta="resize", images=True, version=3),
     ModelSetting("--decode", "embed.decode", meta="decode", images=True, version=5),
     ModelSetting("--precision", "embed.precision", meta="precision", images=True, version=5),
-    ModelSetting("--localize", "embed.localize", meta="localize", images=True, version=6),
+    ModelSetting("--localize", "embed.localize", meta="localize", images=True, version=7),  # 7: border calibration
     ModelSetting("--coreset", "index.coreset", meta="coreset", version=6),
     ModelSetting("--normal", "normal"),  # the normal set itself: a saved model was fitted on its own
 )

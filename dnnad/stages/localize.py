@@ -16,10 +16,11 @@ import numpy as np
 
 from ..config import JobConfig
 from ..core.index import ShardedIndex, build_shard, shard_bounds
-from ..core.localize import calibration_sample, patch_maps
+from ..core.localize import calibration_sample, map_scores, patch_maps
 from ..core.model import FittedModel, with_bank
 from ..core.patches import (
     SIGMA,
+    border_calibration,
     coreset_chunk,
     coreset_chunks,
     coreset_projection,
@@ -27,7 +28,7 @@ from ..core.patches import (
     peak,
     preselect,
     preselect_size,
-    smooth_map,
+    score_map,
 )
 from ..core.threshold import effective_quantile, threshold_from_scores
 from ..runtime import SCORE_ACTOR_CPUS, cluster_resources, resolved, score_pool
@@ -45,17 +46,21 @@ class Bank:
     owners: object  # ObjectRef of the (n_bank,) reference position of each patch's image
     image_size: int
     sigma: float = SIGMA
+    border: np.ndarray | None = None  # (2, rings + 1) border calibration of the score (None: raw maxima)
 
     @classmethod
     def of(cls, model: FittedModel) -> Bank:
         import ray
 
-        return cls([ray.put(s) for s in model.bank], ray.put(model.bank_owners), int(model.meta.image_size))
+        border = model.meta.border_calibration
+        return cls([ray.put(s) for s in model.bank], ray.put(model.bank_owners), int(model.meta.image_size),
+                   border=None if border is None else np.asarray(border, np.float64))
 
 
 class PatchScorer:
-    """Patch-scoring actor: each ok row's ``patches`` grid → ``anomaly_map`` (row-major h x w), its size, the
-    smoothed map's peak in the original image's pixels and the map score (``PATCH_SCORE``); ``patches`` is
+    """Patch-scoring actor: each ok row's ``patches`` grid → ``anomaly_map`` (row-major h x w: the distances),
+    its size, and from the border-calibrated smoothed map (``core.patches.score_map``) its peak in the
+    original image's pixels and the map score (``PATCH_SCORE``); ``patches`` is
     dropped. With ``exclude_ids`` (a fit's calibration: the sorted normal ids), each row's patches never match
     the bank patches of its own image."""
 
@@ -69,7 +74,7 @@ class PatchScorer:
         self.owners = resolved(bank.owners) if self.ids is not None else None
         self.max_own = int(np.bincount(self.owners).max()) if self.owners is not None else 0
         self.calibrate = resolved(calibrate)  # calibration: positions of the images to score, the others skipped
-        self.size, self.sigma = bank.image_size, bank.sigma
+        self.size, self.sigma, self.border = bank.image_size, bank.sigma, bank.border
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         grids = batch.pop("patches")
@@ -85,7 +90,7 @@ class PatchScorer:
             m = patch_maps(self.index, grids[rows], owners, self.owners, self.max_own)
             maps[rows] = m.reshape(len(rows), -1)
             for r, grid in zip(rows, m):
-                s = smooth_map(grid, self.size, self.sigma)
+                s = score_map(grid, self.size, self.border, self.sigma)
                 score[r] = float(s.max())
                 px[r], py[r] = peak(s, int(batch["height"][r]) or self.size, int(batch["width"][r]) or self.size)
         batch.update({PATCH_SCORE: score, "anomaly_map": maps, "map_height": np.full(n, h), "map_width": np.full(n, w),
@@ -170,11 +175,13 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
     bank = Bank([ray.put(s) for s in shards], ray.put(owners), int(cfg.embed.spec().image_size))
     calib = calibration_sample(n)
     scored = map_patches(ds, bank, cfg.score, exclude_ids=ids_ref, calibrate=ray.put(calib))
-    loo = np.full(n, np.nan)
-    for b in scored.select_columns(["id", "status", PATCH_SCORE]).iter_batches(batch_size=None,
-                                                                               batch_format="numpy"):
+    maps = np.full((n, grid[0] * grid[1]), np.nan, dtype=np.float32)  # only the calibration sample's rows fill
+    for b in scored.select_columns(["id", "status", "anomaly_map"]).iter_batches(batch_size=None,
+                                                                                 batch_format="numpy"):
         ok = b["status"] == "ok"
-        loo[np.searchsorted(ids, b["id"][ok].astype(str))] = b[PATCH_SCORE][ok]
-    loo = loo[calib]
+        maps[np.searchsorted(ids, b["id"][ok].astype(str))] = np.stack(b["anomaly_map"][ok]) if ok.any() else 0
+    maps = maps[calib].reshape(len(calib), grid[0], grid[1])
+    border = border_calibration(maps)
+    loo = map_scores(maps, bank.image_size, bank.sigma, border)
     q = effective_quantile(cfg.score.quantile, cfg.score.contamination)
-    return with_bank(model, shards, owners, loo, threshold_from_scores(loo, q), grid, cfg.index.coreset)
+    return with_bank(model, shards, owners, loo, threshold_from_scores(loo, q), grid, cfg.index.coreset, border)
