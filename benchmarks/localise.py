@@ -5,7 +5,9 @@ cracks) with pixel masks. Images go to the network whole (``--resize full``). Re
 ROC AUC, pixel ROC AUC and AUPRO (per-region overlap integrated to FPR 0.3, normalised, as anomalib does),
 overall and per defect kind; bank size, coreset / build / leave-one-image-out (threshold) time and query
 time per image. SPADE (each test image against the patches of its K nearest normal images by the global
-feature) is measured beside the full bank.
+feature) is measured beside the full bank. Each setting has two rows on the same maps: the image score as the
+raw maximum of the smoothed map, and the product's border-calibrated maximum (``core.patches.score_map``; its
+statistics from the normal tiles' leave-one-image-out maps). Pixel metrics are of the raw maps.
 
     .venv/bin/python benchmarks/localise.py --backbone efficientnet_lite2 --coreset 0.01 0.1
 """
@@ -26,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 
 from dnnad.core.arrays import l2_normalize
 from dnnad.core.localize import PatchDN2, map_scores
-from dnnad.core.patches import SIGMA, map_to_image
+from dnnad.core.patches import SIGMA, border_calibration, map_to_image
 from dnnad.vision.decode import decode_image
 
 FPR_LIMIT = 0.3
@@ -190,6 +192,13 @@ def main() -> None:
              "| setting | bank patches | bank MB | coreset s | build + LOO threshold s | query ms/image | "
              "image AUROC | pixel AUROC | AUPRO | per kind: image / pixel / AUPRO |", "|---" * 10 + "|"]
 
+    def rows(name, bank, cs, fit_s, q_ms, maps, border):
+        """The raw maximum's row, then the border-calibrated score's (the product's) with the same maps."""
+        res = evaluate(map_scores(maps, size, args.sigma), pixel(maps), masks, kinds)
+        row(f"{name}, raw maximum", bank, cs, fit_s, q_ms, res)
+        cal = evaluate(map_scores(maps, size, args.sigma, border), None, masks, kinds)
+        row(f"{name}, border-calibrated", bank, cs, fit_s, q_ms, {k: (v[0], *res[k][1:]) for k, v in cal.items()})
+
     def row(name, bank, cs, fit_s, q_ms, res):
         a = res["all"]
         kinds_txt = "; ".join(f"{k}: {v[0]:.3f}" + (f" / {v[1]:.3f} / {v[2]:.3f}" if v[1] is not None else "")
@@ -207,18 +216,22 @@ def main() -> None:
     def pixel(maps):
         return [map_to_image(m, *k.shape, size, args.sigma) for m, k in zip(maps, masks)]
 
+    def spade_maps(queries, neighbours):
+        out = []
+        for qi, ref in zip(queries, neighbours):
+            d, _ = faiss.knn(G[qi].reshape(-1, G.shape[3]), G[train[ref]].reshape(-1, G.shape[3]), 1)
+            out.append(np.sqrt(np.maximum(d[:, 0], 0)).reshape(G.shape[1:3]))
+        return np.stack(out)
+
     for K in args.spade:
         _, nn = faiss.knn(E[test], E[train], K)
         t0 = time.perf_counter()
-        maps = []
-        for qi, ref in zip(test, nn):
-            bank = G[train[ref]].reshape(-1, G.shape[3])
-            d, _ = faiss.knn(G[qi].reshape(-1, G.shape[3]), bank, 1)
-            maps.append(np.sqrt(np.maximum(d[:, 0], 0)).reshape(G.shape[1:3]))
+        maps = spade_maps(test, nn)
         q_ms = (time.perf_counter() - t0) / len(test) * 1e3
-        maps = np.stack(maps)
-        row(f"SPADE: patches of the {K} nearest normal tiles", K * n_grid, "-", "-", f"{q_ms:.0f}",
-            evaluate(map_scores(maps, size, args.sigma), pixel(maps), masks, kinds))
+        _, own = faiss.knn(E[train], E[train], K + 1)  # the calibration: each normal tile without itself
+        loo = spade_maps(train, [r[r != i][:K] for i, r in enumerate(own)])
+        rows(f"SPADE: patches of the {K} nearest normal tiles", K * n_grid, "-", "-", f"{q_ms:.0f}", maps,
+             border_calibration(loo))
 
     for frac in args.coreset:
         t0 = time.perf_counter()
@@ -228,8 +241,8 @@ def main() -> None:
         t0 = time.perf_counter()
         maps = est.anomaly_maps(G[test])
         q_ms = (time.perf_counter() - t0) / len(test) * 1e3
-        row(f"bank, coreset {frac:g}", est.index_.ntotal, f"{cs:.1f}" if frac < 1 else "-", f"{fit_s:.1f}",
-            f"{q_ms:.0f}", evaluate(map_scores(maps, size, args.sigma), pixel(maps), masks, kinds))
+        rows(f"bank, coreset {frac:g}", est.index_.ntotal, f"{cs:.1f}" if frac < 1 else "-", f"{fit_s:.1f}",
+             f"{q_ms:.0f}", maps, est.border_)
 
     stem = f"localise-mtd-{args.backbone}-{size}" + (f"-{args.stages.replace(',', '+')}" if args.stages else "")
     write_results(stem, lines + ["", f"Command: `.venv/bin/python benchmarks/localise.py --backbone {args.backbone}"

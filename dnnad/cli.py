@@ -25,7 +25,7 @@ from .config import (
     SourceConfig,
 )
 from .core.settings import DUPLICATE_RATIO, DUPLICATE_SIMILARITY
-from .runtime import Stopped, reset_stops, stop_on_sigterm
+from .runtime import Stopped, reset_stops, stop_on_signals
 from .storage import redact, scrub, secrets
 from .vision.specs import DEFAULT_BACKBONE, RUNTIMES, backbone_names
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[:] = [redact(arg) for arg in sys.argv]
     explicit = explicit_settings(ap, a, argv)
     reset_stops()
-    stop_on_sigterm()
+    stop_on_signals()
     try:
         cfg = config_from_args(a, explicit).validate()
         from .jobs import JOBS

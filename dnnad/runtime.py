@@ -18,18 +18,20 @@ from contextlib import contextmanager
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM (``ray job stop``, ``kill``, a scheduler) raised in the driver: the job unwinds as on Ctrl-C."""
+    """SIGTERM (``ray job stop``, ``kill``, a scheduler) or SIGINT raised in the driver: the job unwinds as on
+    Ctrl-C. ``args[0]`` is the signal's number."""
 
 
-_RECEIVED: list[int] = []  # stop signals this process received: honoured at the next partition even if swallowed
+_received: int | None = None  # the first stop signal this process received: honoured at the next partition
 
 
 def _stop(signum, frame):
-    _RECEIVED.append(signum)
+    global _received
+    _received = signum if _received is None else _received
     raise Stopped(signum)
 
 
-def stop_on_sigterm() -> None:
+def stop_on_signals() -> None:
     """SIGTERM (Ray's own handler would abort the process) and SIGINT raise ``Stopped`` in the driver's main
     thread, and are remembered: a KeyboardInterrupt that lands inside Ray's own code can be swallowed there
     (seen once in CI: a Ctrl-C'd job ran to completion), so ``check_stopped`` raises it again."""
@@ -40,13 +42,14 @@ def stop_on_sigterm() -> None:
 
 def reset_stops() -> None:
     """Forget earlier stop signals: a new job in this process starts unstopped."""
-    _RECEIVED.clear()
+    global _received
+    _received = None
 
 
 def check_stopped() -> None:
     """Raise ``Stopped`` if a stop signal arrived (between partitions, where a swallowed one is caught)."""
-    if _RECEIVED:
-        raise Stopped(_RECEIVED[0])
+    if _received is not None:
+        raise Stopped(_received)
 
 
 OWNER_ENV = "DNNAD_RAY_OWNER"  # inherited by every process of a Ray this job started: how stop_ray finds them
@@ -79,7 +82,7 @@ def start_ray(quiet: bool = False, verbose: bool = False) -> bool:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose,
                  include_dashboard=None if remote else False,
                  logging_level=logging.INFO if verbose else logging.ERROR)
-        stop_on_sigterm()  # ray.init installs a C++ handler that dumps a stack and aborts
+        stop_on_signals()  # ray.init installs a C++ handler that dumps a stack and aborts
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.enable_operator_progress_bars = verbose

@@ -11,11 +11,14 @@ from dnnad.config import ConfigError, EmbedConfig, IndexConfig, JobConfig, Sourc
 from dnnad.core.localize import PatchDN2, map_scores
 from dnnad.core.model import ModelError, load_model, save_model, with_bank
 from dnnad.core.patches import (
+    border_calibration,
+    calibrate_map,
     coreset_chunks,
     greedy_coreset,
     map_to_image,
     peak,
     resize_map,
+    ring_index,
     smooth_map,
 )
 
@@ -91,6 +94,48 @@ def test_coreset_bank_keeps_a_fraction_and_still_finds_the_defect():
     assert np.unravel_index(est.anomaly_maps(query)[0].argmax(), (6, 6)) == (1, 1)
 
 
+def padded_textures(n, seed, noise=0.3, side=8):
+    """``textures`` whose outermost ring of patches is noisier, as zero padding makes real edge patches."""
+    g = textures(n, h=side, w=side, seed=seed)
+    edge = ring_index(side, side, 1) == 0
+    g[:, edge] += np.random.default_rng(seed).normal(0, noise, size=(n, edge.sum(), g.shape[-1])).astype(np.float32)
+    return g
+
+
+@pytest.mark.unit
+def test_border_calibration_puts_every_ring_on_the_interior_scale():
+    assert ring_index(5, 7).tolist()[2] == [0, 1, 2, 2, 2, 1, 0]
+    r = ring_index(9, 9, rings=2)
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(200, 9, 9)) * np.array([3.0, 2.0, 1.0])[r] + np.array([5.0, 3.0, 1.0])[r]
+    stats = border_calibration(maps, rings=2)
+    np.testing.assert_allclose(stats, [[5, 3, 1], [3, 2, 1]], atol=0.2)
+    cal = calibrate_map(maps, stats)
+    for i in range(3):  # each ring now has the interior ring's mean and spread
+        np.testing.assert_allclose([cal[:, r == i].mean(), cal[:, r == i].std()], stats[:, 2], rtol=1e-9)
+    assert calibrate_map(maps, None) is not None and np.array_equal(calibrate_map(maps, None), maps)
+    small = border_calibration(maps[:, :3, :3], rings=2)  # a 3 x 3 grid has no ring 2: it takes ring 1's
+    np.testing.assert_array_equal(small[:, 2], small[:, 1])
+
+
+@pytest.mark.unit
+def test_noisy_border_patches_do_not_outscore_an_interior_defect():
+    from sklearn.metrics import roc_auc_score
+
+    normal, query = padded_textures(40, seed=0), padded_textures(10, seed=7)
+    query[5:, 4, 3] += 0.6  # a faint defect in the interior of the last five
+    y = [0] * 5 + [1] * 5
+    raw = PatchDN2(coreset=None, image_size=64, calibrate_border=False).fit(normal)
+    est = PatchDN2(coreset=None, image_size=64).fit(normal)
+    assert raw.border_ is None and est.border_.shape == (2, 7) and est.border_[0, 0] > 3 * est.border_[0, -1]
+    assert roc_auc_score(y, raw.anomaly_score(query)) < 0.6  # the raw maximum sits on the noisy edge
+    assert roc_auc_score(y, est.anomaly_score(query)) == 1.0
+    assert (est.predict(query[:5]) == 1).sum() >= 4 and (est.predict(query[5:]) == -1).all()
+    m = map_to_image(est.anomaly_maps(query[5:6])[0], 64, 64, 64, stats=est.border_)
+    assert abs(m.max() - est.anomaly_score(query[5:6])[0]) < 1e-9  # the documented map is the scored one
+    assert np.hypot(*(np.array(np.unravel_index(m.argmax(), m.shape)) - [4.5 * 8, 3.5 * 8])) < 8
+
+
 @pytest.mark.unit
 def test_map_to_image_is_the_scored_map_at_the_image_size():
     grid = np.random.default_rng(2).random((6, 6))
@@ -110,16 +155,24 @@ def test_localizing_model_round_trips_and_damage_is_refused(tmp_path):
     model = model_from_fit(fit, fit.handle.shards, FitParams())
     bank = rng.normal(size=(30, 8)).astype(np.float32)
     loc = with_bank(model, [build_shard(bank[:15], 0), build_shard(bank[15:], 15)], np.arange(30) // 3,
-                    np.linspace(1, 2, 4), 1.9, (1, 3, 8), 0.5)  # the threshold from a sample of 4 of the 10
+                    np.linspace(1, 2, 4), 1.9, (1, 3, 8), 0.5,  # the threshold from a sample of 4 of the 10
+                    border=np.array([[0.5, 0.4], [0.2, 0.1]]))
     save_model(loc, str(tmp_path / "m"))
     back = load_model(str(tmp_path / "m"))
     assert back.meta.localize and back.meta.patch_grid == [1, 3, 8] and back.meta.coreset == 0.5
     np.testing.assert_array_equal(np.concatenate([s.vectors for s in back.bank]), bank)
     np.testing.assert_array_equal(back.bank_owners, np.arange(30) // 3)
     assert back.threshold == 1.9 and len(back.shards) == len(model.shards) and back.meta.n_calibration == 4
-    (tmp_path / "m" / "bank_owners.npy").unlink()
-    with pytest.raises(ModelError, match="damaged"):
+    assert back.meta.border_calibration == [[0.5, 0.4], [0.2, 0.1]]
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    meta["meta"]["border_calibration"] = [[0.5, 0.4], [0.2, 0.0]]  # a zero spread would divide by zero
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="border calibration is damaged"):
         load_model(str(tmp_path / "m"))
+    save_model(loc, str(tmp_path / "m2"))
+    (tmp_path / "m2" / "bank_owners.npy").unlink()
+    with pytest.raises(ModelError, match="damaged"):
+        load_model(str(tmp_path / "m2"))
 
 
 @pytest.mark.unit
@@ -196,7 +249,8 @@ def test_localize_maps_every_row_and_peaks_on_the_defect(localized):
     # the documented function gives the score back from the stored map
     r = ok.loc["defect_a.png"]
     grid = np.asarray(r.anomaly_map).reshape(int(r.map_height), int(r.map_width))
-    assert abs(map_scores(grid[None], 96)[0] - r.score) < 1e-4
+    border = load_model(str(root / "model")).meta.border_calibration
+    assert abs(map_scores(grid[None], 96, border=np.array(border))[0] - r.score) < 1e-4
     assert map_to_image(grid, 96, 128, 96).shape == (96, 128)
 
 
@@ -275,7 +329,8 @@ def test_job_bank_and_threshold_are_the_library_estimators(localized, tmp_path):
     np.testing.assert_array_equal(np.concatenate([s.vectors for s in job.bank]), lib.index_.vectors(
         np.arange(lib.index_.ntotal)))
     np.testing.assert_array_equal(job.bank_owners, lib.bank_owners_)
-    np.testing.assert_allclose(job.calibration_scores, np.sort(lib.loo_scores_), rtol=1e-6)
+    np.testing.assert_allclose(job.meta.border_calibration, lib.border_, rtol=1e-5)
+    np.testing.assert_allclose(job.calibration_scores, np.sort(lib.loo_scores_), rtol=1e-5)
     assert job.threshold == pytest.approx(lib.threshold_, rel=1e-6)
 
 

@@ -4,7 +4,8 @@
 bank of their patches (all, or a greedy coreset), and sets the threshold from leave-one-image-out maps: a
 normal image's patches are scored against the bank without its own patches. ``anomaly_maps`` gives each
 query patch's distance to its nearest normal patch; ``anomaly_score`` the maximum of the border-calibrated,
-smoothed map (``core.patches.score_map``; the calibration comes from the same leave-one-image-out maps). The jobs call the same ``patch_maps`` on the sharded index.
+smoothed map (``core.patches.score_map``; the calibration comes from the same leave-one-image-out maps).
+The jobs call the same ``patch_maps`` on the sharded index.
 """
 from __future__ import annotations
 

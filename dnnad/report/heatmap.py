@@ -14,16 +14,19 @@ HEATMAP_SIZE = 160
 
 
 def heatmap_uri(data: bytes | None, grid: list[float], map_height: int, map_width: int, image_size: int,
-                threshold: float, peak_xy: tuple[int, int] | None = None, size: int = HEATMAP_SIZE) -> str | None:
+                threshold: float, peak_xy: tuple[int, int] | None = None, size: int = HEATMAP_SIZE,
+                border: list | None = None) -> str | None:
     """A PNG data URI of the image with its map overlaid (opacity rises from the map's minimum to the
-    threshold, full above it); None when the image cannot be decoded."""
+    threshold, full above it); ``border``: the model's border calibration, so the map shown is the one scored
+    against the threshold. None when the image cannot be decoded."""
     from ..vision.decode import DecodeError, decode_image
 
     try:
         img = decode_image(data)
     except DecodeError:
         return None
-    m = map_to_image(np.asarray(grid, np.float64).reshape(map_height, map_width), img.height, img.width, image_size)
+    m = map_to_image(np.asarray(grid, np.float64).reshape(map_height, map_width), img.height, img.width, image_size,
+                     stats=None if border is None else np.asarray(border, np.float64))
     lo = float(m.min())
     alpha = np.clip((m - lo) / max(threshold - lo, 1e-12), 0, 1) ** 2 * 0.7
     red = Image.new("RGB", img.size, (230, 30, 30))

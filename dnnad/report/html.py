@@ -65,23 +65,26 @@ def percentile_note(p: float | None) -> str:
     return "" if p is None else f"<br>above {p:.1f}% of normal"
 
 
-def heatmap_figure(r: dict, data: bytes | None, image_size: int | None, threshold: float) -> str:
+def heatmap_figure(r: dict, data: bytes | None, image_size: int | None, threshold: float,
+                   border: list | None = None) -> str:
     """A top row's anomaly map over its image (``--localize``), or nothing."""
     if not r.get("anomaly_map") or not image_size:
         return ""
     from .heatmap import heatmap_uri
 
     uri = heatmap_uri(data, r["anomaly_map"], r["map_height"], r["map_width"], image_size, threshold,
-                      (r["peak_x"], r["peak_y"]))
+                      (r["peak_x"], r["peak_y"]), border=border)
     return (f'<figure class="map"><img class="heatmap" src="{uri or ""}" alt="anomaly map of {html.escape(r["id"])}">'
             f'<figcaption>anomaly map; peak at ({r["peak_x"]}, {r["peak_y"]})</figcaption></figure>')
 
 
 def render(record: dict, scores: np.ndarray, normal_scores: np.ndarray | None, threshold: float,
            top: list[dict], images: dict[str, bytes], normal_images: dict[str, bytes],
-           labels_anomalous: np.ndarray | None = None, image_size: int | None = None) -> str:
+           labels_anomalous: np.ndarray | None = None, image_size: int | None = None,
+           border: list | None = None) -> str:
     """The report as one HTML string; ``top`` rows carry id, score, neighbor_ids, neighbor_dists (and with
-    ``--localize`` their anomaly_map, map_height, map_width, peak_x, peak_y: shown over the image)."""
+    ``--localize`` their anomaly_map, map_height, map_width, peak_x, peak_y: shown over the image at the
+    model's ``image_size``, border-calibrated by ``border`` as it was scored)."""
     roc = ""
     if labels_anomalous is not None and 0 < labels_anomalous.sum() < len(labels_anomalous):
         svg, auc = svg_roc(labels_anomalous, scores)
@@ -91,7 +94,7 @@ def render(record: dict, scores: np.ndarray, normal_scores: np.ndarray | None, t
         thumbs = [f'<figure><img class="query" src="{thumbnail_uri(images.get(r["id"])) or ""}" '
                   f'alt="{html.escape(r["id"])}"><figcaption>{html.escape(r["id"])}<br>score {r["score"]:.3f}'
                   f'{percentile_note(r.get("normal_percentile"))}</figcaption></figure>'
-                  + heatmap_figure(r, images.get(r["id"]), image_size, threshold)]
+                  + heatmap_figure(r, images.get(r["id"]), image_size, threshold, border)]
         for nid, nd in zip(r["neighbor_ids"], r["neighbor_dists"]):
             uri = thumbnail_uri(normal_images.get(nid)) or ""
             thumbs.append(f'<figure><img class="neighbor" src="{uri}" alt="{html.escape(nid)}">'
@@ -154,4 +157,5 @@ def run_report(record: dict, fs, scores_path: str, model, query_source, top_n: i
     scores = np.concatenate([np.empty(0), *scores])
     labels = np.concatenate([np.empty(0, int), *map(np.asarray, labels)]) if with_labels else None
     return render(record, scores, model.calibration_scores, model.threshold, top, images,
-                  normal_images, labels, model.meta.image_size if model.meta.localize else None)
+                  normal_images, labels, model.meta.image_size if model.meta.localize else None,
+                  model.meta.border_calibration)

@@ -175,12 +175,14 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
     bank = Bank([ray.put(s) for s in shards], ray.put(owners), int(cfg.embed.spec().image_size))
     calib = calibration_sample(n)
     scored = map_patches(ds, bank, cfg.score, exclude_ids=ids_ref, calibrate=ray.put(calib))
-    maps = np.full((n, grid[0] * grid[1]), np.nan, dtype=np.float32)  # only the calibration sample's rows fill
+    maps = np.full((len(calib), grid[0] * grid[1]), np.nan, dtype=np.float32)  # the calibration sample's maps
     for b in scored.select_columns(["id", "status", "anomaly_map"]).iter_batches(batch_size=None,
                                                                                  batch_format="numpy"):
-        ok = b["status"] == "ok"
-        maps[np.searchsorted(ids, b["id"][ok].astype(str))] = np.stack(b["anomaly_map"][ok]) if ok.any() else 0
-    maps = maps[calib].reshape(len(calib), grid[0], grid[1])
+        pos = np.searchsorted(ids, b["id"].astype(str))
+        take = np.flatnonzero((b["status"] == "ok") & np.isin(pos, calib))
+        if len(take):
+            maps[np.searchsorted(calib, pos[take])] = np.stack(b["anomaly_map"][take])
+    maps = maps.reshape(len(calib), grid[0], grid[1])
     border = border_calibration(maps)
     loo = map_scores(maps, bank.image_size, bank.sigma, border)
     q = effective_quantile(cfg.score.quantile, cfg.score.contamination)

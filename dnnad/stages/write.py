@@ -2,6 +2,7 @@
 committed by a marker, so a killed run resumes from the partitions it finished."""
 from __future__ import annotations
 
+from ..runtime import check_stopped
 from ..sources import partitions
 
 MIN_ROWS_PER_FILE = 65_536  # output rows per Parquet file (blocks are smaller: a file per block would be tiny)
@@ -15,8 +16,6 @@ def write_partitioned(run, name: str, src, scored_of) -> dict:
     parts = partitions(src, run.cfg.score.rows_per_partition(bool(src.cfg.embedding_column)))
     log = run.staging.partitions(name)
     skipped = 0
-    from ..runtime import check_stopped
-
     for i, part in enumerate(parts):
         check_stopped()
         if log.done(i):
