@@ -39,11 +39,7 @@ def features(backbone: str, size: int | None, stages: tuple[str, ...] = (), batc
     replaces the backbone's patch stages (``vision.specs.PATCH_STAGES``) to compare others."""
     import dataclasses
 
-    from dnnad.vision.backbones import FeatureExtractor
-    from dnnad.vision.preprocess import crop_fn, normalize_batch
-    from dnnad.vision.runtimes import cached_export
     from dnnad.vision.specs import get_spec
-    from dnnad.vision.weights import resolve_weights
 
     spec = get_spec(backbone, size, resize="full", localize=True)
     spec = dataclasses.replace(spec, patches=tuple(stages)) if stages else spec
@@ -53,22 +49,72 @@ def features(backbone: str, size: int | None, stages: tuple[str, ...] = (), batc
         z = np.load(path)
         return {"emb": z["emb"], "patches": z["patches"].astype(np.float32), "embed_s": float(z["embed_s"]),
                 "table": t, "size": spec.image_size}
-    w = resolve_weights(spec, "imagenet")
-    fe = FeatureExtractor(spec, None, device="cpu", threads=os.cpu_count(), onnx_model=cached_export(spec, w.state_dict))
-    crop = crop_fn(spec)
-    images = t["image"].to_pylist()
-    embs, grids = [], []
     t0 = time.perf_counter()
-    for s in range(0, len(images), batch):
-        x = normalize_batch(spec, np.stack([crop(decode_image(b)) for b in images[s:s + batch]]))
-        e, p = fe.with_patches(x)
-        embs.append(e)
-        grids.append(p.astype(np.float16))
+    emb, patches = embed_images(spec, t["image"].to_pylist(), batch)
     embed_s = time.perf_counter() - t0
-    emb, patches = np.concatenate(embs), np.concatenate(grids)
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(path, emb=emb, patches=patches, embed_s=embed_s)
     return {"emb": emb, "patches": patches.astype(np.float32), "embed_s": embed_s, "table": t, "size": spec.image_size}
+
+
+def embed_images(spec, images: list[bytes], batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Global embeddings (n, D) and float16 patch grids (n, h, w, d) of encoded images, as the jobs embed them
+    (ONNX Runtime, the offline ImageNet weights)."""
+    from dnnad.vision.backbones import FeatureExtractor
+    from dnnad.vision.preprocess import crop_fn, normalize_batch
+    from dnnad.vision.runtimes import cached_export
+    from dnnad.vision.weights import resolve_weights
+
+    w = resolve_weights(spec, "imagenet")
+    fe = FeatureExtractor(spec, None, device="cpu", threads=os.cpu_count(), onnx_model=cached_export(spec, w.state_dict))
+    crop = crop_fn(spec)
+    embs, grids = [], []
+    for s in range(0, len(images), batch):
+        e, p = fe.with_patches(normalize_batch(spec, np.stack([crop(decode_image(b)) for b in images[s:s + batch]])))
+        embs.append(e)
+        grids.append(p.astype(np.float16))
+    return np.concatenate(embs), np.concatenate(grids)
+
+
+def oneclass(dataset: str, backbone: str, size: int, classes: list[int], n_train: int, n_test: int,
+             coreset: float) -> None:
+    """--localize as a one-class detector on small square images (CIFAR-10, Fashion-MNIST): image ROC AUC of
+    the raw map maximum and of the border-calibrated score per class, ``n_train`` normal train images of the
+    class against ``n_test`` random test images (anomalous: another class). Checks that the calibration,
+    measured on MTD tiles, does not cost accuracy on another kind of image."""
+    import pyarrow.compute as pc
+
+    from dnnad.vision.specs import get_spec
+
+    spec = get_spec(backbone, size, resize="full", localize=True)
+    t = pq.read_table(DATASETS[dataset], columns=["image", "label", "split"])
+    rng = np.random.default_rng(0)
+    label = t["label"].to_numpy()
+    test = np.sort(rng.choice(np.flatnonzero(pc.equal(t["split"], "test").to_numpy(zero_copy_only=False)), n_test,
+                              replace=False))
+    t0 = time.perf_counter()
+    Gq = embed_images(spec, t["image"].take(test).to_pylist())[1].astype(np.float32)
+    lines = [f"# --localize one-class on {dataset}: {backbone} at {spec.image_size} px, coreset {coreset:g}", "",
+             f"{machine()}; dnnad {git_rev()}; {n_train} normal train images per class, {n_test} random test "
+             f"images (seed 0); patch grid {'x'.join(map(str, Gq.shape[1:]))}.", "",
+             "| normal class | image ROC AUC, raw maximum | image ROC AUC, border-calibrated |", "|---:|---:|---:|"]
+    res = []
+    train_rows = np.flatnonzero(pc.equal(t["split"], "train").to_numpy(zero_copy_only=False))
+    for c in classes:
+        rows = np.sort(rng.choice(train_rows[label[train_rows] == c], n_train, replace=False))
+        est = PatchDN2(coreset=coreset, image_size=spec.image_size).fit(
+            embed_images(spec, t["image"].take(rows).to_pylist())[1].astype(np.float32))
+        maps, y = est.anomaly_maps(Gq), label[test] != c
+        res.append((roc_auc_score(y, map_scores(maps, spec.image_size)),
+                    roc_auc_score(y, map_scores(maps, spec.image_size, border=est.border_))))
+        lines.append(f"| {c} | {res[-1][0]:.4f} | {res[-1][1]:.4f} |")
+        print(lines[-1], flush=True)
+    mean = np.mean(res, axis=0)
+    lines += [f"| mean | {mean[0]:.4f} | {mean[1]:.4f} |", "", f"{time.perf_counter() - t0:.0f} s. Command: "
+              f"`.venv/bin/python benchmarks/localise.py --oneclass {dataset} --backbone {backbone} --image-size "
+              f"{spec.image_size} --classes {' '.join(map(str, classes))} --coreset {coreset:g}`"]
+    print(lines[-3])
+    write_results(f"localise-oneclass-{dataset}-{backbone}-{spec.image_size}", lines)
 
 
 def aupro(maps: list[np.ndarray], masks: list[np.ndarray], limit: float = FPR_LIMIT, steps: int = 2000) -> float:
@@ -173,9 +219,14 @@ def main() -> None:
     ap.add_argument("--stages", default=None, help="patch stages instead of the backbone's, e.g. blocks.2,blocks.3")
     ap.add_argument("--scale", type=int, default=None, metavar="N",
                     help="instead: the score job on N normal images with --coreset (its first value)")
+    ap.add_argument("--oneclass", default=None, choices=["cifar10", "fashion-mnist"],
+                    help="instead: one-class image ROC AUC on this dataset, raw against border-calibrated")
+    ap.add_argument("--classes", type=int, nargs="*", default=[0, 3, 8], help="--oneclass: the normal classes")
     args = ap.parse_args()
     if args.scale:
         return scale(args.scale, args.coreset[0], args.backbone)
+    if args.oneclass:
+        return oneclass(args.oneclass, args.backbone, args.image_size or 128, args.classes, 200, 500, args.coreset[-1])
 
     f = features(args.backbone, args.image_size, tuple(args.stages.split(",")) if args.stages else ())
     t, size = f["table"], f["size"]

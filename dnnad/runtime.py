@@ -187,6 +187,7 @@ def files_reach_every_actor() -> bool:
 # so the pools leave READ_RESERVE_CPUS free; each actor sets its own thread count for the real work.
 READ_RESERVE_CPUS = 1.0
 SCORE_ACTOR_CPUS = 0.25
+FINAL_POOL_CPUS = 0.05  # with shard groups, the pool that only turns merged neighbours into output rows
 # On GPU clusters every GPU holds one embedding actor and one scoring actor (FAISS on the GPU) side by side,
 # so neither pool can take all GPUs and starve the other stage of the streaming pipeline.
 SCORE_ACTOR_GPUS = 0.25

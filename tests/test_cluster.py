@@ -126,9 +126,10 @@ def test_ray_job_submit_runs_on_both_nodes_and_matches_a_single_node_run(cluster
 
 
 def test_localize_through_ray_job_submit_gives_the_maps_of_one_node(cluster, data, tmp_path, ray_local):
+    """Two nodes, the bank in two shard groups (no actor holds all of it): the maps of one node, one group."""
     args = [*JOB_ARGS, "--localize", "--coreset", "0.5", "--shards", "2"]
     out = tmp_path / "cluster-maps"
-    submit_score(cluster, data, out, args)
+    submit_score(cluster, data, out, [*args, "--shard-groups", "2"])
     single = tmp_path / "single-maps"
     assert main(["score", "--normal", str(data.normal), "--query", str(data.query), "--out", str(single), *args]) == 0
     a, b = (pq.read_table(p / "scores").sort_by("id") for p in (out, single))

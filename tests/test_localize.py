@@ -137,6 +137,42 @@ def test_noisy_border_patches_do_not_outscore_an_interior_defect():
 
 
 @pytest.mark.unit
+def test_bank_shard_groups_give_the_maps_of_one_search():
+    """``--shard-groups``: each group's actor lowers the per-patch minimum, the last turns it into maps; what
+    one actor holding the whole bank gives, also leaving each normal image's own patches out."""
+    from dnnad.core.index import build_shard
+    from dnnad.stages.localize import Bank, PatchGroupSearch, PatchScorer
+
+    normal = textures(12, h=5, w=5)
+    bank_rows = normal.reshape(-1, 8)
+    shards = [build_shard(bank_rows[a:b], a) for a, b in [(0, 100), (100, 200), (200, 300)]]
+    bank = Bank(shards, np.arange(300) // 25, 40, rows=(100, 100, 100))
+    query = normal[[2, 7, 11]].copy()
+    query[1, 2, 2] += 3.0
+
+    def batch():
+        return {"id": np.array(["02", "07", "11", "x"]), "status": np.array(["ok", "ok", "ok", "error"]),
+                "patches": np.concatenate([query, np.zeros((1, 5, 5, 8), np.float32)]),
+                "height": np.array([40, 80, 40, 0]), "width": np.array([40, 40, 60, 0])}
+
+    ids = np.array([f"{i:02d}" for i in range(12)])  # the sorted normal ids: row i's own patches are 25i..25i+24
+    for exclude in (None, ids):
+        one = PatchScorer(bank, [0, 1, 2], exclude_ids=exclude)(batch())
+        b = batch()
+        for group in ([0], [1, 2]):
+            b = PatchGroupSearch(bank, group, exclude_ids=exclude)(b)
+        split = PatchScorer(bank, None, exclude_ids=exclude)(b)
+        assert "_patch_nn" not in split and "patches" not in split
+        for c in ("anomaly_map", "_patch_score", "peak_x", "peak_y"):
+            np.testing.assert_array_equal(split[c], one[c])
+        assert np.isnan(one["anomaly_map"][3]).all() and one["peak_x"][3] == -1
+        own = one["anomaly_map"][0]
+        assert (own == 0).all() if exclude is None else (own > 0).all()  # its own patches, or never them
+    with pytest.raises(ValueError, match="use fewer --shard-groups"):
+        PatchGroupSearch(Bank(shards, np.zeros(300, int), 40, rows=(100, 100, 100)), [0], exclude_ids=ids)
+
+
+@pytest.mark.unit
 def test_map_to_image_is_the_scored_map_at_the_image_size():
     grid = np.random.default_rng(2).random((6, 6))
     full = map_to_image(grid, 90, 150, 48)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import JobConfig
-from ..core.index import ShardedIndex, build_shard, shard_bounds
+from ..core.index import ShardedIndex, build_shard, shard_bounds, shard_groups
 from ..core.localize import calibration_sample, map_scores, patch_maps
 from ..core.model import FittedModel, with_bank
 from ..core.patches import (
@@ -31,11 +31,12 @@ from ..core.patches import (
     score_map,
 )
 from ..core.threshold import effective_quantile, threshold_from_scores
-from ..runtime import SCORE_ACTOR_CPUS, cluster_resources, resolved, score_pool
+from ..runtime import FINAL_POOL_CPUS, SCORE_ACTOR_CPUS, cluster_resources, resolved, score_pool
 from .collect import take_rows
 
 PATCH_SCORE = "_patch_score"  # the map score, which KnnScorer writes as ``score``
 MAP_COLUMNS = ("anomaly_map", "map_height", "map_width", "peak_x", "peak_y")
+PATCH_NEAREST = "_patch_nn"  # with bank shard groups: each patch's nearest bank distance so far
 
 
 @dataclass(frozen=True)
@@ -47,47 +48,93 @@ class Bank:
     image_size: int
     sigma: float = SIGMA
     border: np.ndarray | None = None  # (2, rings + 1) border calibration of the score (None: raw maxima)
+    rows: tuple[int, ...] = ()  # patches per shard: shard groups are balanced by them
+    shard_bytes: tuple[int, ...] = ()  # memory an actor holds per shard (Ray's memory request per group)
 
     @classmethod
     def of(cls, model: FittedModel) -> Bank:
+        return cls.put(model.bank, model.bank_owners, int(model.meta.image_size), model.meta.border_calibration)
+
+    @classmethod
+    def put(cls, shards: list, owners: np.ndarray, image_size: int, border=None) -> Bank:
         import ray
 
-        border = model.meta.border_calibration
-        return cls([ray.put(s) for s in model.bank], ray.put(model.bank_owners), int(model.meta.image_size),
-                   border=None if border is None else np.asarray(border, np.float64))
+        return cls([ray.put(s) for s in shards], ray.put(owners), image_size,
+                   border=None if border is None else np.asarray(border, np.float64),
+                   rows=tuple(len(s.vectors) for s in shards), shard_bytes=tuple(s.memory_bytes for s in shards))
 
 
-class PatchScorer:
-    """Patch-scoring actor: each ok row's ``patches`` grid → ``anomaly_map`` (row-major h x w: the distances),
-    its size, and from the border-calibrated smoothed map (``core.patches.score_map``) its peak in the
-    original image's pixels and the map score (``PATCH_SCORE``); ``patches`` is
-    dropped. With ``exclude_ids`` (a fit's calibration: the sorted normal ids), each row's patches never match
-    the bank patches of its own image."""
+class BankSearch:
+    """The set-up of every actor that searches the bank: the index over the shards ``group`` (positions into
+    ``bank.shards``; None: no index, the rows carry ``PATCH_NEAREST``), the leave-one-image-out exclusion
+    (``exclude_ids``: the sorted normal ids of a fit's calibration; rows never match their own image's bank
+    patches) and the calibration sample (``calibrate``: positions of the images to score, the others skipped)."""
 
-    def __init__(self, bank: Bank, exclude_ids=None, threads: int | None = None, calibrate=None):
+    def __init__(self, bank: Bank, group: list[int] | None, exclude_ids=None, threads: int | None = None,
+                 calibrate=None):
         import faiss
 
         if threads:
             faiss.omp_set_num_threads(threads)
-        self.index = ShardedIndex([resolved(s) for s in resolved(bank.shards)])
+        self.index = None if group is None else ShardedIndex([resolved(bank.shards[j]) for j in group])
         self.ids = None if exclude_ids is None else resolved(exclude_ids)
-        self.owners = resolved(bank.owners) if self.ids is not None else None
-        self.max_own = int(np.bincount(self.owners).max()) if self.owners is not None else 0
-        self.calibrate = resolved(calibrate)  # calibration: positions of the images to score, the others skipped
+        self.owners, self.max_own = None, 0
+        if self.ids is not None and self.index is not None:
+            self.owners = resolved(bank.owners)
+            lo = int(self.index.offsets[0])
+            self.max_own = int(np.bincount(self.owners[lo:lo + self.index.ntotal]).max())
+            if self.max_own >= self.index.ntotal:
+                raise ValueError(f"a bank shard group holds the patches of one image only ({self.index.ntotal}); "
+                                 "leave-one-image-out needs more: use fewer --shard-groups")
+        self.calibrate = resolved(calibrate)
         self.size, self.sigma, self.border = bank.image_size, bank.sigma, bank.border
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        grids = batch.pop("patches")
-        n, h, w = grids.shape[:3]
+    def rows(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows to map (ok, and in the calibration sample if there is one) and their reference positions."""
         rows = np.flatnonzero(batch["status"] == "ok")
         owners = None if self.ids is None else np.searchsorted(self.ids, batch["id"][rows].astype(str))
         if self.calibrate is not None:
             take = np.isin(owners, self.calibrate)
             rows, owners = rows[take], owners[take]
+        return rows, owners
+
+    def nearest(self, grids: np.ndarray, owners: np.ndarray | None) -> np.ndarray:
+        """(n, h, w) each patch's distance to its nearest patch of this actor's shards."""
+        return patch_maps(self.index, grids, owners, self.owners, self.max_own)
+
+
+class PatchGroupSearch(BankSearch):
+    """One bank shard group's actor (``--shard-groups``): lowers each mapped row's per-patch nearest distance
+    so far (``PATCH_NEAREST``, (n, h * w)) to its group's. No actor holds the whole bank; the result is the
+    one-group search's, since the minimum over groups is the minimum over the bank."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        grids = batch["patches"]
+        n, h, w = grids.shape[:3]
+        near = batch.get(PATCH_NEAREST)
+        near = np.full((n, h * w), np.inf, dtype=np.float32) if near is None else near.copy()
+        rows, owners = self.rows(batch)
+        if len(rows):
+            near[rows] = np.minimum(near[rows], self.nearest(grids[rows], owners).reshape(len(rows), -1))
+        batch[PATCH_NEAREST] = near
+        return batch
+
+
+class PatchScorer(BankSearch):
+    """Patch-scoring actor: each ok row's ``patches`` grid → ``anomaly_map`` (row-major h x w: the distances),
+    its size, and from the border-calibrated smoothed map (``core.patches.score_map``) its peak in the
+    original image's pixels and the map score (``PATCH_SCORE``); ``patches`` (and ``PATCH_NEAREST``, the
+    shard groups' result, when it holds no index) are dropped."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        grids = batch.pop("patches")
+        near = batch.pop(PATCH_NEAREST, None)
+        n, h, w = grids.shape[:3]
+        rows, owners = self.rows(batch)
         maps = np.full((n, h * w), np.nan, dtype=np.float32)
         score, px, py = np.full(n, np.nan), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
         if len(rows):
-            m = patch_maps(self.index, grids[rows], owners, self.owners, self.max_own)
+            m = self.nearest(grids[rows], owners) if self.index is not None else near[rows].reshape(-1, h, w)
             maps[rows] = m.reshape(len(rows), -1)
             for r, grid in zip(rows, m):
                 s = score_map(grid, self.size, self.border, self.sigma)
@@ -99,15 +146,28 @@ class PatchScorer:
 
 
 def map_patches(ds, bank: Bank, cfg, exclude_ids=None, calibrate=None):
-    """``ds`` (embedded rows with ``patches``) with its maps and map scores (lazy), on a pool of patch scorers."""
+    """``ds`` (embedded rows with ``patches``) with its maps and map scores (lazy), on a pool of patch scorers;
+    with ``cfg.shard_groups`` G > 1, on G pools that each hold a group of the bank's shards, then a pool that
+    only turns their minimum into maps and scores."""
     from ray.data import ActorPoolStrategy
 
     cpus, _ = cluster_resources()
     actors, threads = score_pool(cpus, cfg.actors)
-    return ds.map_batches(PatchScorer, batch_size=max(1, min(cfg.batch_size, 64)), batch_format="numpy",
-                          compute=ActorPoolStrategy(size=actors), num_cpus=SCORE_ACTOR_CPUS,
-                          fn_constructor_kwargs={"bank": bank, "exclude_ids": exclude_ids, "threads": threads,
-                                                 "calibrate": calibrate})
+    batch = max(1, min(cfg.batch_size, 64))
+    kw = {"bank": bank, "exclude_ids": exclude_ids, "threads": threads, "calibrate": calibrate}
+    groups = shard_groups(list(bank.rows) or [1] * len(bank.shards), cfg.shard_groups)
+    if len(groups) == 1:
+        return ds.map_batches(PatchScorer, batch_size=batch, batch_format="numpy",
+                              compute=ActorPoolStrategy(size=actors), num_cpus=SCORE_ACTOR_CPUS,
+                              fn_constructor_kwargs={**kw, "group": groups[0]})
+    per_pool = max(1, actors // len(groups))
+    for group in groups:
+        memory = sum(bank.shard_bytes[j] for j in group) // per_pool if bank.shard_bytes else 0
+        ds = ds.map_batches(PatchGroupSearch, batch_size=batch, batch_format="numpy",
+                            compute=ActorPoolStrategy(size=per_pool), num_cpus=SCORE_ACTOR_CPUS,
+                            **({"memory": memory} if memory else {}), fn_constructor_kwargs={**kw, "group": group})
+    return ds.map_batches(PatchScorer, batch_size=batch, batch_format="numpy", compute=ActorPoolStrategy(size=per_pool),
+                          num_cpus=FINAL_POOL_CPUS, fn_constructor_kwargs={**kw, "group": None})
 
 
 class Preselect:
@@ -172,7 +232,7 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
         raise ValueError("every patch of the bank belongs to one image: --localize needs more normal images")
     build = ray.remote(build_shard)
     shards = ray.get([build.remote(bank_rows[a:b], a) for a, b in shard_bounds(len(bank_rows), cfg.index.shards)])
-    bank = Bank([ray.put(s) for s in shards], ray.put(owners), int(cfg.embed.spec().image_size))
+    bank = Bank.put(shards, owners, int(cfg.embed.spec().image_size))
     calib = calibration_sample(n)
     scored = map_patches(ds, bank, cfg.score, exclude_ids=ids_ref, calibrate=ray.put(calib))
     maps = np.full((len(calib), grid[0] * grid[1]), np.nan, dtype=np.float32)  # the calibration sample's maps

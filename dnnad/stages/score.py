@@ -21,6 +21,7 @@ from ..core.dn2 import knn_score, score_against, self_exclusions
 from ..core.index import ShardedIndex, merge_neighbours, shard_groups
 from ..core.threshold import normal_percentile
 from ..runtime import (
+    FINAL_POOL_CPUS,
     SCORE_ACTOR_CPUS,
     SCORE_ACTOR_GPUS,
     cluster_resources,
@@ -38,7 +39,6 @@ SCORE_COLUMNS = pa.schema([
 ])  # then the passthrough columns a source has (group, label, split, n_members)
 CARRIED = (*PASSTHROUGH, "n_members", "cached", "_pos")  # group sizes, cache hits, calibration positions
 NEAREST = ("_nn_dist", "_nn_pos")  # the k nearest so far, carried between shard-group stages
-FINAL_POOL_CPUS = 0.05  # with shard groups, the pool that only turns merged neighbours into output rows
 
 
 def _list_column(values: pa.Array, ok: np.ndarray, k: int, type_: pa.DataType) -> pa.Array:
