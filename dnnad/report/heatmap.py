@@ -26,7 +26,7 @@ def heatmap_uri(data: bytes | None, grid: list[float], map_height: int, map_widt
     except DecodeError:
         return None
     m = map_to_image(np.asarray(grid, np.float64).reshape(map_height, map_width), img.height, img.width, image_size,
-                     stats=None if border is None else np.asarray(border, np.float64))
+                     stats=border)
     lo = float(m.min())
     alpha = np.clip((m - lo) / max(threshold - lo, 1e-12), 0, 1) ** 2 * 0.7
     red = Image.new("RGB", img.size, (230, 30, 30))
