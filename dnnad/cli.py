@@ -161,7 +161,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a near-duplicate pair's embedding distance at most R times its neighbourhood's "
                         f"(default {DUPLICATE_RATIO})")
     r.add_argument("--duplicate-similarity", type=float, default=DUPLICATE_SIMILARITY, metavar="S",
-                   help="and its images' fingerprints correlated at least S, mirrored or not "
+                   help="and its images' aligned fingerprints correlated beyond their neighbourhoods' by at least "
+                        "S of what those left to 1 (u = (s - level) / (1 - level)); R and S trade off linearly "
                         f"(default {DUPLICATE_SIMILARITY})")
     r.add_argument("--drop-duplicates", action="store_true",
                    help="keep one image per duplicate group (the others are dropped, reason duplicate)")

@@ -110,7 +110,7 @@ class RankConfig:
     rounds: int = 1
     duplicates: bool = True  # near-duplicate groups (OUT/duplicates) from the first round's kNN search
     duplicate_ratio: float = DUPLICATE_RATIO  # a pair's distance against its rows' neighbourhoods (core.duplicates)
-    duplicate_similarity: float = DUPLICATE_SIMILARITY  # fingerprint correlation a pair of images needs
+    duplicate_similarity: float = DUPLICATE_SIMILARITY  # fingerprint correlation beyond the neighbourhood's
     drop_duplicates: bool = False  # keep only each group's first member
     drop_suspects: bool = False  # with a label column: drop rows whose neighbours out-vote their label
 
@@ -287,12 +287,12 @@ class JobConfig:
             if r.drop is not None and r.drop_score is not None:
                 raise ConfigError("give --drop or --drop-score, not both")
             _in_range("--rounds", r.rounds, 1, 1000)
-            if not 0.0 < r.duplicate_ratio <= 1.0:
-                raise ConfigError(f"--duplicate-ratio must be in (0, 1] (a pair's distance over its neighbourhood's), "
+            if not 0.0 < r.duplicate_ratio <= 2.0:
+                raise ConfigError(f"--duplicate-ratio must be in (0, 2] (a pair's distance over its neighbourhood's), "
                                   f"got {r.duplicate_ratio}")
-            if not -1.0 <= r.duplicate_similarity < 1.0:
-                raise ConfigError(f"--duplicate-similarity must be in [-1, 1) (a correlation), "
-                                  f"got {r.duplicate_similarity}")
+            if not -3.0 <= r.duplicate_similarity < 1.0:
+                raise ConfigError(f"--duplicate-similarity must be in [-3, 1) (a correlation's excess over the "
+                                  f"neighbourhood's, as a share of what it left to 1), got {r.duplicate_similarity}")
             if r.drop_suspects and not self.normal.label_column:
                 raise ConfigError("--drop-suspects needs --label-column")
             if self.normal.label_column and self.index.reduce:

@@ -9,13 +9,15 @@ from dnnad.core.arrays import l2_normalize
 from dnnad.core.dn2 import FitParams, fit_reference
 from dnnad.core.duplicates import (
     EXTRA_NEIGHBOURS,
+    VECTOR_SHARE,
     candidate_pairs,
     find_duplicates,
     fingerprint_similarity,
+    neighbourhood_level,
     neighbourhood_scale,
+    pair_check,
     pair_distances,
 )
-from dnnad.core.settings import DUPLICATE_SIMILARITY
 from dnnad.vision.fingerprint import fingerprint
 
 pytestmark = pytest.mark.unit
@@ -94,41 +96,44 @@ def test_ratio_test_decides_against_the_neighbourhood():
     F = prints(*images)  # identical fingerprints: the ratio test alone decides, at the full bound
     assert find_duplicates(X, nb, F, max_ratio=r * 1.001).n_groups == 1
     assert find_duplicates(X, nb, F, max_ratio=r * 0.999).n_groups == 0
-    assert find_duplicates(X, nb, None, max_ratio=2 * r * 1.001).n_groups == 1  # vectors: half the bound
-    assert find_duplicates(X, nb, None, max_ratio=2 * r * 0.999).n_groups == 0
+    vectors = r / VECTOR_SHARE  # vectors: a share of the bound
+    assert find_duplicates(X, nb, None, max_ratio=vectors * 1.001).n_groups == 1
+    assert find_duplicates(X, nb, None, max_ratio=vectors * 0.999).n_groups == 0
 
 
 def test_the_two_tests_trade_off_linearly():
     X, nb, r, images = near_pair()
     images[20] = ImageEnhance.Contrast(images[7]).enhance(0.5).rotate(3, Image.BICUBIC)
     F = prints(*images)
-    s = fingerprint_similarity(F, np.array([7]), np.array([20]))[0]
-    assert 0.5 < s < 0.99  # altered, not identical
+    check = pair_check(X, nb, F)[0]
+    u = check.excess(np.array([7]), np.array([20]))[0]
+    assert 0.5 < u < 1  # altered, not identical, yet beyond its look-alikes
     ratio = 0.5
-    exact = 1 - (1 - s) / (1 - r / ratio)  # the similarity bound that puts this pair on the line
+    exact = 1 - (1 - u) / (1 - r / ratio)  # the excess bound that puts this pair on the line
     assert find_duplicates(X, nb, F, ratio, exact - 1e-3).n_groups == 1
     assert find_duplicates(X, nb, F, ratio, exact + 1e-3).n_groups == 0
 
 
 def test_groups_never_chain_distinct_pictures():
-    """Each of pictures 0..5 is a near copy of the next (a 2 px pan), its neighbours two steps away are not:
-    single linkage would make one group of six; complete linkage keeps pairs whose members all verify."""
+    """Pictures 0..5 cross-fade from one scene to another: each verifies with the next, the ends do not;
+    single linkage would make one group of six; complete linkage keeps groups whose members all verify."""
     X = cloud(80, 16)
     step = np.random.default_rng(2).normal(size=16).astype(np.float32) * 0.02
     images = [picture(100 + i) for i in range(80)]
-    scene = np.asarray(picture(7, 64))
+    first, last = np.asarray(picture(7), np.float64), np.asarray(picture(8), np.float64)
     for i in range(6):
         X[i] = X[0] + i * step
-        images[i] = Image.fromarray(np.roll(scene, 2 * i, axis=1)).resize((32, 32))
+        images[i] = Image.fromarray(np.uint8((1 - i / 5) * first + i / 5 * last))
     F = prints(*images)
-    pan = fingerprint_similarity(F, np.arange(5), np.arange(1, 6))
-    assert (pan >= DUPLICATE_SIMILARITY).all()  # a chain of verified pairs 0-1-2-3-4-5
-    g = find_duplicates(X, neighbours(X), F)
-    assert g.size.tolist() == [2, 2, 2]
+    nb = neighbours(X)
+    check = pair_check(X, nb, F)[0]
+    assert check(np.arange(5), np.arange(1, 6)).all()  # a chain of verified pairs 0-1-2-3-4-5
+    assert not check(np.array([0]), np.array([5]))[0]  # the two scenes are not one picture
+    g = find_duplicates(X, nb, F)
+    assert g.size.tolist() == [3, 3]
     for gid in range(g.n_groups):
         rows = np.flatnonzero(g.group == gid)
-        assert (fingerprint_similarity(F, np.repeat(rows, len(rows)), np.tile(rows, len(rows)))
-                >= DUPLICATE_SIMILARITY).all()  # every pair within a group verifies
+        assert check(np.repeat(rows, len(rows)), np.tile(rows, len(rows))).all()  # every pair within a group verifies
 
 
 def test_same_labels_always_group_even_if_the_search_skips_them():
@@ -144,19 +149,26 @@ def test_same_labels_always_group_even_if_the_search_skips_them():
     assert g.n_groups == 1 and g.members.tolist() == [2, 30, 31] and g.size.tolist() == [3]
 
 
-def test_fingerprints_survive_re_saving_and_tell_pictures_apart():
+def test_fingerprints_survive_re_saving_cropping_and_rotating_and_tell_pictures_apart():
     photo = picture(5, 96)
     buf = io.BytesIO()
     photo.save(buf, "JPEG", quality=50)
     altered = [Image.open(io.BytesIO(buf.getvalue())), photo.resize((40, 40)), ImageOps.mirror(photo),
                ImageEnhance.Brightness(photo).enhance(1.3), ImageOps.expand(photo, 8, (255, 0, 0)),
-               photo.rotate(4, Image.BICUBIC)]
+               photo.rotate(4, Image.BICUBIC), photo.rotate(-7, Image.BICUBIC),
+               photo.crop((8, 2, 96, 90)).resize((96, 96), Image.BICUBIC)]  # aligned, not compared as they lie
     F = prints(photo, *altered, *(picture(s, 96) for s in range(20, 40)))
     sim = fingerprint_similarity(F, np.zeros(len(F) - 1, np.int64), np.arange(1, len(F)))
     assert (sim[:len(altered)] >= 0.8).all()
     assert (sim[len(altered):] < 0.8).all()
     flat = prints(Image.new("RGB", (32, 32), (9, 9, 9)), photo)
     assert fingerprint_similarity(flat, np.array([0]), np.array([1]))[0] == 0.0
+
+
+def test_a_rows_level_is_the_median_similarity_of_its_candidate_pairs():
+    a, b, s = np.array([0, 0, 1]), np.array([1, 2, 2]), np.array([0.2, 0.6, 0.4])
+    # row 0: {0.2, 0.6}; row 1: {0.2, 0.4}; row 2: {0.6, 0.4}; row 3: no pairs
+    assert neighbourhood_level(4, a, b, s).tolist() == pytest.approx([0.4, 0.3, 0.5, 0.0])
 
 
 def test_candidate_pairs_drop_missing_and_self():
@@ -193,7 +205,7 @@ def test_duplicate_flags():
     assert not r.duplicates
     r = rank_cfg("--duplicate-ratio", "0.7", "--duplicate-similarity", "0.9", "--drop-duplicates").rank
     assert r.drop_duplicates and (r.duplicate_ratio, r.duplicate_similarity) == (0.7, 0.9)
-    for flags, msg in ((["--duplicate-ratio", "0"], "in \\(0, 1\\]"), (["--duplicate-similarity", "1"], "in \\[-1, 1\\)"),
+    for flags, msg in ((["--duplicate-ratio", "0"], "in \\(0, 2\\]"), (["--duplicate-similarity", "1"], "in \\[-3, 1\\)"),
                        (["--no-duplicates", "--drop-duplicates"], "needs the duplicate groups"),
                        (["--drop-duplicates", "--reduce", "kmeans:4"], "--reduce")):
         with pytest.raises(ConfigError, match=msg):

@@ -4,27 +4,41 @@ Two pieces of evidence decide whether a candidate pair (a row and one of its lea
 picture, and they add up:
 - ``r``, its embedding distance over the larger of the two rows' distances to their farthest candidate: a
   ratio test against the neighbourhood, so one setting holds across backbones and image sizes;
-- ``s``, the normalised cross-correlation of its low-level fingerprints (``vision.fingerprint``), of the
-  picture or its mirror image: semantic look-alikes differ here, the same photo re-saved does not.
-A pair is a copy when ``r / max_ratio + (1 - s) / (1 - min_similarity) <= 1``: up to ``max_ratio`` when the
-fingerprints are identical, and fingerprints down to ``min_similarity`` when the embeddings are. Vectors
-without images have the ratio test alone, at half the bound. Verified pairs join groups by complete linkage:
+- ``u``, how far its low-level fingerprints (``vision.fingerprint``) correlate beyond what the two rows'
+  look-alikes reach: ``s`` is the best band-pass correlation over small rotations, zooms, shifts and a mirror
+  (alignment forgives crops, rotations, frames and re-sampling), ``level`` the larger of the rows' median ``s``
+  over their candidates, and ``u = (s - level) / (1 - level)``. Semantic look-alikes differ here, the same
+  photo re-saved does not; and because it is relative, one setting holds where look-alikes share a silhouette
+  (garments on black) and where they do not (photos).
+A pair is a copy when ``r / max_ratio + (1 - u) / (1 - min_similarity) <= 1``: up to ``max_ratio`` when the
+fingerprints are identical, and ``u`` down to ``min_similarity`` when the embeddings are. Vectors without
+images have the ratio test alone, at ``VECTOR_SHARE`` of the bound. Verified pairs join groups by complete linkage:
 two groups merge only when every pair across them verifies, so a group never chains distinct pictures through
 intermediate ones. Rows sharing a label in ``same`` (a content hash of the file bytes, identical vectors) are
 always one group. Ray-free and vectorised except the merge loop, which visits verified pairs only.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from .arrays import l2_normalize
 from .settings import DUPLICATE_RATIO, DUPLICATE_SIMILARITY
 
 EXTRA_NEIGHBOURS = 8  # neighbours asked of the kNN search beyond k: the duplicate candidates of each row
 PAIR_CHUNK = 1 << 16  # candidate pairs whose distances are computed in one vectorised step
+# The fingerprint alignment searched per pair (32 x 32 grid): copies are cropped, rotated, re-framed
+ALIGN_ROTATIONS = (-8.0, -4.0, 0.0, 4.0, 8.0)  # degrees
+ALIGN_ZOOMS = (0.92, 1.0, 1.08)
+ALIGN_SHIFT = 4  # grid cells each way; the centre (side - 2 * shift) square is compared
+BAND = (0.7, 2.1)  # difference of Gaussians, grid cells
+TEMPLATE_BLURS = (0.0, 1.0)  # a re-sampled or re-encoded copy lost fine detail: compare a blurred template too
+ALIGN_CHUNK = 32  # rows of b warped at once: their windows take ~3 MB each
+VECTOR_SHARE = 0.2125  # vectors without images: the ratio test alone, at this share of its bound (0.425 at 2.0)
 
 
 @dataclass(frozen=True)
@@ -73,21 +87,95 @@ def pair_distances(X: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = PAI
     return out
 
 
-def _centred(F: np.ndarray) -> np.ndarray:
-    F = F.astype(np.float32)
-    F -= F.mean(axis=1, keepdims=True)
-    return F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-6)
+@functools.lru_cache(maxsize=4)
+def _warp_matrix(side: int) -> np.ndarray:
+    """(warps * side * side, side * side): bilinear resampling of a grid by every rotation x zoom about its
+    centre (edges extended), then the band-pass: one product warps and filters a whole chunk of fingerprints."""
+    from scipy.sparse import csr_matrix
+
+    c = (side - 1) / 2
+    yy, xx = (np.mgrid[0:side, 0:side].astype(np.float64) - c).reshape(2, -1)
+    rows, cols, vals = [], [], []
+    for w, (th, z) in enumerate((th, z) for th in np.deg2rad(ALIGN_ROTATIONS) for z in ALIGN_ZOOMS):
+        cos, sin = np.cos(th) / z, np.sin(th) / z
+        y = np.clip(cos * yy - sin * xx + c, 0, side - 1)
+        x = np.clip(sin * yy + cos * xx + c, 0, side - 1)
+        y0, x0 = np.minimum(np.floor(y), side - 2).astype(np.int64), np.minimum(np.floor(x), side - 2).astype(np.int64)
+        fy, fx = y - y0, x - x0
+        out = w * side * side + np.arange(side * side)
+        for dy, dx, wt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+            rows.append(out), cols.append((y0 + dy) * side + x0 + dx), vals.append(wt)
+    n = len(ALIGN_ROTATIONS) * len(ALIGN_ZOOMS)
+    warp = csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(n * side * side, side * side))
+    band = _band(np.eye(side * side).reshape(-1, side, side)).reshape(side * side, side * side).T  # band @ image
+    return np.ascontiguousarray(np.concatenate([band @ warp[w * side * side:(w + 1) * side * side].toarray()
+                                                for w in range(n)]), dtype=np.float32)
 
 
-def fingerprint_similarity(F: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = PAIR_CHUNK) -> np.ndarray:
-    """Normalised cross-correlation of fingerprints ``F[a[i]]`` and ``F[b[i]]`` (square grids, one per row of
-    ``F``), the larger of b as it is and mirrored left-right; a flat fingerprint correlates with nothing."""
+@functools.lru_cache(maxsize=4)
+def _window_sums(side: int, c: int) -> np.ndarray:
+    """(side * side, offsets) 0/1 matrix: an image times it sums each c x c window."""
+    k = side - c + 1
+    box = np.zeros((side, side, k, k), dtype=np.float32)
+    for i in range(k):
+        for j in range(k):
+            box[i:i + c, j:j + c, i, j] = 1
+    return box.reshape(side * side, k * k)
+
+
+def _band(imgs: np.ndarray, blur: float = 0.0) -> np.ndarray:
+    """Difference of Gaussians over the last two axes: the detail a copy keeps and a look-alike lacks."""
+    fine, coarse = (np.hypot(BAND[0], blur), np.hypot(BAND[1], blur))
+    lead = (0,) * (imgs.ndim - 2)
+    return gaussian_filter(imgs, (*lead, fine, fine)) - gaussian_filter(imgs, (*lead, coarse, coarse))
+
+
+def _templates(imgs: np.ndarray, m: int) -> np.ndarray:
+    """(len(imgs) * 2 * blurs, c * c) zero-mean unit centre windows of each image, as it is and mirrored, at
+    every template blur."""
+    both = np.stack([imgs, imgs[:, :, ::-1]], axis=1)  # (n, 2, side, side)
+    t = np.stack([_band(both, blur)[..., m:-m, m:-m] for blur in TEMPLATE_BLURS], axis=2)
+    t = t.reshape(-1, t.shape[-1] * t.shape[-2]).astype(np.float32)
+    t -= t.mean(axis=1, keepdims=True)
+    return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-6)
+
+
+def fingerprint_similarity(F: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = ALIGN_CHUNK) -> np.ndarray:
+    """Aligned correlation of fingerprints ``F[a[i]]`` and ``F[b[i]]`` (square grids, one per row of ``F``):
+    the best normalised cross-correlation of their band-passed centres over small rotations, zooms and shifts
+    of b, with a as it is or mirrored, sharp or blurred. Alignment forgives crops, rotations and re-sampling;
+    the band-pass ignores tone and the shared silhouette of look-alikes. A flat fingerprint correlates with
+    nothing. Vectorised over ``chunk`` distinct rows of b at a time."""
     side = int(round(np.sqrt(F.shape[1])))
-    out = np.empty(len(a), dtype=np.float64)
-    for s in range(0, len(a), chunk):
-        fa, fb = _centred(F[a[s:s + chunk]]), _centred(F[b[s:s + chunk]])
-        mirror = fb.reshape(-1, side, side)[:, :, ::-1].reshape(len(fb), -1)
-        out[s:s + chunk] = np.maximum(np.einsum("pd,pd->p", fa, fb), np.einsum("pd,pd->p", fa, mirror))
+    m = ALIGN_SHIFT
+    c = side - 2 * m
+    warp, sums = _warp_matrix(side), _window_sums(side, c).astype(np.float64)
+    out = np.zeros(len(a), dtype=np.float64)
+    if not len(a):
+        return out
+    order = np.argsort(b, kind="stable")
+    bs, starts = np.unique(b[order], return_index=True)
+    per = 2 * len(TEMPLATE_BLURS)
+    for lo in range(0, len(bs), chunk):
+        rows_of = np.split(order[starts[lo]:starts[lo + chunk] if lo + chunk < len(bs) else len(order)],
+                           starts[lo + 1:lo + chunk] - starts[lo])
+        imgs = F[bs[lo:lo + chunk]].astype(np.float32)
+        W = (imgs @ warp.T).reshape(len(imgs), -1, side, side)  # (chunk, warps, side, side), band-passed
+        flat = W.reshape(-1, side * side).astype(np.float64)
+        s1, s2 = flat @ sums, (flat * flat) @ sums  # every window's sum and sum of squares
+        norms = np.sqrt(np.maximum(s2 - s1 * s1 / (c * c), 0.0)).reshape(len(imgs), -1)
+        win = np.lib.stride_tricks.sliding_window_view(W, (c, c), axis=(2, 3)).reshape(len(imgs), norms.shape[1], c * c)
+        mine = np.concatenate(rows_of)
+        ua, inv = np.unique(a[mine], return_inverse=True)
+        T = _templates(F[ua].reshape(-1, side, side).astype(np.float32), m).reshape(len(ua), per, c * c)
+        at = 0
+        for j, rows in enumerate(rows_of):
+            t = T[inv[at:at + len(rows)]].reshape(-1, c * c)
+            at += len(rows)
+            ncc = (win[j] @ t.T) / np.maximum(norms[j], 1e-6)[:, None]
+            ncc[norms[j] < 1e-3] = 0.0  # a flat window
+            out[rows] = ncc.max(axis=0).reshape(len(rows), per).max(axis=1)
     return out
 
 
@@ -111,25 +199,69 @@ def _farthest(n: int, a: np.ndarray, d: np.ndarray) -> np.ndarray:
     return scale
 
 
+def neighbourhood_level(n: int, a: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """(n,) each row's median fingerprint similarity over its candidate pairs (a[i], b[i]) with similarity
+    s[i] (0 without pairs): how alike this collection's look-alikes of the row already are."""
+    rows, vals = np.concatenate([a, b]), np.concatenate([s, s])
+    order = np.lexsort((vals, rows))
+    rows, vals = rows[order], vals[order]
+    count = np.bincount(rows, minlength=n)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    level = np.zeros(n, dtype=np.float64)
+    has = count > 0
+    lo, hi = start + (count - 1) // 2, start + count // 2
+    level[has] = (vals[lo[has]] + vals[hi[has]]) / 2
+    return level
+
+
 class PairCheck:
-    """The verification of ``find_duplicates`` for any pairs of rows (the module docstring's rule)."""
+    """The verification of ``find_duplicates`` for any pairs of rows (the module docstring's rule); the
+    fingerprint similarity of every candidate pair ``(a[i], b[i])`` is measured once, here."""
 
     def __init__(self, X: np.ndarray, scale: np.ndarray, fingerprints: np.ndarray | None, max_ratio: float,
-                 min_similarity: float, labels: np.ndarray):
+                 min_similarity: float, labels: np.ndarray, a: np.ndarray, b: np.ndarray):
         self.X, self.scale, self.F = X, scale, fingerprints
         self.max_ratio, self.min_similarity, self.labels = max_ratio, min_similarity, labels
+        if fingerprints is not None:
+            self.keys = np.unique(self._key(a, b))
+            lo, hi = np.divmod(self.keys, len(X))
+            self.s = fingerprint_similarity(fingerprints, lo, hi)
+            self.level = neighbourhood_level(len(X), lo, hi, self.s)
+
+    def _key(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.minimum(a, b).astype(np.int64) * len(self.X) + np.maximum(a, b)
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Fingerprint similarity of pairs (a[i], b[i]), either way round: measured once per unordered pair."""
+        key = self._key(a, b)
+        at = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+        known = self.keys[at] == key
+        s = np.where(known, self.s[at], np.nan)
+        lo, hi = np.divmod(key[~known], len(self.X))
+        s[~known] = fingerprint_similarity(self.F, lo, hi)
+        return s
+
+    def excess(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``u``: a pair's similarity beyond the larger of its rows' neighbourhood levels, as a share of what
+        was left to 1 (1: identical; 0: as alike as the rows' look-alikes)."""
+        level = np.minimum(np.maximum(self.level[a], self.level[b]), 1 - 1e-6)
+        return (self.similarity(a, b) - level) / (1 - level)
+
+    def ratio(self, a: np.ndarray, b: np.ndarray, d: np.ndarray | None = None) -> np.ndarray:
+        """``r``: a pair's embedding distance over the larger of its rows' neighbourhood distances."""
+        scale = np.maximum(self.scale[a], self.scale[b])
+        d = pair_distances(self.X, a, b) if d is None else d
+        return np.divide(d, scale, out=np.full(len(a), np.inf), where=scale > 0)
 
     def __call__(self, a: np.ndarray, b: np.ndarray, d: np.ndarray | None = None) -> np.ndarray:
         """(len(a),) bool: pairs (a[i], b[i]) that verify; ``d``: their distances when already measured."""
-        scale = np.maximum(self.scale[a], self.scale[b])
-        d = pair_distances(self.X, a, b) if d is None else d
-        r = np.divide(d, scale, out=np.full(len(a), np.inf), where=scale > 0)
+        r = self.ratio(a, b, d)
         if self.F is None:
-            ok = r <= self.max_ratio / 2
+            ok = r <= self.max_ratio * VECTOR_SHARE
         else:
-            ok = r <= self.max_ratio
-            s = fingerprint_similarity(self.F, a[ok], b[ok])
-            ok[ok] = r[ok] / self.max_ratio + (1 - s) / (1 - self.min_similarity) <= 1
+            ok = r <= self.max_ratio  # u <= 1: no pair beyond this verifies
+            u = self.excess(a[ok], b[ok])
+            ok[ok] = r[ok] / self.max_ratio + (1 - u) / (1 - self.min_similarity) <= 1
         return ok | (self.labels[a] == self.labels[b])
 
 
@@ -146,6 +278,17 @@ def _same_labels(n: int, same: Sequence[np.ndarray]) -> np.ndarray:
     return connected_components(coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)), directed=False)[1]
 
 
+def pair_check(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndarray | None = None,
+               max_ratio: float = DUPLICATE_RATIO, min_similarity: float = DUPLICATE_SIMILARITY,
+               same: Sequence[np.ndarray] = ()) -> tuple[PairCheck, np.ndarray, np.ndarray, np.ndarray]:
+    """The verification ``find_duplicates`` runs (arguments as there), with the candidate pairs (a, b) and
+    their distances d, each measured once: the yardstick, the test and the merge order all use them."""
+    a, b = candidate_pairs(neighbours)
+    d = pair_distances(X, a, b)
+    labels = _same_labels(len(X), same)
+    return PairCheck(X, _farthest(len(X), a, d), fingerprints, max_ratio, min_similarity, labels, a, b), a, b, d
+
+
 def find_duplicates(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndarray | None = None,
                     max_ratio: float = DUPLICATE_RATIO, min_similarity: float = DUPLICATE_SIMILARITY,
                     same: Sequence[np.ndarray] = ()) -> DuplicateGroups:
@@ -153,15 +296,11 @@ def find_duplicates(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndar
     from a leave-one-out kNN search, nearest first (-1 for none). ``fingerprints`` (n, side*side) uint8, or
     None for vectors without images (the ratio test alone). ``same``: label arrays (n,); rows sharing a label
     are one group whatever their distance."""
-    n = len(X)
-    labels = _same_labels(n, same)
-    a, b = candidate_pairs(neighbours)
-    d = pair_distances(X, a, b)  # measured once: the yardstick, the test and the merge order all use it
-    check = PairCheck(X, _farthest(n, a, d), fingerprints, max_ratio, min_similarity, labels)
+    check, a, b, d = pair_check(X, neighbours, fingerprints, max_ratio, min_similarity, same)
     ok = check(a, b, d)
     a, b, d = a[ok], b[ok], d[ok]
     # complete linkage over verified pairs, closest first; label groups start merged
-    group = labels.astype(np.int64)
+    group = check.labels.astype(np.int64)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(group.tolist()):
         members.setdefault(g, []).append(i)

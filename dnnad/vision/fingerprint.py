@@ -1,12 +1,14 @@
-"""A picture's low-level fingerprint for near-duplicate verification: its grey levels on a small grid after
-uniform borders are trimmed. Re-encoding, resizing, tone changes and added frames leave it nearly unchanged;
-two distinct photos that a semantic embedding puts side by side rarely share it (``core.duplicates``)."""
+"""A picture's low-level fingerprint for near-duplicate verification: its grey levels on a 32 x 32 grid after
+uniform borders are trimmed. ``core.duplicates`` compares two of them band-passed and aligned (small
+rotations, zooms, shifts, a mirror), so re-encoding, resizing, tone changes, frames, crops and small rotations
+leave a copy's fingerprint matching, while two distinct photos that a semantic embedding puts side by side
+rarely share its detail."""
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageChops
 
-FINGERPRINT_SIZE = 16  # grid side: 256 grey levels per image
+FINGERPRINT_SIZE = 32  # grid side: 1,024 grey levels per image
 BORDER_TOLERANCE = 24  # grey-level difference from the corner colour still counted as border
 TRIM_PASSES = 2  # an added frame, then the picture's own plain background
 
