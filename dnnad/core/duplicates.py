@@ -115,9 +115,9 @@ def _warp_matrix(side: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _window_sums(side: int, c: int) -> np.ndarray:
-    """(side * side, offsets) 0/1 matrix: an image times it sums each c x c window."""
+    """(side * side, offsets) 0/1 matrix: an image times it sums each c x c window (float64, as the sums)."""
     k = side - c + 1
-    box = np.zeros((side, side, k, k), dtype=np.float32)
+    box = np.zeros((side, side, k, k), dtype=np.float64)
     for i in range(k):
         for j in range(k):
             box[i:i + c, j:j + c, i, j] = 1
@@ -150,16 +150,16 @@ def fingerprint_similarity(F: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: i
     side = int(round(np.sqrt(F.shape[1])))
     m = ALIGN_SHIFT
     c = side - 2 * m
-    warp, sums = _warp_matrix(side), _window_sums(side, c).astype(np.float64)
+    warp, sums = _warp_matrix(side), _window_sums(side, c)
     out = np.zeros(len(a), dtype=np.float64)
     if not len(a):
         return out
     order = np.argsort(b, kind="stable")
     bs, starts = np.unique(b[order], return_index=True)
+    pairs_of = np.split(order, starts[1:])  # the pairs of each distinct row of b
     per = 2 * len(TEMPLATE_BLURS)
     for lo in range(0, len(bs), chunk):
-        rows_of = np.split(order[starts[lo]:starts[lo + chunk] if lo + chunk < len(bs) else len(order)],
-                           starts[lo + 1:lo + chunk] - starts[lo])
+        rows_of = pairs_of[lo:lo + chunk]
         imgs = F[bs[lo:lo + chunk]].astype(np.float32)
         W = (imgs @ warp.T).reshape(len(imgs), -1, side, side)  # (chunk, warps, side, side), band-passed
         flat = W.reshape(-1, side * side).astype(np.float64)
