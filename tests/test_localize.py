@@ -417,3 +417,37 @@ def test_preselection_of_a_batch_without_readable_rows_keeps_the_survivor_shape(
 def test_estimator_refuses_a_coreset_outside_zero_to_one():
     with pytest.raises(ValueError, match="coreset must be"):
         PatchDN2(coreset=0).fit(textures(3))
+
+
+@pytest.mark.unit
+def test_block_spans_cover_a_row_range_across_uneven_blocks():
+    from dnnad.stages.localize import block_spans
+
+    assert block_spans([3, 0, 4, 2], 2, 8) == {0: (2, 3), 2: (0, 4), 3: (0, 1)}
+    assert block_spans([3, 0, 4, 2], 0, 9) == {0: (0, 3), 2: (0, 4), 3: (0, 2)}
+    assert block_spans([5], 1, 2) == {0: (1, 2)}
+
+
+@pytest.mark.unit
+def test_coreset_chunk_across_survivor_blocks_keeps_the_rows_of_one_array():
+    """The job's stage 2 reads a chunk's images from several object-store blocks; it keeps exactly what
+    ``coreset_chunk`` keeps from the same survivors in one array, with each patch's image position."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from dnnad.core.patches import coreset_chunk, coreset_projection
+    from dnnad.stages.localize import block_spans, select_chunk
+
+    S = textures(10, 4, 4, 8).reshape(10, 16, 8)  # 10 images' survivors, 16 each
+    sizes = [3, 0, 5, 2]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    blocks = [pa.table({"_pos": pa.array(np.arange(a, b)), "survivors": ArrowTensorArray.from_numpy(S[a:b])})
+              for a, b in zip(starts[:-1], starts[1:])]
+    P = coreset_projection(8)
+    spans = block_spans(sizes, 2, 9)
+    rows, owners = select_chunk(spans, 0.25, P, *[blocks[i] for i in spans])
+    keep = coreset_chunk(S[2:9].reshape(-1, 8), 0.25, P)
+    np.testing.assert_array_equal(rows, S[2:9].reshape(-1, 8)[keep])
+    np.testing.assert_array_equal(owners, 2 + keep // 16)
+    rows, owners = select_chunk(spans, None, P, *[blocks[i] for i in spans])  # coreset 100 %: every survivor
+    assert len(rows) == 7 * 16 and owners.tolist() == np.repeat(np.arange(2, 9), 16).tolist()

@@ -32,7 +32,6 @@ from ..core.patches import (
 )
 from ..core.threshold import effective_quantile, threshold_from_scores
 from ..runtime import FINAL_POOL_CPUS, SCORE_ACTOR_CPUS, cluster_resources, resolved, score_pool
-from .collect import take_rows
 
 PATCH_SCORE = "_patch_score"  # the map score, which KnnScorer writes as ``score``
 MAP_COLUMNS = ("anomaly_map", "map_height", "map_width", "peak_x", "peak_y")
@@ -193,7 +192,8 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
     """``model`` (fitted on the global embeddings of the normal rows ``ids``, sorted) with its patch bank and
     with the threshold and calibration of leave-one-image-out map scores. ``ds``: the embedded normal rows
     with ``patches``, materialised (it is read twice, by the coreset's first stage and by the calibration):
-    the driver holds the coreset's survivors, never the normal set's patches."""
+    the normal patches stay in the object store (sorted by reference position, selected and indexed by
+    tasks): the driver holds the bank's shards and owners only."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -205,33 +205,28 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
     survivors = ds.select_columns(["id", "status", "patches"]).map_batches(
         Preselect, batch_size=16, batch_format="numpy", num_cpus=1, compute=ActorPoolStrategy(size=max(1, cpus)),
         fn_constructor_kwargs={"ids": ids_ref, "fraction": fraction})
-    pos, parts, grid = [], [], None
-    for b in survivors.iter_batches(batch_size=None, batch_format="numpy"):
-        if len(b["_pos"]):
-            pos.append(b["_pos"]), parts.append(b["survivors"])
-            grid = tuple(int(v) for v in b["_grid"][0])
-    pos = np.concatenate(pos)
-    order = np.argsort(pos, kind="stable")
-    _, k, d = parts[0].shape
-    parts = [p.reshape(len(p), -1) for p in parts]
-    S = take_rows(parts, order).reshape(-1, d)  # every image's survivors in reference order; blocks freed as placed
-    pos = pos[order]
-    P = coreset_projection(d)
-    if fraction < 1:
-        task = ray.remote(coreset_chunk)
-        share = coreset_size(n * grid[0] * grid[1], fraction) / len(S)  # stage 2 keeps the rest of the fraction
-        chunks = coreset_chunks(n, k)
-        picked = ray.get([task.remote(S[a * k:b * k], share, P) for a, b in chunks])
-        keep = np.concatenate([a * k + p for (a, _), p in zip(chunks, picked)])
-    else:
-        keep = np.arange(len(S))
-    bank_rows = np.ascontiguousarray(S[keep])
-    owners = pos[keep // k].astype(np.int64)
-    del S
+    blocks = survivors.sort("_pos").to_arrow_refs()  # in reference order, in the object store
+    heads = ray.get([ray.remote(block_head).remote(b) for b in blocks])
+    sizes = [len(p) for p, _ in heads]
+    grid = next((g for p, g in heads if len(p)), None)
+    if sum(sizes) != n or grid is None:
+        raise ValueError(f"{sum(sizes)} of {n} normal rows have patches: every normal image needs them")
+    k, grid = grid[0], grid[1:]  # patches each image keeps after stage 1; (h, w, d)
+    P = coreset_projection(grid[2])
+    share = coreset_size(n * grid[0] * grid[1], fraction) / (n * k) if fraction < 1 else None
+    select = ray.remote(num_returns=2)(select_chunk)
+    chunks = [select.remote(block_spans(sizes, a, b), share, P, *[blocks[i] for i in block_spans(sizes, a, b)])
+              for a, b in coreset_chunks(n, k)]
+    del blocks  # each chunk task holds the blocks it reads; the survivors are freed as the tasks end
+    owned = ray.get([o for _, o in chunks])  # the driver holds the bank's owners, its rows stay in the store
+    lengths, owners = [len(o) for o in owned], np.concatenate(owned)
     if np.bincount(owners, minlength=n).max() == len(owners):
         raise ValueError("every patch of the bank belongs to one image: --localize needs more normal images")
-    build = ray.remote(build_shard)
-    shards = ray.get([build.remote(bank_rows[a:b], a) for a, b in shard_bounds(len(bank_rows), cfg.index.shards)])
+    rows = [r for r, _ in chunks]
+    build = ray.remote(gather_shard)
+    shards = ray.get([build.remote(block_spans(lengths, a, b), a, *[rows[i] for i in block_spans(lengths, a, b)])
+                      for a, b in shard_bounds(len(owners), cfg.index.shards)])
+    del chunks, rows
     bank = Bank.put(shards, owners, int(cfg.embed.spec().image_size))
     calib = calibration_sample(n)
     scored = map_patches(ds, bank, cfg.score, exclude_ids=ids_ref, calibrate=ray.put(calib))
@@ -247,3 +242,45 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
     loo = map_scores(maps, bank.image_size, bank.sigma, border)
     q = effective_quantile(cfg.score.quantile, cfg.score.contamination)
     return with_bank(model, shards, owners, loo, threshold_from_scores(loo, q), grid, cfg.index.coreset, border)
+
+
+def block_spans(sizes: list[int], a: int, b: int) -> dict[int, tuple[int, int]]:
+    """{block: (start, stop)} of the rows [a, b) of consecutive blocks of ``sizes`` rows."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return {i: (max(a, int(starts[i])) - int(starts[i]), min(b, int(starts[i + 1])) - int(starts[i]))
+            for i in range(len(sizes)) if starts[i] < b and starts[i + 1] > a and sizes[i]}
+
+
+def block_head(block) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    """A survivors block's reference positions and (h, w, d) grid with the patches kept per image first."""
+    from ray.data.block import BlockAccessor
+
+    pos = BlockAccessor.for_block(block).to_numpy("_pos")
+    if not len(pos):
+        return pos, None
+    head = BlockAccessor.for_block(block.slice(0, 1)).to_numpy(["survivors", "_grid"])
+    return pos, (int(head["survivors"].shape[1]), *(int(v) for v in head["_grid"][0]))
+
+
+def _rows(spans: dict[int, tuple[int, int]], parts, column: str | None = None) -> np.ndarray:
+    """The spans' rows of ``parts`` (Arrow blocks with ``column``, or arrays), concatenated."""
+    from ray.data.block import BlockAccessor
+
+    return np.concatenate([part[a:b] if column is None else BlockAccessor.for_block(part.slice(a, b - a)).to_numpy(column)
+                           for (a, b), part in zip(spans.values(), parts)])
+
+
+def select_chunk(spans: dict[int, tuple[int, int]], share: float | None, projection, *blocks):
+    """Coreset stage 2 on one chunk of whole images (the spans of ``blocks``): the kept patches (n_kept, d)
+    and their images' reference positions; ``share`` None keeps every survivor."""
+    S = _rows(spans, blocks, "survivors")
+    pos = _rows(spans, blocks, "_pos")
+    k = S.shape[1]
+    S = S.reshape(-1, S.shape[2])
+    keep = np.arange(len(S)) if share is None else coreset_chunk(S, share, projection)
+    return np.ascontiguousarray(S[keep]), pos[keep // k].astype(np.int64)
+
+
+def gather_shard(spans: dict[int, tuple[int, int]], offset: int, *parts):
+    """One bank shard from the spans of the chunks' kept patches."""
+    return build_shard(_rows(spans, parts), offset)
