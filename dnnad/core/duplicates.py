@@ -20,7 +20,7 @@ always one group. Ray-free and vectorised except the merge loop, which visits ve
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,7 @@ BAND = (0.7, 2.1)  # difference of Gaussians, grid cells
 TEMPLATE_BLURS = (0.0, 1.0)  # a re-sampled or re-encoded copy lost fine detail: compare a blurred template too
 ALIGN_CHUNK = 32  # rows of b warped at once: their windows take ~3 MB each
 VECTOR_SHARE = 0.2125  # vectors without images: the ratio test alone, at this share of its bound (0.425 at 2.0)
+Similarity = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (F, a, b) -> s: fingerprint_similarity's
 
 
 @dataclass(frozen=True)
@@ -216,16 +217,18 @@ def neighbourhood_level(n: int, a: np.ndarray, b: np.ndarray, s: np.ndarray) -> 
 
 class PairCheck:
     """The verification of ``find_duplicates`` for any pairs of rows (the module docstring's rule); the
-    fingerprint similarity of every candidate pair ``(a[i], b[i])`` is measured once, here."""
+    fingerprint similarity of every candidate pair ``(a[i], b[i])`` is measured once, here, by ``similarity``
+    (``fingerprint_similarity`` or a parallel runner of it: the jobs spread it over Ray tasks)."""
 
     def __init__(self, X: np.ndarray, scale: np.ndarray, fingerprints: np.ndarray | None, max_ratio: float,
-                 min_similarity: float, labels: np.ndarray, a: np.ndarray, b: np.ndarray):
+                 min_similarity: float, labels: np.ndarray, a: np.ndarray, b: np.ndarray,
+                 similarity: Similarity = fingerprint_similarity):
         self.X, self.scale, self.F = X, scale, fingerprints
         self.max_ratio, self.min_similarity, self.labels = max_ratio, min_similarity, labels
         if fingerprints is not None:
             self.keys = np.unique(self._key(a, b))
             lo, hi = np.divmod(self.keys, len(X))
-            self.s = fingerprint_similarity(fingerprints, lo, hi)
+            self.s = similarity(fingerprints, lo, hi)
             self.level = neighbourhood_level(len(X), lo, hi, self.s)
 
     def _key(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -280,23 +283,26 @@ def _same_labels(n: int, same: Sequence[np.ndarray]) -> np.ndarray:
 
 def pair_check(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndarray | None = None,
                max_ratio: float = DUPLICATE_RATIO, min_similarity: float = DUPLICATE_SIMILARITY,
-               same: Sequence[np.ndarray] = ()) -> tuple[PairCheck, np.ndarray, np.ndarray, np.ndarray]:
+               same: Sequence[np.ndarray] = (), similarity: Similarity = fingerprint_similarity
+               ) -> tuple[PairCheck, np.ndarray, np.ndarray, np.ndarray]:
     """The verification ``find_duplicates`` runs (arguments as there), with the candidate pairs (a, b) and
     their distances d, each measured once: the yardstick, the test and the merge order all use them."""
     a, b = candidate_pairs(neighbours)
     d = pair_distances(X, a, b)
     labels = _same_labels(len(X), same)
-    return PairCheck(X, _farthest(len(X), a, d), fingerprints, max_ratio, min_similarity, labels, a, b), a, b, d
+    check = PairCheck(X, _farthest(len(X), a, d), fingerprints, max_ratio, min_similarity, labels, a, b, similarity)
+    return check, a, b, d
 
 
 def find_duplicates(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndarray | None = None,
                     max_ratio: float = DUPLICATE_RATIO, min_similarity: float = DUPLICATE_SIMILARITY,
-                    same: Sequence[np.ndarray] = ()) -> DuplicateGroups:
+                    same: Sequence[np.ndarray] = (), similarity: Similarity = fingerprint_similarity
+                    ) -> DuplicateGroups:
     """Near-duplicate groups among the candidate pairs of ``neighbours`` (n, c): each row's candidate positions
     from a leave-one-out kNN search, nearest first (-1 for none). ``fingerprints`` (n, side*side) uint8, or
     None for vectors without images (the ratio test alone). ``same``: label arrays (n,); rows sharing a label
-    are one group whatever their distance."""
-    check, a, b, d = pair_check(X, neighbours, fingerprints, max_ratio, min_similarity, same)
+    are one group whatever their distance. ``similarity`` measures the candidate pairs' fingerprints."""
+    check, a, b, d = pair_check(X, neighbours, fingerprints, max_ratio, min_similarity, same, similarity)
     ok = check(a, b, d)
     a, b, d = a[ok], b[ok], d[ok]
     # complete linkage over verified pairs, closest first; label groups start merged

@@ -45,6 +45,7 @@ def find_job_duplicates(data, fit, cfg):
     the search skips, equal vectors) always group."""
     from ..core.dn2 import duplicate_groups
     from ..core.duplicates import find_duplicates
+    from ..stages.verify import parallel_similarity
 
     same = [np.array(data.extra["hash"].tolist(), dtype="S64")] if "hash" in data.extra else []
     if cfg.score.exclude_duplicates or not same:  # a source of vectors: identical vectors are the copies
@@ -53,7 +54,7 @@ def find_job_duplicates(data, fit, cfg):
     if prints is not None:
         prints = np.frombuffer(b"".join(prints.tolist()), np.uint8).reshape(len(prints), -1)
     return find_duplicates(data.X, fit.neighbour_pos, prints, cfg.rank.duplicate_ratio,
-                           cfg.rank.duplicate_similarity, same)
+                           cfg.rank.duplicate_similarity, same, similarity=parallel_similarity)
 
 
 LABEL_FIELDS = [("label", pa.string()), ("voter_ids", pa.list_(pa.string())), ("neighbor_labels", pa.list_(pa.string())),
