@@ -221,6 +221,8 @@ def test_localizing_model_round_trips_and_damage_is_refused(tmp_path):
     ({"query": SourceConfig("/q.parquet", embedding_column="v")}, "--embedding-column"),
     ({"index": IndexConfig(reduce=10)}, "drop --reduce"),
     ({"embed": EmbedConfig(localize=True, decode="reduced")}, "drop --decode reduced"),
+    ({"index": IndexConfig(kind="sq8")}, "drop --index sq8"),
+    ({"index": IndexConfig(kind="ivfpq", approximate=True)}, "drop --approximate"),
 ])
 def test_bad_localize_settings_are_one_line_errors(change, message):
     base = dict(kind="score", out="/tmp/o", normal=SourceConfig("/n"), query=SourceConfig("/q"),
