@@ -215,6 +215,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--coreset", type=float, nargs="*", default=[0.01, 0.1], help="fractions (1 = the whole bank)")
     ap.add_argument("--spade", type=int, nargs="*", default=[10], help="K nearest normal images (SPADE variant)")
+    ap.add_argument("--index", nargs="*", default=["flat"], choices=["flat", "ivf", "hnsw", "ivfpq", "sq8"],
+                    help="bank index kinds (compressed: codes in memory, exact re-rank)")
+    ap.add_argument("--approximate", action="store_true", help="also score compressed banks from their codes")
     ap.add_argument("--sigma", type=float, default=SIGMA)
     ap.add_argument("--stages", default=None, help="patch stages instead of the backbone's, e.g. blocks.2,blocks.3")
     ap.add_argument("--scale", type=int, default=None, metavar="N",
@@ -240,21 +243,23 @@ def main() -> None:
              f"{G.shape[2]}x{G.shape[3]}", "", f"{machine()}; dnnad {git_rev()}; {len(train)} normal tiles, "
              f"{len(test)} test tiles ({', '.join(f'{k} {int((kinds == k).sum())}' for k in sorted(set(kinds)))}); "
              f"features {f['embed_s']:.0f} s for {len(t)} tiles; smoothing sigma {args.sigma} px.", "",
-             "| setting | bank patches | bank MB | coreset s | build + LOO threshold s | query ms/image | "
+             "| setting | bank patches | bank MB in memory | coreset s | build + LOO threshold s | query ms/image | "
              "image AUROC | pixel AUROC | AUPRO | per kind: image / pixel / AUPRO |", "|---" * 10 + "|"]
 
-    def rows(name, bank, cs, fit_s, q_ms, maps, border):
+    def rows(name, bank, cs, fit_s, q_ms, maps, border, held=None):
         """The raw maximum's row, then the border-calibrated score's (the product's) with the same maps."""
         res = evaluate(map_scores(maps, size, args.sigma), pixel(maps), masks, kinds)
-        row(f"{name}, raw maximum", bank, cs, fit_s, q_ms, res)
+        row(f"{name}, raw maximum", bank, cs, fit_s, q_ms, res, held)
         cal = evaluate(map_scores(maps, size, args.sigma, border), None, masks, kinds)
-        row(f"{name}, border-calibrated", bank, cs, fit_s, q_ms, {k: (v[0], *res[k][1:]) for k, v in cal.items()})
+        row(f"{name}, border-calibrated", bank, cs, fit_s, q_ms, {k: (v[0], *res[k][1:]) for k, v in cal.items()}, held)
 
-    def row(name, bank, cs, fit_s, q_ms, res):
+    def row(name, bank, cs, fit_s, q_ms, res, held=None):
+        """``held``: bytes a search holds in memory (compressed kinds: the codes); default the float32 patches."""
         a = res["all"]
         kinds_txt = "; ".join(f"{k}: {v[0]:.3f}" + (f" / {v[1]:.3f} / {v[2]:.3f}" if v[1] is not None else "")
                               for k, v in res.items() if k != "all")
-        lines.append(f"| {name} | {bank if bank else '-'} | {bank * G.shape[3] * 4 / 2**20 if bank else 0:.0f} | "
+        held = held if held is not None else bank * G.shape[3] * 4
+        lines.append(f"| {name} | {bank if bank else '-'} | {held / 2**20 if bank else 0:.1f} | "
                      f"{cs} | {fit_s} | {q_ms} | {a[0]:.3f} | {fmt(a[1])} | {fmt(a[2])} | {kinds_txt} |")
         print(lines[-1], flush=True)
 
@@ -284,22 +289,30 @@ def main() -> None:
         rows(f"SPADE: patches of the {K} nearest normal tiles", K * n_grid, "-", "-", f"{q_ms:.0f}", maps,
              border_calibration(loo))
 
+    banks = [(kind, approx) for kind in args.index
+             for approx in ((False, True) if args.approximate and kind in ("ivfpq", "sq8") else (False,))]
     for frac in args.coreset:
-        t0 = time.perf_counter()
-        est = PatchDN2(coreset=frac, image_size=size, sigma=args.sigma).fit(G[train])
-        cs = est.coreset_seconds_
-        fit_s = time.perf_counter() - t0 - cs
-        t0 = time.perf_counter()
-        maps = est.anomaly_maps(G[test])
-        q_ms = (time.perf_counter() - t0) / len(test) * 1e3
-        rows(f"bank, coreset {frac:g}", est.index_.ntotal, f"{cs:.1f}" if frac < 1 else "-", f"{fit_s:.1f}",
-             f"{q_ms:.0f}", maps, est.border_)
+        for kind, approx in banks:
+            t0 = time.perf_counter()
+            est = PatchDN2(coreset=frac, image_size=size, sigma=args.sigma, index=kind, approximate=approx).fit(G[train])
+            cs = est.coreset_seconds_
+            fit_s = time.perf_counter() - t0 - cs
+            t0 = time.perf_counter()
+            maps = est.anomaly_maps(G[test])
+            q_ms = (time.perf_counter() - t0) / len(test) * 1e3
+            held = sum(s.vectors.nbytes if s.faiss_bytes is None else s.faiss_bytes.nbytes for s in est.index_.shards)
+            name = f"bank, coreset {frac:g}" + ("" if kind == "flat" else f", {kind}" + (" from codes" if approx else ""))
+            rows(name, est.index_.ntotal, f"{cs:.1f}" if frac < 1 else "-", f"{fit_s:.1f}", f"{q_ms:.0f}", maps,
+                 est.border_, held)
 
-    stem = f"localise-mtd-{args.backbone}-{size}" + (f"-{args.stages.replace(',', '+')}" if args.stages else "")
+    stem = f"localise-mtd-{args.backbone}-{size}" + (f"-{args.stages.replace(',', '+')}" if args.stages else "") + (
+        f"-{'+'.join(args.index)}" if args.index != ["flat"] else "")
     write_results(stem, lines + ["", f"Command: `.venv/bin/python benchmarks/localise.py --backbone {args.backbone}"
                                  f"{f' --image-size {args.image_size}' if args.image_size else ''}"
                                  f"{f' --stages {args.stages}' if args.stages else ''} --coreset "
-                                 f"{' '.join(map(str, args.coreset))} --spade {' '.join(map(str, args.spade))}`"])
+                                 f"{' '.join(map(str, args.coreset))} --spade {' '.join(map(str, args.spade))}"
+                                 f"{' --index ' + ' '.join(args.index) if args.index != ['flat'] else ''}"
+                                 f"{' --approximate' if args.approximate else ''}`"])
 
 
 if __name__ == "__main__":

@@ -268,10 +268,6 @@ class JobConfig:
                                   f"size: drop {flag}")
         if "resize" in self.explicit and self.embed.resize != "full":
             raise ConfigError("--localize maps the whole image as the network saw it: drop --resize crop")
-        if self.index.kind != "flat" or self.index.approximate:
-            flag = "--approximate" if self.index.approximate else f"--index {self.index.kind}"
-            raise ConfigError(f"--localize keeps its patch bank in exact flat shards (compressed banks are not "
-                              f"supported yet): drop {flag}")
         for src in (self.normal, self.query):
             if src is not None and src.embedding_column:
                 raise ConfigError("--localize needs images (patch features), not the vectors of --embedding-column")

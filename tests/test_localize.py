@@ -94,6 +94,30 @@ def test_coreset_bank_keeps_a_fraction_and_still_finds_the_defect():
     assert np.unravel_index(est.anomaly_maps(query)[0].argmax(), (6, 6)) == (1, 1)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["sq8", "ivfpq"])
+def test_compressed_bank_maps_as_the_flat_bank_does(kind):
+    """A compressed bank (codes in memory, candidates re-ranked by exact distance) gives the flat bank's maps
+    (sq8 scans every code; IVF-PQ probes some lists, so a patch may get a farther true distance, never a
+    nearer one); scored from its codes alone (``approximate``) it stays close and still finds the defect."""
+    normal = textures(300)
+    query = textures(4, seed=9)
+    query[2, 3, 1] += 3.0
+    flat = PatchDN2(coreset=None, image_size=48).fit(normal)
+    exact = PatchDN2(coreset=None, image_size=48, index=kind).fit(normal)
+    approx = PatchDN2(coreset=None, image_size=48, index=kind, approximate=True).fit(normal)
+    assert exact.index_.kind == kind and exact.index_.shards[0].faiss_bytes is not None
+    got, want = exact.anomaly_maps(query), flat.anomaly_maps(query)
+    if kind == "sq8":
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(exact.loo_scores_, flat.loo_scores_, rtol=1e-6)
+    else:
+        assert (got >= want - 1e-6).all() and np.isclose(got, want, rtol=1e-6).mean() > 0.8
+    maps = approx.anomaly_maps(query)
+    assert np.unravel_index(maps[2].argmax(), (6, 6)) == (3, 1) and approx.predict(query)[2] == -1
+    assert np.median(np.abs(maps - flat.anomaly_maps(query))) < 0.2 * np.median(flat.anomaly_maps(query))
+
+
 def padded_textures(n, seed, noise=0.3, side=8):
     """``textures`` whose outermost ring of patches is noisier, as zero padding makes real edge patches."""
     g = textures(n, h=side, w=side, seed=seed)
@@ -221,8 +245,6 @@ def test_localizing_model_round_trips_and_damage_is_refused(tmp_path):
     ({"query": SourceConfig("/q.parquet", embedding_column="v")}, "--embedding-column"),
     ({"index": IndexConfig(reduce=10)}, "drop --reduce"),
     ({"embed": EmbedConfig(localize=True, decode="reduced")}, "drop --decode reduced"),
-    ({"index": IndexConfig(kind="sq8")}, "drop --index sq8"),
-    ({"index": IndexConfig(kind="ivfpq", approximate=True)}, "drop --approximate"),
 ])
 def test_bad_localize_settings_are_one_line_errors(change, message):
     base = dict(kind="score", out="/tmp/o", normal=SourceConfig("/n"), query=SourceConfig("/q"),
@@ -303,6 +325,26 @@ def test_localize_model_records_the_bank_and_scores_again_identically(localized,
     a = pq.read_table(out / "scores").to_pandas().sort_values("id").reset_index(drop=True)
     b = pq.read_table(again / "scores").to_pandas().sort_values("id").reset_index(drop=True)
     assert a.score.equals(b.score) and all(np.array_equal(x, y) for x, y in zip(a.anomaly_map, b.anomaly_map))
+
+
+@pytest.mark.ray
+def test_compressed_bank_is_saved_with_its_codes_and_maps_like_the_flat_one(localized, tmp_path):
+    root, out, _ = localized
+    sq8 = tmp_path / "sq8"
+    assert main(["score", "--normal", str(root / "normal"), "--query", str(root / "query"), "--out", str(sq8 / "out"),
+                 "--model", str(sq8 / "model"), "--index", "sq8", *LOCALIZE]) == 0
+    model = load_model(str(sq8 / "model"))
+    assert model.meta.index_kind == "sq8" and all(s.faiss_bytes is not None for s in model.bank)
+    assert isinstance(model.bank[0].vectors, np.memmap)  # loaded locally: codes in memory, vectors on disk
+    a = pq.read_table(out / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    b = pq.read_table(sq8 / "out" / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    ok = a.status == "ok"
+    np.testing.assert_allclose(np.stack(b.anomaly_map[ok]), np.stack(a.anomaly_map[ok]), rtol=1e-5)
+    again = tmp_path / "again"
+    assert main(["score", "--model", str(sq8 / "model"), "--query", str(root / "query"), "--out", str(again),
+                 "--quiet"]) == 0
+    c = pq.read_table(again / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    assert all(np.array_equal(x, y) for x, y in zip(b.anomaly_map[ok], c.anomaly_map[ok]))
 
 
 @pytest.mark.ray

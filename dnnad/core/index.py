@@ -21,6 +21,7 @@ from .settings import COMPRESSED_KINDS, INDEX_KINDS
 EXACT_KINDS = ("flat",)
 COMPRESSED_OVERFETCH = 8  # compressed kinds re-rank 8x the candidates: code distances are coarse
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
+RERANK_ROWS = 1 << 16  # query-candidate pairs re-ranked at a time (bounds the float64 temporaries)
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger re-searches run on the CPU
 
 
@@ -230,19 +231,31 @@ class ShardedIndex:
         nq = len(Xq)
         D, I = np.empty((nq, k)), np.empty((nq, k), dtype=np.int64)
         todo = np.arange(nq)
-        kk = (k + n_excl + margin) * (COMPRESSED_OVERFETCH if self.exact and self.kind in COMPRESSED_KINDS else 1)
-        kk = min(self.ntotal, kk)
+        over = COMPRESSED_OVERFETCH if self.exact and self.kind in COMPRESSED_KINDS else 1
+        kk = min(self.ntotal, (k + n_excl + margin) * over)
+        # Approximate kinds re-rank only the best ``cap`` valid candidates by the index's own distance: the
+        # breadth of a query without exclusions, however many rows the exclusions over-fetch.
+        cap = (k + margin) * over * len(self.shards)
         while len(todo):
             ex = exclude.take(todo) if exclude is not None else None
-            D_t, I_t, done = self._refine(Xq[todo], k, kk, ex)
+            D_t, I_t, done = self._refine(Xq[todo], k, kk, ex, cap)
             D[todo[done]], I[todo[done]] = D_t[done], I_t[done]
             todo = todo[~done]
             if len(todo) and kk == self.ntotal:
                 raise RuntimeError("index returned fewer than k neighbours; increase nprobe/ef_search")
-            kk = min(self.ntotal, 4 * kk)
+            kk, cap = min(self.ntotal, 4 * kk), 4 * cap
         return D, I
 
-    def _refine(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None
+    def _distances(self, Xq: np.ndarray, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact float64 distances (m,) between queries ``Xq[q]`` and reference rows ``rows``, in slices
+        that bound the float64 temporaries to ``RERANK_ROWS`` x d."""
+        out = np.empty(len(q))
+        for a in range(0, len(q), RERANK_ROWS):
+            diff = np.subtract(self.vectors(rows[a:a + RERANK_ROWS]), Xq[q[a:a + RERANK_ROWS]], dtype=np.float64)
+            out[a:a + RERANK_ROWS] = np.sqrt(np.einsum("md,md->m", diff, diff))
+        return out
+
+    def _refine(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None, cap: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distances, positions, settled) of one candidate round; unsettled rows hold garbage."""
         F, I, bound = self.candidates(Xq, kk)
@@ -251,6 +264,9 @@ class ShardedIndex:
         if exclude is not None:
             valid &= ~exclude.excluded(safe)
         F = np.where(valid, F, np.inf)
+        if self.kind not in EXACT_KINDS and cap < F.shape[1]:
+            best = np.argpartition(F, cap - 1, axis=1)[:, :cap]
+            F, safe, valid = (np.take_along_axis(a, best, 1) for a in (F, safe, valid))
         t = np.partition(F, k - 1, axis=1)[:, k - 1].astype(np.float64)  # k-th float32 distance
         if self.kind in EXACT_KINDS:
             # |float32 FAISS distance - exact| <= delta (dot products and norms of d terms, worst case).
@@ -263,9 +279,8 @@ class ShardedIndex:
             contend = valid
         if self.exact:
             q, c = np.nonzero(contend)
-            diff = np.subtract(self.vectors(safe[q, c]), Xq[q], dtype=np.float64)
             E = np.full(F.shape, np.inf)
-            E[q, c] = np.sqrt(np.einsum("md,md->m", diff, diff))
+            E[q, c] = self._distances(Xq, q, safe[q, c])
         else:
             E = np.sqrt(np.where(valid, F, np.inf).astype(np.float64))
         # Order by (distance, position); an approximate index may repeat a row: keep its first copy.

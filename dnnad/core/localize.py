@@ -56,16 +56,20 @@ class PatchDN2:
     ``coreset``: fraction of normal patches kept (greedy k-centre, ``core.patches.greedy_coreset``; the
     jobs' default 0.1; None or 1 keeps all). ``image_size``: the network's input side, the resolution maps
     are smoothed at. The threshold is the ``quantile`` of the normal images' leave-one-image-out scores (of
-    ``calibration_sample``: every image up to ``CALIBRATION_IMAGES``, then a seeded sample). Fitted attributes: ``index_``,
+    ``calibration_sample``: every image up to ``CALIBRATION_IMAGES``, then a seeded sample). ``index``: the bank's
+    index kind (``core.index.build_shard``; compressed kinds keep codes in memory and re-rank candidates by
+    exact distance unless ``approximate``). Fitted attributes: ``index_``,
     ``bank_owners_`` (normal image of each bank row), ``border_`` (the border calibration of the
     leave-one-image-out maps; None with ``calibrate_border=False``), ``loo_scores_``, ``threshold_``, ``grid_``
     (h, w), ``coreset_seconds_``.
     """
 
     def __init__(self, coreset: float | None = 0.1, image_size: int = 260, sigma: float = SIGMA,
-                 quantile: float = 0.99, n_shards: int = 1, seed: int = 0, calibrate_border: bool = True):
+                 quantile: float = 0.99, n_shards: int = 1, seed: int = 0, calibrate_border: bool = True,
+                 index: str = "flat", approximate: bool = False):
         self.coreset, self.image_size, self.sigma, self.calibrate_border = coreset, image_size, sigma, calibrate_border
         self.quantile, self.n_shards, self.seed = quantile, n_shards, seed
+        self.index, self.approximate = index, approximate
 
     def fit(self, grids: np.ndarray) -> PatchDN2:
         """Fit on the normal images' patch grids (n, h, w, d), n >= 2."""
@@ -80,7 +84,7 @@ class PatchDN2:
         t0 = time.perf_counter()
         keep = greedy_coreset(bank, self.coreset or 1.0, h * w, self.seed)
         self.coreset_seconds_ = time.perf_counter() - t0
-        self.index_ = build_index(bank[keep], self.n_shards)
+        self.index_ = build_index(bank[keep], self.n_shards, self.index, exact=not self.approximate)
         self.bank_owners_ = owners[keep]
         self.grid_ = (h, w)
         counts = np.bincount(self.bank_owners_, minlength=n)

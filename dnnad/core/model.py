@@ -145,7 +145,9 @@ def _model_files(model: FittedModel) -> dict[str, Callable]:
         shard_meta.append({"offset": s.offset, "rows": len(s.vectors), "faiss": s.faiss_bytes is not None})
     for i, s in enumerate(model.bank or []):
         files[f"bank-{i:03d}.npy"] = npy(s.vectors)
-        shard_meta.append({"bank": True, "offset": s.offset, "rows": len(s.vectors)})
+        if s.faiss_bytes is not None:
+            files[f"bank-{i:03d}.faiss"] = raw(s.faiss_bytes.data)
+        shard_meta.append({"bank": True, "offset": s.offset, "rows": len(s.vectors), "faiss": s.faiss_bytes is not None})
     if model.bank_owners is not None:
         files["bank_owners.npy"] = npy(np.asarray(model.bank_owners, np.int64))
     files["normal.parquet"] = lambda f: pq.write_table(pa.table({"id": pa.array(model.ids.tolist(), pa.string())}), f)
@@ -262,11 +264,15 @@ def _load_bank(fs, path: str, docs: list[dict], meta: ModelMeta) -> tuple[list[S
         return None, None
     _check(bool(docs) and meta.patch_grid is not None and len(meta.patch_grid) == 3, path, "no patch bank")
     d, bank = int(meta.patch_grid[2]), []
+    mapped = meta.index_kind in COMPRESSED_KINDS and storage.is_local(fs)  # codes in memory, vectors on demand
     for i, sm in enumerate(docs):
-        vec = storage.load_npy(fs, storage.join(path, f"bank-{i:03d}.npy"))
+        npy = storage.join(path, f"bank-{i:03d}.npy")
+        vec = np.load(npy, allow_pickle=False, mmap_mode="r") if mapped else storage.load_npy(fs, npy)
+        fb = (np.frombuffer(storage.read_bytes(fs, storage.join(path, f"bank-{i:03d}.faiss")), dtype=np.uint8)
+              if sm.get("faiss") else None)
         _check(vec.dtype == np.float32 and vec.shape == (sm["rows"], d) and bool(np.isfinite(vec).all()), path,
                f"bank shard {i} holds {vec.dtype} {vec.shape}, expected finite float32 ({sm['rows']}, {d})")
-        bank.append(Shard(int(sm["offset"]), np.ascontiguousarray(vec)))
+        bank.append(Shard(int(sm["offset"]), vec if mapped else np.ascontiguousarray(vec), fb))
     owners = storage.load_npy(fs, storage.join(path, "bank_owners.npy")).astype(np.int64)
     return bank, owners
 

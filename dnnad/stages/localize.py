@@ -49,18 +49,24 @@ class Bank:
     border: np.ndarray | None = None  # (2, rings + 1) border calibration of the score (None: raw maxima)
     rows: tuple[int, ...] = ()  # patches per shard: shard groups are balanced by them
     shard_bytes: tuple[int, ...] = ()  # memory an actor holds per shard (Ray's memory request per group)
+    exact: bool = True  # False: a compressed bank scored from its codes (--approximate)
 
     @classmethod
-    def of(cls, model: FittedModel) -> Bank:
-        return cls.put(model.bank, model.bank_owners, int(model.meta.image_size), model.meta.border_calibration)
+    def of(cls, model: FittedModel, files_shared: bool = True) -> Bank:
+        """The bank of a fitted or loaded model; memory-mapped shards travel with their rows unless every
+        actor can open their files (``files_shared``)."""
+        shards = model.bank if files_shared else [s.by_value() for s in model.bank]
+        return cls.put(shards, model.bank_owners, int(model.meta.image_size), model.meta.border_calibration,
+                       not model.meta.approximate)
 
     @classmethod
-    def put(cls, shards: list, owners: np.ndarray, image_size: int, border=None) -> Bank:
+    def put(cls, shards: list, owners: np.ndarray, image_size: int, border=None, exact: bool = True) -> Bank:
         import ray
 
         return cls([ray.put(s) for s in shards], ray.put(owners), image_size,
                    border=None if border is None else np.asarray(border, np.float64),
-                   rows=tuple(len(s.vectors) for s in shards), shard_bytes=tuple(s.memory_bytes for s in shards))
+                   rows=tuple(len(s.vectors) for s in shards), shard_bytes=tuple(s.memory_bytes for s in shards),
+                   exact=exact)
 
 
 class BankSearch:
@@ -75,7 +81,8 @@ class BankSearch:
 
         if threads:
             faiss.omp_set_num_threads(threads)
-        self.index = None if group is None else ShardedIndex([resolved(bank.shards[j]) for j in group])
+        self.index = None if group is None else ShardedIndex([resolved(bank.shards[j]) for j in group],
+                                                             exact=bank.exact)
         self.ids = None if exclude_ids is None else resolved(exclude_ids)
         self.owners, self.max_own = None, 0
         if self.ids is not None and self.index is not None:
@@ -215,8 +222,8 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
     P = coreset_projection(grid[2])
     share = coreset_size(n * grid[0] * grid[1], fraction) / (n * k) if fraction < 1 else None
     select = ray.remote(num_returns=2)(select_chunk)
-    chunks = [select.remote(block_spans(sizes, a, b), share, P, *[blocks[i] for i in block_spans(sizes, a, b)])
-              for a, b in coreset_chunks(n, k)]
+    spans = [block_spans(sizes, a, b) for a, b in coreset_chunks(n, k)]
+    chunks = [select.remote(sp, share, P, *[blocks[i] for i in sp]) for sp in spans]
     del blocks  # each chunk task holds the blocks it reads; the survivors are freed as the tasks end
     owned = ray.get([o for _, o in chunks])  # the driver holds the bank's owners, its rows stay in the store
     lengths, owners = [len(o) for o in owned], np.concatenate(owned)
@@ -224,10 +231,11 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
         raise ValueError("every patch of the bank belongs to one image: --localize needs more normal images")
     rows = [r for r, _ in chunks]
     build = ray.remote(gather_shard)
-    shards = ray.get([build.remote(block_spans(lengths, a, b), a, *[rows[i] for i in block_spans(lengths, a, b)])
-                      for a, b in shard_bounds(len(owners), cfg.index.shards)])
+    bounds = shard_bounds(len(owners), cfg.index.shards)
+    spans = [block_spans(lengths, a, b) for a, b in bounds]
+    shards = ray.get([build.remote(sp, a, cfg.index.kind, *[rows[i] for i in sp]) for sp, (a, _) in zip(spans, bounds)])
     del chunks, rows
-    bank = Bank.put(shards, owners, int(cfg.embed.spec().image_size))
+    bank = Bank.put(shards, owners, int(cfg.embed.spec().image_size), exact=not cfg.index.approximate)
     calib = calibration_sample(n)
     scored = map_patches(ds, bank, cfg.score, exclude_ids=ids_ref, calibrate=ray.put(calib))
     maps = np.full((len(calib), grid[0] * grid[1]), np.nan, dtype=np.float32)  # the calibration sample's maps
@@ -281,6 +289,6 @@ def select_chunk(spans: dict[int, tuple[int, int]], share: float | None, project
     return np.ascontiguousarray(S[keep]), pos[keep // k].astype(np.int64)
 
 
-def gather_shard(spans: dict[int, tuple[int, int]], offset: int, *parts):
-    """One bank shard from the spans of the chunks' kept patches."""
-    return build_shard(_rows(spans, parts), offset)
+def gather_shard(spans: dict[int, tuple[int, int]], offset: int, kind: str, *parts):
+    """One bank shard of index ``kind`` from the spans of the chunks' kept patches."""
+    return build_shard(_rows(spans, parts), offset, kind)

@@ -215,7 +215,7 @@ class Scorer:
                    ray.put(model.calibration_scores),
                    None if model.transform.is_identity else ray.put(model.transform), not model.meta.approximate,
                    [len(s.vectors) for s in shards], [s.memory_bytes for s in shards],
-                   Bank.of(model) if model.bank is not None else None)
+                   Bank.of(model, files_shared is not False) if model.bank is not None else None)
 
     def map(self, ds, exclude: str | None = None, groups_ref=None, positions: bool = False):
         """``ds`` scored (lazily): one output row per input row."""
