@@ -245,6 +245,7 @@ def test_localizing_model_round_trips_and_damage_is_refused(tmp_path):
     ({"query": SourceConfig("/q.parquet", embedding_column="v")}, "--embedding-column"),
     ({"index": IndexConfig(reduce=10)}, "drop --reduce"),
     ({"embed": EmbedConfig(localize=True, decode="reduced")}, "drop --decode reduced"),
+    ({"index": IndexConfig(kind="hnsw")}, "hnsw would hold more than flat"),
 ])
 def test_bad_localize_settings_are_one_line_errors(change, message):
     base = dict(kind="score", out="/tmp/o", normal=SourceConfig("/n"), query=SourceConfig("/q"),
@@ -342,6 +343,29 @@ def test_compressed_bank_is_saved_with_its_codes_and_maps_like_the_flat_one(loca
     np.testing.assert_allclose(np.stack(b.anomaly_map[ok]), np.stack(a.anomaly_map[ok]), rtol=1e-5)
     again = tmp_path / "again"
     assert main(["score", "--model", str(sq8 / "model"), "--query", str(root / "query"), "--out", str(again),
+                 "--quiet"]) == 0
+    c = pq.read_table(again / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    assert all(np.array_equal(x, y) for x, y in zip(b.anomaly_map[ok], c.anomaly_map[ok]))
+
+
+@pytest.mark.ray
+def test_approximate_bank_scores_from_its_codes_through_the_job(localized, tmp_path):
+    """--approximate: the job's bank actors and the saved model score from the sq8 codes alone (close to the
+    flat maps, not equal to them), and a reload scores as the fit did."""
+    root, out, _ = localized
+    approx = tmp_path / "approx"
+    assert main(["score", "--normal", str(root / "normal"), "--query", str(root / "query"),
+                 "--out", str(approx / "out"), "--model", str(approx / "model"), "--index", "sq8", "--approximate",
+                 *LOCALIZE]) == 0
+    assert load_model(str(approx / "model")).meta.approximate
+    a = pq.read_table(out / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    b = pq.read_table(approx / "out" / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    ok = a.status == "ok"
+    flat, codes = np.stack(a.anomaly_map[ok]), np.stack(b.anomaly_map[ok])
+    assert not np.allclose(codes, flat, rtol=1e-5)  # code distances, not the exact re-rank
+    assert np.median(np.abs(codes - flat)) < 0.05 * np.median(flat)
+    again = tmp_path / "again"
+    assert main(["score", "--model", str(approx / "model"), "--query", str(root / "query"), "--out", str(again),
                  "--quiet"]) == 0
     c = pq.read_table(again / "scores").to_pandas().sort_values("id").reset_index(drop=True)
     assert all(np.array_equal(x, y) for x, y in zip(b.anomaly_map[ok], c.anomaly_map[ok]))

@@ -231,14 +231,14 @@ class ShardedIndex:
         nq = len(Xq)
         D, I = np.empty((nq, k)), np.empty((nq, k), dtype=np.int64)
         todo = np.arange(nq)
-        over = COMPRESSED_OVERFETCH if self.exact and self.kind in COMPRESSED_KINDS else 1
-        kk = min(self.ntotal, (k + n_excl + margin) * over)
-        # Approximate kinds re-rank only the best ``cap`` valid candidates by the index's own distance: the
-        # breadth of a query without exclusions, however many rows the exclusions over-fetch.
-        cap = (k + margin) * over * len(self.shards)
+        # Each shard returns its best ``depth`` rows beyond the excluded ones; approximate kinds then re-rank
+        # only the best ``cap`` valid candidates by the index's own distance (the breadth of a query without
+        # exclusions), however many rows the exclusions over-fetch.
+        depth = (k + margin) * (COMPRESSED_OVERFETCH if self.exact and self.kind in COMPRESSED_KINDS else 1)
+        kk, cap = min(self.ntotal, depth + n_excl), depth * len(self.shards)
         while len(todo):
             ex = exclude.take(todo) if exclude is not None else None
-            D_t, I_t, done = self._refine(Xq[todo], k, kk, ex, cap)
+            D_t, I_t, done = self._refine(Xq[todo], k, kk, ex, cap if kk < self.ntotal else None)
             D[todo[done]], I[todo[done]] = D_t[done], I_t[done]
             todo = todo[~done]
             if len(todo) and kk == self.ntotal:
@@ -255,17 +255,18 @@ class ShardedIndex:
             out[a:a + RERANK_ROWS] = np.sqrt(np.einsum("md,md->m", diff, diff))
         return out
 
-    def _refine(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None, cap: int
+    def _refine(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None, cap: int | None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(distances, positions, settled) of one candidate round; unsettled rows hold garbage."""
+        """(distances, positions, settled) of one candidate round; unsettled rows hold garbage. ``cap``: how
+        many valid candidates an approximate kind re-ranks (None: all)."""
         F, I, bound = self.candidates(Xq, kk)
         valid = I >= 0
         safe = np.where(valid, I, 0)
         if exclude is not None:
             valid &= ~exclude.excluded(safe)
         F = np.where(valid, F, np.inf)
-        if self.kind not in EXACT_KINDS and cap < F.shape[1]:
-            best = np.argpartition(F, cap - 1, axis=1)[:, :cap]
+        if self.kind not in EXACT_KINDS and cap is not None and cap < F.shape[1]:
+            best = np.lexsort((safe, F), axis=1)[:, :cap]  # ties at the cap by position
             F, safe, valid = (np.take_along_axis(a, best, 1) for a in (F, safe, valid))
         t = np.partition(F, k - 1, axis=1)[:, k - 1].astype(np.float64)  # k-th float32 distance
         if self.kind in EXACT_KINDS:
