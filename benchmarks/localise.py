@@ -29,6 +29,7 @@ from sklearn.metrics import roc_auc_score
 from dnnad.core.arrays import l2_normalize
 from dnnad.core.localize import PatchDN2, map_scores
 from dnnad.core.patches import SIGMA, border_calibration, map_to_image
+from dnnad.core.settings import COMPRESSED_KINDS, INDEX_KINDS
 from dnnad.vision.decode import decode_image
 
 FPR_LIMIT = 0.3
@@ -215,7 +216,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--coreset", type=float, nargs="*", default=[0.01, 0.1], help="fractions (1 = the whole bank)")
     ap.add_argument("--spade", type=int, nargs="*", default=[10], help="K nearest normal images (SPADE variant)")
-    ap.add_argument("--index", nargs="*", default=["flat"], choices=["flat", "ivf", "hnsw", "ivfpq", "sq8"],
+    ap.add_argument("--index", nargs="*", default=["flat"], choices=INDEX_KINDS,
                     help="bank index kinds (compressed: codes in memory, exact re-rank)")
     ap.add_argument("--approximate", action="store_true", help="also score compressed banks from their codes")
     ap.add_argument("--sigma", type=float, default=SIGMA)
@@ -290,7 +291,7 @@ def main() -> None:
              border_calibration(loo))
 
     banks = [(kind, approx) for kind in args.index
-             for approx in ((False, True) if args.approximate and kind in ("ivfpq", "sq8") else (False,))]
+             for approx in ((False, True) if args.approximate and kind in COMPRESSED_KINDS else (False,))]
     for frac in args.coreset:
         for kind, approx in banks:
             t0 = time.perf_counter()

@@ -268,10 +268,10 @@ class JobConfig:
                                   f"size: drop {flag}")
         if "resize" in self.explicit and self.embed.resize != "full":
             raise ConfigError("--localize maps the whole image as the network saw it: drop --resize crop")
-        if self.index.kind not in ("flat", *COMPRESSED_KINDS):
+        bank_kinds = ("flat", *COMPRESSED_KINDS)
+        if self.index.kind not in bank_kinds:
             raise ConfigError(f"--localize keeps its patch bank in flat shards or compressed codes "
-                              f"(--index {' or '.join(('flat', *COMPRESSED_KINDS))}): {self.index.kind} would "
-                              f"hold more than flat")
+                              f"(--index {' or '.join(bank_kinds)}): {self.index.kind} would hold more than flat")
         for src in (self.normal, self.query):
             if src is not None and src.embedding_column:
                 raise ConfigError("--localize needs images (patch features), not the vectors of --embedding-column")

@@ -1,5 +1,6 @@
 """Localisation (--localize): patch maps from a memory bank of normal patches, where an image is anomalous."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -328,23 +329,30 @@ def test_localize_model_records_the_bank_and_scores_again_identically(localized,
     assert a.score.equals(b.score) and all(np.array_equal(x, y) for x, y in zip(a.anomaly_map, b.anomaly_map))
 
 
+def sorted_scores(out: Path):
+    return pq.read_table(out / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+
+
+def fit_bank_and_rescore(root: Path, to: Path, *flags: str):
+    """Fit a localising model with ``flags`` and score the query with it; then score again from the saved
+    model. Returns the fit's scores and the reload's."""
+    assert main(["score", "--normal", str(root / "normal"), "--query", str(root / "query"), "--out", str(to / "out"),
+                 "--model", str(to / "model"), *flags, *LOCALIZE]) == 0
+    assert main(["score", "--model", str(to / "model"), "--query", str(root / "query"), "--out", str(to / "again"),
+                 "--quiet"]) == 0
+    return sorted_scores(to / "out"), sorted_scores(to / "again")
+
+
 @pytest.mark.ray
 def test_compressed_bank_is_saved_with_its_codes_and_maps_like_the_flat_one(localized, tmp_path):
     root, out, _ = localized
-    sq8 = tmp_path / "sq8"
-    assert main(["score", "--normal", str(root / "normal"), "--query", str(root / "query"), "--out", str(sq8 / "out"),
-                 "--model", str(sq8 / "model"), "--index", "sq8", *LOCALIZE]) == 0
-    model = load_model(str(sq8 / "model"))
+    b, c = fit_bank_and_rescore(root, tmp_path, "--index", "sq8")
+    model = load_model(str(tmp_path / "model"))
     assert model.meta.index_kind == "sq8" and all(s.faiss_bytes is not None for s in model.bank)
     assert isinstance(model.bank[0].vectors, np.memmap)  # loaded locally: codes in memory, vectors on disk
-    a = pq.read_table(out / "scores").to_pandas().sort_values("id").reset_index(drop=True)
-    b = pq.read_table(sq8 / "out" / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    a = sorted_scores(out)
     ok = a.status == "ok"
     np.testing.assert_allclose(np.stack(b.anomaly_map[ok]), np.stack(a.anomaly_map[ok]), rtol=1e-5)
-    again = tmp_path / "again"
-    assert main(["score", "--model", str(sq8 / "model"), "--query", str(root / "query"), "--out", str(again),
-                 "--quiet"]) == 0
-    c = pq.read_table(again / "scores").to_pandas().sort_values("id").reset_index(drop=True)
     assert all(np.array_equal(x, y) for x, y in zip(b.anomaly_map[ok], c.anomaly_map[ok]))
 
 
@@ -353,21 +361,13 @@ def test_approximate_bank_scores_from_its_codes_through_the_job(localized, tmp_p
     """--approximate: the job's bank actors and the saved model score from the sq8 codes alone (close to the
     flat maps, not equal to them), and a reload scores as the fit did."""
     root, out, _ = localized
-    approx = tmp_path / "approx"
-    assert main(["score", "--normal", str(root / "normal"), "--query", str(root / "query"),
-                 "--out", str(approx / "out"), "--model", str(approx / "model"), "--index", "sq8", "--approximate",
-                 *LOCALIZE]) == 0
-    assert load_model(str(approx / "model")).meta.approximate
-    a = pq.read_table(out / "scores").to_pandas().sort_values("id").reset_index(drop=True)
-    b = pq.read_table(approx / "out" / "scores").to_pandas().sort_values("id").reset_index(drop=True)
+    b, c = fit_bank_and_rescore(root, tmp_path, "--index", "sq8", "--approximate")
+    assert load_model(str(tmp_path / "model")).meta.approximate
+    a = sorted_scores(out)
     ok = a.status == "ok"
     flat, codes = np.stack(a.anomaly_map[ok]), np.stack(b.anomaly_map[ok])
     assert not np.allclose(codes, flat, rtol=1e-5)  # code distances, not the exact re-rank
     assert np.median(np.abs(codes - flat)) < 0.05 * np.median(flat)
-    again = tmp_path / "again"
-    assert main(["score", "--model", str(approx / "model"), "--query", str(root / "query"), "--out", str(again),
-                 "--quiet"]) == 0
-    c = pq.read_table(again / "scores").to_pandas().sort_values("id").reset_index(drop=True)
     assert all(np.array_equal(x, y) for x, y in zip(b.anomaly_map[ok], c.anomaly_map[ok]))
 
 

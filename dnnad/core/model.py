@@ -214,18 +214,9 @@ def load_model(uri: str) -> FittedModel:
         names = {f.name for f in fields(ModelMeta)}
         meta = ModelMeta(**{k: v for k, v in doc["meta"].items() if k in names})
         k, threshold, shard_docs = doc["k"], doc["threshold"], doc["shards"]
-        shards, bank_docs = [], [sm for sm in shard_docs if sm.get("bank")]
+        bank_docs = [sm for sm in shard_docs if sm.get("bank")]
         shard_docs = [sm for sm in shard_docs if not sm.get("bank")]
-        for i, sm in enumerate(shard_docs):
-            mapped = meta.index_kind in COMPRESSED_KINDS and storage.is_local(fs)  # codes in memory, vectors on demand
-            npy = storage.join(path, f"shard-{i:03d}.npy")
-            vec = np.load(npy, allow_pickle=False, mmap_mode="r") if mapped else storage.load_npy(fs, npy)
-            fb = (np.frombuffer(storage.read_bytes(fs, storage.join(path, f"shard-{i:03d}.faiss")), dtype=np.uint8)
-                  if sm["faiss"] else None)
-            _check(vec.dtype == np.float32 and vec.ndim == 2 and vec.shape == (sm["rows"], meta.dim), path,
-                   f"shard {i} holds {vec.dtype} {vec.shape}, expected float32 ({sm['rows']}, {meta.dim})")
-            _check(bool(np.isfinite(vec).all()), path, f"shard {i} holds NaN or inf")
-            shards.append(Shard(int(sm["offset"]), vec if mapped else np.ascontiguousarray(vec), fb))
+        shards = [_load_shard(fs, path, f"shard-{i:03d}", f"shard {i}", sm, meta.dim, meta) for i, sm in enumerate(shard_docs)]
         # Read through the filesystem, not from Python bytes: Arrow frees a pre-buffered Python-owned buffer
         # on a pool thread, which aborts the process when that lands during interpreter exit (apache/arrow#34314).
         ids = np.asarray(pq.read_table(storage.join(path, "normal.parquet"), filesystem=fs, columns=["id"])
@@ -258,21 +249,27 @@ def load_model(uri: str) -> FittedModel:
                        bank, owners)
 
 
+def _load_shard(fs, path: str, stem: str, name: str, sm: dict, d: int, meta: ModelMeta) -> Shard:
+    """One shard of the index or the patch bank (files ``stem``.npy / .faiss), checked against its record;
+    a compressed kind on a local disk keeps its codes in memory and memory-maps its vectors."""
+    mapped = meta.index_kind in COMPRESSED_KINDS and storage.is_local(fs)
+    npy = storage.join(path, f"{stem}.npy")
+    vec = np.load(npy, allow_pickle=False, mmap_mode="r") if mapped else storage.load_npy(fs, npy)
+    fb = (np.frombuffer(storage.read_bytes(fs, storage.join(path, f"{stem}.faiss")), dtype=np.uint8)
+          if sm.get("faiss") else None)
+    _check(vec.dtype == np.float32 and vec.ndim == 2 and vec.shape == (sm["rows"], d), path,
+           f"{name} holds {vec.dtype} {vec.shape}, expected float32 ({sm['rows']}, {d})")
+    _check(bool(np.isfinite(vec).all()), path, f"{name} holds NaN or inf")
+    return Shard(int(sm["offset"]), vec if mapped else np.ascontiguousarray(vec), fb)
+
+
 def _load_bank(fs, path: str, docs: list[dict], meta: ModelMeta) -> tuple[list[Shard] | None, np.ndarray | None]:
     """The patch bank's shards and owners of a ``--localize`` model (None, None for others)."""
     if not meta.localize:
         return None, None
     _check(bool(docs) and meta.patch_grid is not None and len(meta.patch_grid) == 3, path, "no patch bank")
-    d, bank = int(meta.patch_grid[2]), []
-    mapped = meta.index_kind in COMPRESSED_KINDS and storage.is_local(fs)  # codes in memory, vectors on demand
-    for i, sm in enumerate(docs):
-        npy = storage.join(path, f"bank-{i:03d}.npy")
-        vec = np.load(npy, allow_pickle=False, mmap_mode="r") if mapped else storage.load_npy(fs, npy)
-        fb = (np.frombuffer(storage.read_bytes(fs, storage.join(path, f"bank-{i:03d}.faiss")), dtype=np.uint8)
-              if sm.get("faiss") else None)
-        _check(vec.dtype == np.float32 and vec.shape == (sm["rows"], d) and bool(np.isfinite(vec).all()), path,
-               f"bank shard {i} holds {vec.dtype} {vec.shape}, expected finite float32 ({sm['rows']}, {d})")
-        bank.append(Shard(int(sm["offset"]), vec if mapped else np.ascontiguousarray(vec), fb))
+    bank = [_load_shard(fs, path, f"bank-{i:03d}", f"bank shard {i}", sm, int(meta.patch_grid[2]), meta)
+            for i, sm in enumerate(docs)]
     owners = storage.load_npy(fs, storage.join(path, "bank_owners.npy")).astype(np.int64)
     return bank, owners
 
