@@ -55,19 +55,24 @@ def test_equal_ids_are_ordered_by_their_vectors_whatever_order_they_arrive_in(ra
 
 
 @pytest.mark.unit
-def test_rows_from_uneven_batches_land_in_sorted_order_in_one_array():
-    """Batches of 3, 0 (every row unreadable) and 2 readable rows: each row lands at its sorted position."""
-    from dnnad.stages.collect import sort_order, take_rows
+def test_rows_taken_from_a_disk_array_stay_on_disk_in_the_order_asked():
+    """The driver's collected rows live in disk arrays: a subset (a round's kept rows, one label's rows) is
+    made on disk too, chunk by chunk, equal to numpy's own fancy indexing."""
+    from dnnad.core.arrays import ROW_CHUNK, disk_array, on_disk, take_rows
+    from dnnad.stages.collect import sort_order
 
-    ids = np.array(["e", "a", "d", "c", "b"], dtype=object)
-    blocks = [np.array([[5, 0], [1, 0], [4, 0]], np.float32), np.zeros((0, 2), np.float32),
-              np.array([[3, 0], [2, 0]], np.float64)]
-    order = sort_order(ids, blocks)
-    X = take_rows(blocks, order)
-    assert ids[order].tolist() == ["a", "b", "c", "d", "e"] and blocks == []
-    assert X.dtype == np.float32 and X.flags.c_contiguous
-    np.testing.assert_array_equal(X[:, 0], [1, 2, 3, 4, 5])
-    assert take_rows([np.zeros((0, 4), np.float32)], np.zeros(0, np.int64)).shape == (0, 4)
+    X = disk_array((ROW_CHUNK + 5, 3), np.float32)
+    X[:] = np.random.default_rng(0).normal(size=X.shape)
+    rows = np.random.default_rng(1).permutation(len(X))[: ROW_CHUNK + 2]
+    sub = take_rows(X, rows)
+    assert on_disk(sub) and sub.dtype == np.float32
+    np.testing.assert_array_equal(sub, np.asarray(X)[rows])
+    assert not on_disk(take_rows(np.asarray(X), rows))
+    assert take_rows(X, np.zeros(0, np.int64)).shape == (0, 3)
+    ids = np.array(["e", "a", "d", "a", "b"], dtype=object)  # a repeated id: ordered by its vector's bytes
+    V = np.array([[5, 0], [1, 9], [4, 0], [1, 2], [2, 0]], np.float32)
+    order = sort_order(ids, V)
+    assert ids[order].tolist() == ["a", "a", "b", "d", "e"] and V[order][:2, 1].tolist() == [2, 9]
 
 
 @pytest.mark.ray

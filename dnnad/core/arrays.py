@@ -1,17 +1,70 @@
-"""Array checks and the one L2 normaliser: numpy only, so the embedding side loads no faiss."""
+"""Array checks, the one L2 normaliser and disk-backed row arrays: numpy only, so the embedding side loads no
+faiss.
+
+A job's driver keeps the rows it collects (embeddings, fingerprints) in *disk arrays*: ``np.memmap`` over an
+unlinked temporary file. Their pages are the kernel's page cache, written back and dropped under memory
+pressure, not the process's heap, so a million 1280-d rows (5 GB) need disk there, not memory; the file is
+gone when the array is. Everything derived from a disk array row by row (a transform, a subset) is made on
+disk too, in chunks of ``ROW_CHUNK`` rows; arrays in memory stay in memory.
+"""
 from __future__ import annotations
+
+import tempfile
 
 import numpy as np
 
+ROW_CHUNK = 16384  # rows per step when a whole array is read or derived chunk by chunk
+
+
+def disk_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array of ``shape`` backed by an unlinked temporary file (in ``TMPDIR``); an empty shape is an
+    ordinary empty array (nothing can map zero bytes)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    with tempfile.TemporaryFile(prefix="dnnad-rows-") as f:
+        f.truncate(nbytes)
+        return np.memmap(f, dtype=dtype, mode="r+", shape=shape)  # the mapping keeps the file alive
+
+
+def on_disk(X: np.ndarray) -> bool:
+    return isinstance(X, np.memmap)
+
+
+def empty_rows(like: np.ndarray, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An array for rows derived from ``like``: on disk when ``like`` is, in memory otherwise."""
+    return disk_array(shape, dtype) if on_disk(like) else np.empty(shape, dtype)
+
+
+def take_rows(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``X[rows]``, on disk (filled chunk by chunk) when ``X`` is."""
+    if not on_disk(X):
+        return X[rows]
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        rows = np.flatnonzero(rows)
+    out = disk_array((len(rows), *X.shape[1:]), X.dtype)
+    for s in range(0, len(rows), ROW_CHUNK):
+        out[s:s + ROW_CHUNK] = X[rows[s:s + ROW_CHUNK]]
+    return out
+
 
 def as_float32(X: np.ndarray) -> np.ndarray:
-    """(n, d) C-contiguous float32 view or copy of ``X``; rejects NaN/inf."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
+    """(n, d) C-contiguous float32 view or copy of ``X`` (a disk array stays on disk); rejects NaN/inf."""
+    if not (on_disk(X) and X.dtype == np.float32 and X.flags.c_contiguous):
+        X = np.ascontiguousarray(X, dtype=np.float32) if not on_disk(X) else _copy_rows(X)
     if X.ndim != 2:
         raise ValueError(f"expected a 2-d array of shape (n, d), got shape {X.shape}")
-    if not np.isfinite(X).all():
+    if not all(np.isfinite(X[s:s + ROW_CHUNK]).all() for s in range(0, len(X), ROW_CHUNK)):
         raise ValueError("embeddings contain NaN or inf")
     return X
+
+
+def _copy_rows(X: np.ndarray) -> np.ndarray:
+    out = disk_array(X.shape, np.float32)
+    for s in range(0, len(X), ROW_CHUNK):
+        out[s:s + ROW_CHUNK] = X[s:s + ROW_CHUNK]
+    return out
 
 
 def l2_normalize(X: np.ndarray, dtype: type = np.float32) -> np.ndarray:

@@ -8,6 +8,7 @@ and their rules exist once, here.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from .arrays import as_float32
+from .arrays import ROW_CHUNK, as_float32
 from .features import FeatureTransform, fit_transform
 from .index import Exclusion, ShardedIndex, build_index
 from .settings import COMPRESSED_KINDS
@@ -42,10 +43,13 @@ def self_exclusions(positions: np.ndarray, duplicate_groups: np.ndarray | None =
 
 
 def duplicate_groups(X: np.ndarray) -> np.ndarray:
-    """Label per row such that rows with byte-identical vectors share a label."""
-    X = np.ascontiguousarray(X)
-    _, labels = np.unique(X.view(np.dtype((np.void, X.dtype.itemsize * X.shape[1]))).ravel(),
-                          return_inverse=True)
+    """Label per row such that rows with byte-identical vectors share a label: rows compared by a 16-byte
+    BLAKE2b digest of their bytes, ``ROW_CHUNK`` rows at a time (no copy of ``X``)."""
+    digests = np.empty(len(X), dtype="S16")
+    for s in range(0, len(X), ROW_CHUNK):
+        chunk = np.ascontiguousarray(X[s:s + ROW_CHUNK])
+        digests[s:s + len(chunk)] = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in chunk]
+    _, labels = np.unique(digests, return_inverse=True)
     return labels.astype(np.int64).ravel()
 
 

@@ -30,7 +30,7 @@ from .arrays import l2_normalize
 from .settings import DUPLICATE_RATIO, DUPLICATE_SIMILARITY
 
 EXTRA_NEIGHBOURS = 8  # neighbours asked of the kNN search beyond k: the duplicate candidates of each row
-PAIR_CHUNK = 1 << 16  # candidate pairs whose distances are computed in one vectorised step
+PAIR_BYTES = 1 << 26  # float64 bytes of one vectorised step of pair distances (64 MiB: 6,553 pairs at 1280-d)
 # The fingerprint alignment searched per pair (32 x 32 grid): copies are cropped, rotated, re-framed
 ALIGN_ROTATIONS = (-8.0, -4.0, 0.0, 4.0, 8.0)  # degrees
 ALIGN_ZOOMS = (0.92, 1.0, 1.08)
@@ -70,9 +70,10 @@ class DuplicateGroups:
         return rows[self.first[self.group[rows]] != rows]
 
 
-def pair_distances(X: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = PAIR_CHUNK) -> np.ndarray:
-    """Distances between L2-normalised rows ``a[i]`` and ``b[i]`` of ``X``, in vectorised chunks (float64,
-    without a normalised copy of ``X``)."""
+def pair_distances(X: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int | None = None) -> np.ndarray:
+    """Distances between L2-normalised rows ``a[i]`` and ``b[i]`` of ``X``, in vectorised chunks of ``chunk``
+    pairs (default: ``PAIR_BYTES`` of float64 rows; float64, without a normalised copy of ``X``)."""
+    chunk = chunk or max(1, PAIR_BYTES // (8 * max(1, X.shape[1])))
     out = np.empty(len(a), dtype=np.float64)
     if len(a) < len(X) // 4:  # a few pairs: normalise just their rows
         for s in range(0, len(a), chunk):

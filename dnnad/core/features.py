@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arrays import as_float32, l2_normalize
+from .arrays import ROW_CHUNK, as_float32, empty_rows, l2_normalize
 from .settings import NORMALIZE_KINDS
 
 MEAN_FILE, WHITENER_FILE = "transform-mean.npy", "transform-whitener.npy"
@@ -43,12 +43,21 @@ class FeatureTransform:
         return None if self.whitener is None else int(self.whitener.shape[1])
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        """(n, D) float32 transformed rows; the identity when no option is set."""
+        """(n, D) float32 transformed rows, ``ROW_CHUNK`` rows at a time (on disk when ``X`` is); the identity
+        when no option is set."""
         X = as_float32(X)
+        if self.is_identity:
+            return X
+        out = empty_rows(X, (len(X), self.dim or X.shape[1]), np.float32)
+        for s in range(0, len(X), ROW_CHUNK):
+            out[s:s + ROW_CHUNK] = self._rows(X[s:s + ROW_CHUNK])
+        return out
+
+    def _rows(self, X: np.ndarray) -> np.ndarray:
         if self.normalize == "l2":
             X = l2_normalize(X)
         if self.whitener is not None:
-            X = np.ascontiguousarray((X.astype(np.float64) - self.mean) @ self.whitener, dtype=np.float32)
+            X = (X.astype(np.float64) - self.mean) @ self.whitener
         return X
 
 

@@ -50,10 +50,7 @@ def find_job_duplicates(data, fit, cfg):
     same = [np.array(data.extra["hash"].tolist(), dtype="S64")] if "hash" in data.extra else []
     if cfg.score.exclude_duplicates or not same:  # a source of vectors: identical vectors are the copies
         same.append(duplicate_groups(data.X))
-    prints = data.extra.get("fingerprint")
-    if prints is not None:
-        prints = np.frombuffer(b"".join(prints.tolist()), np.uint8).reshape(len(prints), -1)
-    return find_duplicates(data.X, fit.neighbour_pos, prints, cfg.rank.duplicate_ratio,
+    return find_duplicates(data.X, fit.neighbour_pos, data.extra.get("fingerprint"), cfg.rank.duplicate_ratio,
                            cfg.rank.duplicate_similarity, same, similarity=parallel_similarity)
 
 

@@ -1,17 +1,21 @@
 """Embeddings brought to the driver (the normal set, the set to rank) and put back as a Ray Dataset."""
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from ..core.arrays import take_rows
 from ..sources import PASSTHROUGH
 
 
 @dataclass
 class Embedded:
-    """Embeddings of a source's readable rows, sorted by (id, vector) for run-to-run determinism."""
+    """Embeddings of a source's readable rows, sorted by (id, vector) for run-to-run determinism. ``X`` and a
+    ``fingerprint`` (n, bytes) extra are disk arrays (``core.arrays``): the driver's memory holds the ids and
+    the small columns, not the vectors."""
 
     ids: np.ndarray
     X: np.ndarray  # (n, d) float32
@@ -19,51 +23,60 @@ class Embedded:
     errors: pa.Table  # id, error of unreadable rows
 
     def take(self, rows: np.ndarray) -> Embedded:
-        return Embedded(self.ids[rows], self.X[rows], {c: v[rows] for c, v in self.extra.items()}, self.errors)
+        return Embedded(self.ids[rows], take_rows(self.X, rows), {c: take_rows(v, rows) for c, v in self.extra.items()},
+                        self.errors)
 
 
 def collect(emb_ds) -> Embedded:
-    """Materialise an embedded dataset on the driver: ok rows sorted by (id, vector), error rows apart.
-    The driver holds at most two copies of the vectors (the batches as they arrive, then the sorted rows)."""
-    ids, embs, bad_ids, errors, extra = [], [], [], [], {}
-    for b in emb_ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        ok = b["status"] == "ok"
-        ids.append(b["id"][ok]), embs.append(b["embedding"][ok])
-        bad_ids.append(b["id"][~ok]), errors.append(b["error"][~ok])
-        for c in (*PASSTHROUGH, "hash", "fingerprint"):
-            if c in b:
-                extra.setdefault(c, []).append(b[c][ok])
-    ids, extra = np.concatenate(ids).astype(object), {c: np.concatenate(v) for c, v in extra.items()}
+    """Materialise an embedded dataset on the driver: ok rows sorted by (id, vector), error rows apart. The
+    vectors (and fingerprints) stream into a temporary file as they arrive, then into a disk array in sorted
+    order, a chunk at a time: the driver's memory holds one batch of them."""
+    ids, bad_ids, errors, extra = [], [], [], {}
+    with tempfile.TemporaryFile(prefix="dnnad-rows-") as vec_file, tempfile.TemporaryFile(prefix="dnnad-rows-") as fp_file:
+        d, width = 0, 0
+        for b in emb_ds.iter_batches(batch_size=4096, batch_format="numpy"):
+            ok = b["status"] == "ok"
+            ids.append(b["id"][ok])
+            bad_ids.append(b["id"][~ok]), errors.append(b["error"][~ok])
+            if ok.any():
+                E = np.ascontiguousarray(b["embedding"][ok], dtype=np.float32)
+                d = E.shape[1]
+                vec_file.write(E.data)
+            if "fingerprint" in b and ok.any():
+                prints = b["fingerprint"][ok]
+                width = len(prints[0])
+                fp_file.write(b"".join(prints))
+            for c in (*PASSTHROUGH, "hash"):
+                if c in b:
+                    extra.setdefault(c, []).append(b[c][ok])
+        ids = np.concatenate(ids).astype(object)
+        arrived = file_rows(vec_file, (len(ids), d), np.float32)
+        order = sort_order(ids, arrived)
+        X = take_rows(arrived, order)
+        extra = {c: np.concatenate(v)[order] for c, v in extra.items()}
+        if width:
+            extra["fingerprint"] = take_rows(file_rows(fp_file, (len(ids), width), np.uint8), order)
     error_rows = pa.table({"id": pa.array(np.concatenate(bad_ids).tolist(), pa.string()),
                            "error": pa.array(np.concatenate(errors).tolist(), pa.string())})
-    order = sort_order(ids, embs)
-    return Embedded(ids[order], take_rows(embs, order), {c: v[order] for c, v in extra.items()}, error_rows)
+    return Embedded(ids[order], X, extra, error_rows)
 
 
-def sort_order(ids: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
-    """Positions that sort the stacked rows by id, then (equal ids only) by vector bytes: the same order on
-    every run, whatever order the rows arrived in."""
+def file_rows(f, shape: tuple[int, int], dtype) -> np.ndarray:
+    """The rows written to the open temporary file ``f``, as a disk array (a mapping of the file)."""
+    f.flush()
+    if shape[0] * shape[1] == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(f, dtype=dtype, mode="r", shape=shape)
+
+
+def sort_order(ids: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Positions that sort the rows by id, then (equal ids only) by vector bytes: the same order on every run,
+    whatever order the rows arrived in."""
     order = np.argsort(ids, kind="stable")
     s = ids[order]
     if len(s) > 1 and bool((s[1:] == s[:-1]).any()):  # only when the unique-id check is off
-        X = np.concatenate(blocks)
         order = np.array(sorted(order, key=lambda i: (ids[i], X[i].tobytes())), dtype=np.int64)
     return order
-
-
-def take_rows(blocks: list[np.ndarray], order: np.ndarray) -> np.ndarray:
-    """Rows ``order`` of the blocks stacked, as one C-contiguous float32 (n, d) array, without stacking them
-    first. ``blocks`` is emptied as it is read, so each block is freed once its rows are placed."""
-    d = blocks[0].shape[1] if blocks else 0
-    X = np.empty((len(order), d), np.float32)
-    where = np.empty(len(order), np.int64)
-    where[order] = np.arange(len(order))  # the sorted position of each stacked row
-    start = 0
-    while blocks:
-        b = blocks.pop(0)
-        X[where[start:start + len(b)]] = b
-        start += len(b)
-    return X
 
 
 def as_dataset(ids: np.ndarray, X: np.ndarray, blocks: int, extra: dict | None = None):
@@ -73,14 +86,19 @@ def as_dataset(ids: np.ndarray, X: np.ndarray, blocks: int, extra: dict | None =
     from ray.data.extensions import ArrowTensorArray
 
     n = len(ids)
-    table = pa.table({
-        "id": pa.array(ids.tolist(), pa.string()), "embedding": ArrowTensorArray.from_numpy(X),
-        "status": pa.array(["ok"] * n, pa.string()), "error": pa.nulls(n, pa.string()),
-        "_pos": pa.array(np.arange(n)),
-        **{c: pa.array(np.asarray(v).tolist()) for c, v in (extra or {}).items()},
-    })
     step = max(1, -(-n // blocks))
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, n, step)])
+
+    def block(a: int, b: int) -> pa.Table:
+        m = b - a
+        return pa.table({
+            "id": pa.array(ids[a:b].tolist(), pa.string()), "embedding": ArrowTensorArray.from_numpy(np.asarray(X[a:b])),
+            "status": pa.array(["ok"] * m, pa.string()), "error": pa.nulls(m, pa.string()),
+            "_pos": pa.array(np.arange(a, b)),
+            **{c: pa.array(np.asarray(v[a:b]).tolist()) for c, v in (extra or {}).items()},
+        })
+
+    # one block at a time into the object store: the driver never holds a second copy of ``X``
+    return ray.data.from_arrow_refs([ray.put(block(a, min(n, a + step))) for a in range(0, max(n, 1), step)])
 
 
 def group_mean(ids: np.ndarray, X: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError, JobConfig, ScoreConfig
+from ..core.arrays import take_rows
 from ..core.dn2 import Fit, FitParams, fit_reference
 from ..core.index import build_shard, shard_bounds
 from ..core.labels import label_names
@@ -33,7 +34,7 @@ class RayBackend:
         self.rows = [b - a for a, b in bounds]
         self.bytes = [r * X.shape[1] * 4 for r in self.rows]
         task = ray.remote(build_shard)
-        return [task.remote(X[a:b], a, kind) for a, b in bounds]
+        return [task.remote(np.asarray(X[a:b]), a, kind) for a, b in bounds]
 
     def search(self, handle: list, Xq: np.ndarray, k: int, positions: np.ndarray | None = None,
                groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -45,6 +46,7 @@ class RayBackend:
         exclude = None if positions is None else "duplicates" if groups is not None else "self"
         scored = scorer.map(ds, exclude=exclude, groups_ref=ray.put(groups) if groups is not None else None,
                             positions=True)
+        scored = scored.select_columns(["_pos", "score", "neighbor_dists", "_nbr_pos"])  # no neighbour id strings
         t = pa.concat_tables(list(scored.iter_batches(batch_size=None, batch_format="pyarrow"))).sort_by("_pos")
         flat = lambda c: t[c].combine_chunks().flatten().to_numpy().reshape(len(Xq), k)  # noqa: E731
         return t["score"].to_numpy(), flat("neighbor_dists").astype(np.float64), flat("_nbr_pos").astype(np.int64)
@@ -98,7 +100,7 @@ def fit_per_label(data: Embedded, labels: np.ndarray, cfg: JobConfig) -> tuple[n
         rows = np.flatnonzero(known & (names == name))
         if len(rows) < 2:
             continue
-        fit = fit_reference(data.X[rows], data.ids[rows], replace(params, k=min(k, len(rows) - 1)),
+        fit = fit_reference(take_rows(data.X, rows), data.ids[rows], replace(params, k=min(k, len(rows) - 1)),
                             RayBackend(cfg.score))
         kk = fit.k
         scores[rows], ids[rows, :kk], dist[rows, :kk] = (fit.calibration_scores, fit.ids[fit.calibration_pos],

@@ -28,7 +28,7 @@ def parallel_similarity(F: np.ndarray, a: np.ndarray, b: np.ndarray,
     if len(a) <= pairs_per_task:
         return fingerprint_similarity(F, a, b)
     pieces = pair_pieces(b, pairs_per_task)
-    F_ref = ray.put(F)
+    F_ref = ray.put(np.asarray(F))  # a disk array travels as its rows
     task = ray.remote(num_cpus=1)(fingerprint_similarity)
     refs = [task.remote(F_ref, a[p], b[p]) for p in pieces]
     out = np.empty(len(a), dtype=np.float64)
