@@ -52,6 +52,24 @@ def test_gpu_approximate_kinds_search(kind):
     np.testing.assert_allclose(d_gpu[same], d_cpu[same], rtol=1e-12)
 
 
+def test_gpu_patch_maps_equal_the_cpu_maps_leaving_each_image_out():
+    """The patch bank searched on the GPU (what ``--localize`` scoring actors do when Ray has GPUs) gives the
+    CPU's maps, with and without the leave-one-image-out exclusion the fit's calibration uses."""
+    from dnnad.core.index import ShardedIndex, build_index
+    from dnnad.core.localize import patch_maps
+
+    rng = np.random.default_rng(2)
+    grids = rng.normal(size=(12, 5, 5, 32)).astype(np.float32)  # 12 images' 5 x 5 patch grids
+    bank = grids.reshape(-1, 32)
+    owners = np.repeat(np.arange(12), 25)
+    shards = build_index(bank, 3).shards
+    cpu, gpu = ShardedIndex(shards), ShardedIndex(shards, device="cuda")
+    np.testing.assert_array_equal(patch_maps(gpu, grids[:4]), patch_maps(cpu, grids[:4]))
+    loo_gpu = patch_maps(gpu, grids, np.arange(12), owners, 25)
+    np.testing.assert_array_equal(loo_gpu, patch_maps(cpu, grids, np.arange(12), owners, 25))
+    assert (loo_gpu > 0).all()  # no patch matched its own image
+
+
 def test_fp16_embedding_is_close_to_fp32():
     from dnnad.vision.backbones import FeatureExtractor, build_classifier
     from dnnad.vision.specs import get_spec

@@ -31,7 +31,7 @@ from ..core.patches import (
     score_map,
 )
 from ..core.threshold import effective_quantile, threshold_from_scores
-from ..runtime import FINAL_POOL_CPUS, SCORE_ACTOR_CPUS, cluster_resources, resolved, score_pool
+from ..runtime import FINAL_POOL_CPUS, SCORE_ACTOR_CPUS, SCORE_ACTOR_GPUS, cluster_resources, resolved, score_pool
 
 PATCH_SCORE = "_patch_score"  # the map score, which KnnScorer writes as ``score``
 MAP_COLUMNS = ("anomaly_map", "map_height", "map_width", "peak_x", "peak_y")
@@ -76,13 +76,13 @@ class BankSearch:
     patches) and the calibration sample (``calibrate``: positions of the images to score, the others skipped)."""
 
     def __init__(self, bank: Bank, group: list[int] | None, exclude_ids=None, threads: int | None = None,
-                 calibrate=None):
+                 calibrate=None, device: str = "cpu"):
         import faiss
 
         if threads:
             faiss.omp_set_num_threads(threads)
         self.index = None if group is None else ShardedIndex([resolved(bank.shards[j]) for j in group],
-                                                             exact=bank.exact)
+                                                             exact=bank.exact, device=device)
         self.ids = None if exclude_ids is None else resolved(exclude_ids)
         self.owners, self.max_own = None, 0
         if self.ids is not None and self.index is not None:
@@ -152,25 +152,32 @@ class PatchScorer(BankSearch):
 
 
 def map_patches(ds, bank: Bank, cfg, exclude_ids=None, calibrate=None):
-    """``ds`` (embedded rows with ``patches``) with its maps and map scores (lazy), on a pool of patch scorers;
-    with ``cfg.shard_groups`` G > 1, on G pools that each hold a group of the bank's shards, then a pool that
-    only turns their minimum into maps and scores."""
+    """``ds`` (embedded rows with ``patches``) with its maps and map scores (lazy), on a pool of patch scorers
+    (searching on a share of a GPU each where Ray has GPUs, as the global scorers do); with ``cfg.shard_groups``
+    G > 1, on G pools that each hold a group of the bank's shards, then a pool that only turns their minimum
+    into maps and scores."""
     from ray.data import ActorPoolStrategy
 
-    cpus, _ = cluster_resources()
+    cpus, gpus = cluster_resources()
     actors, threads = score_pool(cpus, cfg.actors)
+    res = {"num_cpus": SCORE_ACTOR_CPUS}
+    if gpus:
+        actors, res = min(actors, gpus), {**res, "num_gpus": SCORE_ACTOR_GPUS}
     batch = max(1, min(cfg.batch_size, 64))
-    kw = {"bank": bank, "exclude_ids": exclude_ids, "threads": threads, "calibrate": calibrate}
+    kw = {"bank": bank, "exclude_ids": exclude_ids, "threads": threads, "calibrate": calibrate,
+          "device": "cuda" if gpus else "cpu"}
     groups = shard_groups(list(bank.rows) or [1] * len(bank.shards), cfg.shard_groups)
     if len(groups) == 1:
         return ds.map_batches(PatchScorer, batch_size=batch, batch_format="numpy",
-                              compute=ActorPoolStrategy(size=actors), num_cpus=SCORE_ACTOR_CPUS,
+                              compute=ActorPoolStrategy(size=actors), **res,
                               fn_constructor_kwargs={**kw, "group": groups[0]})
     per_pool = max(1, actors // len(groups))
+    if gpus:
+        res = {**res, "num_gpus": SCORE_ACTOR_GPUS / len(groups)}
     for group in groups:
         memory = sum(bank.shard_bytes[j] for j in group) // per_pool if bank.shard_bytes else 0
         ds = ds.map_batches(PatchGroupSearch, batch_size=batch, batch_format="numpy",
-                            compute=ActorPoolStrategy(size=per_pool), num_cpus=SCORE_ACTOR_CPUS,
+                            compute=ActorPoolStrategy(size=per_pool), **res,
                             **({"memory": memory} if memory else {}), fn_constructor_kwargs={**kw, "group": group})
     return ds.map_batches(PatchScorer, batch_size=batch, batch_format="numpy", compute=ActorPoolStrategy(size=per_pool),
                           num_cpus=FINAL_POOL_CPUS, fn_constructor_kwargs={**kw, "group": None})
