@@ -145,6 +145,29 @@ def test_no_byte_of_a_secret_reaches_outputs_report_or_logs(ray_local, s3, norma
         shutil.rmtree(short, ignore_errors=True)
 
 
+@pytest.mark.unit
+def test_collected_rows_need_room_in_tmpdir_and_say_so_when_it_is_full(tmp_path, monkeypatch):
+    """The driver's disk arrays reserve their space when made: a full TMPDIR is a clear OSError then, never a
+    SIGBUS when a mapped page is first written."""
+    from dnnad.core.arrays import disk_array, on_disk
+
+    disk = tmp_path / "tmp"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(disk))
+        small = disk_array((100, 128), np.float32)  # 50 KiB
+        small[:] = 1.0
+        assert on_disk(small) and float(small.sum()) == 100 * 128
+        with pytest.raises(OSError, match=r"no room for 0.02 GiB of collected rows in .*tmp \(set TMPDIR"):
+            disk_array((5000, 1280), np.float32)  # 24 MiB
+        assert os.listdir(disk) == []  # unlinked files: nothing left behind
+        del small
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @pytest.mark.ray
 def test_a_full_disk_is_a_one_line_error_and_a_rerun_after_freeing_space_completes(ray_local, normal_dir, tmp_path):
     disk = tmp_path / "disk"

@@ -9,6 +9,8 @@ disk too, in chunks of ``ROW_CHUNK`` rows; arrays in memory stay in memory.
 """
 from __future__ import annotations
 
+import errno
+import os
 import tempfile
 
 import numpy as np
@@ -23,12 +25,28 @@ def disk_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     if nbytes == 0:
         return np.zeros(shape, dtype)
     with tempfile.TemporaryFile(prefix="dnnad-rows-") as f:
-        f.truncate(nbytes)
+        reserve(f, nbytes)
         return np.memmap(f, dtype=dtype, mode="r+", shape=shape)  # the mapping keeps the file alive
 
 
+def reserve(f, nbytes: int) -> None:
+    """Give the open file ``f`` ``nbytes`` of disk now, so that a full disk is an OSError here and not a SIGBUS
+    when a mapped page is first written (a sparse file where the system cannot reserve)."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, nbytes)
+        return
+    except AttributeError:  # no posix_fallocate (macOS)
+        pass
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise OSError(e.errno, f"no room for {nbytes / 2**30:.2f} GiB of collected rows in "
+                                   f"{tempfile.gettempdir()} (set TMPDIR to a larger disk): {e.strerror}") from None
+    f.truncate(nbytes)
+
+
 def on_disk(X: np.ndarray) -> bool:
-    return isinstance(X, np.memmap)
+    """Whether ``X`` is (a view of) a disk array; copies of one are in memory."""
+    return getattr(X, "_mmap", None) is not None
 
 
 def empty_rows(like: np.ndarray, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -42,6 +60,8 @@ def take_rows(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return X[rows]
     rows = np.asarray(rows)
     if rows.dtype == bool:
+        if len(rows) != len(X):
+            raise IndexError(f"boolean index of {len(rows)} for {len(X)} rows")
         rows = np.flatnonzero(rows)
     out = disk_array((len(rows), *X.shape[1:]), X.dtype)
     for s in range(0, len(rows), ROW_CHUNK):

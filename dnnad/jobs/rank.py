@@ -39,7 +39,7 @@ def duplicates_table(ids: np.ndarray, groups) -> pa.Table:
                     schema=DUPLICATES_SCHEMA)
 
 
-def find_job_duplicates(data, fit, cfg):
+def find_job_duplicates(data, fit, cfg, prints: np.ndarray | None):
     """Near-duplicate groups of the first round: its leave-one-out neighbours as candidates, verified by the
     ratio test and the images' fingerprints; equal content hashes (and, with --exclude-duplicates, whose copies
     the search skips, equal vectors) always group."""
@@ -50,7 +50,7 @@ def find_job_duplicates(data, fit, cfg):
     same = [np.array(data.extra["hash"].tolist(), dtype="S64")] if "hash" in data.extra else []
     if cfg.score.exclude_duplicates or not same:  # a source of vectors: identical vectors are the copies
         same.append(duplicate_groups(data.X))
-    return find_duplicates(data.X, fit.neighbour_pos, data.extra.get("fingerprint"), cfg.rank.duplicate_ratio,
+    return find_duplicates(data.X, fit.neighbour_pos, prints, cfg.rank.duplicate_ratio,
                            cfg.rank.duplicate_similarity, same, similarity=parallel_similarity)
 
 
@@ -218,6 +218,7 @@ class RankJob(Job):
                                       fingerprints=self.find_duplicates))
         if len(data.X) < 2:
             raise ConfigError(f"ranking needs at least 2 readable images, the data has {len(data.X)}")
+        prints = data.extra.pop("fingerprint", None)  # the first round's duplicate check only: rounds never copy it
         current, dropped, ranking, history, dups, review = data, [], None, [], None, None
         for rnd in range(1, r.rounds + 1):
             with t.stage(f"rank round {rnd}"):
@@ -235,7 +236,7 @@ class RankJob(Job):
                         review = job_label_review(data, fit, scores, cfg.score.k)
                     ranking = rank_table(current.ids, scores, nbr_ids, nbr_dist, data.errors, review)
                     if self.find_duplicates:
-                        dups = find_job_duplicates(data, fit, cfg)
+                        dups, prints = find_job_duplicates(data, fit, cfg, prints), None
                         run.staging.write_table("duplicates", duplicates_table(data.ids, dups))
                     if r.drop_duplicates and dups.n_groups:
                         gone["duplicate"] = dups.redundant

@@ -40,11 +40,12 @@ def collect(emb_ds) -> Embedded:
             bad_ids.append(b["id"][~ok]), errors.append(b["error"][~ok])
             if ok.any():
                 E = np.ascontiguousarray(b["embedding"][ok], dtype=np.float32)
-                d = E.shape[1]
+                d = same_width(d, E.shape[1], "embedding")
                 vec_file.write(E.data)
             if "fingerprint" in b and ok.any():
                 prints = b["fingerprint"][ok]
-                width = len(prints[0])
+                for p in prints:
+                    width = same_width(width, len(p), "fingerprint")
                 fp_file.write(b"".join(prints))
             for c in (*PASSTHROUGH, "hash"):
                 if c in b:
@@ -61,9 +62,17 @@ def collect(emb_ds) -> Embedded:
     return Embedded(ids[order], X, extra, error_rows)
 
 
+def same_width(seen: int, width: int, what: str) -> int:
+    """``width``, checked against the width of the rows ``seen`` so far (0: none yet)."""
+    if seen and width != seen:
+        raise ValueError(f"rows of one set have {what}s of {seen} and of {width} values")
+    return width
+
+
 def file_rows(f, shape: tuple[int, int], dtype) -> np.ndarray:
     """The rows written to the open temporary file ``f``, as a disk array (a mapping of the file)."""
     f.flush()
+    assert f.tell() == shape[0] * shape[1] * np.dtype(dtype).itemsize, "rows written do not match their shape"
     if shape[0] * shape[1] == 0:
         return np.zeros(shape, dtype)
     return np.memmap(f, dtype=dtype, mode="r", shape=shape)

@@ -151,9 +151,9 @@ class PatchScorer(BankSearch):
         return batch
 
 
-def map_patches(ds, bank: Bank, cfg, exclude_ids=None, calibrate=None):
+def map_patches(ds, bank: Bank, cfg, exclude_ids=None, calibrate=None, gpu_share: float = SCORE_ACTOR_GPUS):
     """``ds`` (embedded rows with ``patches``) with its maps and map scores (lazy), on a pool of patch scorers
-    (searching on a share of a GPU each where Ray has GPUs, as the global scorers do); with ``cfg.shard_groups``
+    (searching on ``gpu_share`` of a GPU each where Ray has GPUs, as the global scorers do); with ``cfg.shard_groups``
     G > 1, on G pools that each hold a group of the bank's shards, then a pool that only turns their minimum
     into maps and scores."""
     from ray.data import ActorPoolStrategy
@@ -162,7 +162,7 @@ def map_patches(ds, bank: Bank, cfg, exclude_ids=None, calibrate=None):
     actors, threads = score_pool(cpus, cfg.actors)
     res = {"num_cpus": SCORE_ACTOR_CPUS}
     if gpus:
-        actors, res = min(actors, gpus), {**res, "num_gpus": SCORE_ACTOR_GPUS}
+        actors, res = min(actors, gpus), {**res, "num_gpus": gpu_share}
     batch = max(1, min(cfg.batch_size, 64))
     kw = {"bank": bank, "exclude_ids": exclude_ids, "threads": threads, "calibrate": calibrate,
           "device": "cuda" if gpus else "cpu"}
@@ -173,7 +173,7 @@ def map_patches(ds, bank: Bank, cfg, exclude_ids=None, calibrate=None):
                               fn_constructor_kwargs={**kw, "group": groups[0]})
     per_pool = max(1, actors // len(groups))
     if gpus:
-        res = {**res, "num_gpus": SCORE_ACTOR_GPUS / len(groups)}
+        res = {**res, "num_gpus": gpu_share / len(groups)}
     for group in groups:
         memory = sum(bank.shard_bytes[j] for j in group) // per_pool if bank.shard_bytes else 0
         ds = ds.map_batches(PatchGroupSearch, batch_size=batch, batch_format="numpy",

@@ -221,19 +221,22 @@ class Scorer:
         """``ds`` scored (lazily): one output row per input row."""
         from ray.data import ActorPoolStrategy
 
+        # the scoring share of each GPU (the embedding actors upstream hold the rest), halved between the patch
+        # scorers and these when both stream
+        share = SCORE_ACTOR_GPUS / 2 if self.bank is not None else SCORE_ACTOR_GPUS
         if self.bank is not None:
-            ds = map_patches(ds, self.bank, self.cfg)
+            ds = map_patches(ds, self.bank, self.cfg, gpu_share=share)
         cpus, gpus = cluster_resources()
         actors, threads = score_pool(cpus, self.cfg.actors)
         res = {"num_cpus": SCORE_ACTOR_CPUS}
         if gpus:  # a share of one GPU per scoring actor: FAISS searches there
-            actors, res = min(actors, gpus), {**res, "num_gpus": SCORE_ACTOR_GPUS}
+            actors, res = min(actors, gpus), {**res, "num_gpus": share}
         device = "cuda" if gpus else "cpu"
         groups = shard_groups(self.shard_rows or [1] * len(self.shards), self.cfg.shard_groups)
         search = SearchSpec(self.shards, self.k, exclude, groups_ref, threads, self.transform, device, self.exact)
         if len(groups) > 1:  # each pool holds one group; its actors share the group's memory request
             per_pool = max(1, actors // len(groups))
-            group_res = {**res, **({"num_gpus": SCORE_ACTOR_GPUS / len(groups)} if gpus else {})}
+            group_res = {**res, **({"num_gpus": share / len(groups)} if gpus else {})}
             for i, group in enumerate(groups):
                 memory = sum(self.shard_bytes[j] for j in group) // per_pool if self.shard_bytes else 0
                 ds = ds.map_batches(
