@@ -49,9 +49,13 @@ def on_disk(X: np.ndarray) -> bool:
     return getattr(X, "_mmap", None) is not None
 
 
-def empty_rows(like: np.ndarray, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An array for rows derived from ``like``: on disk when ``like`` is, in memory otherwise."""
-    return disk_array(shape, dtype) if on_disk(like) else np.empty(shape, dtype)
+def map_rows(X: np.ndarray, f, width: int, dtype) -> np.ndarray:
+    """``f`` applied to ``X`` (n, d) ``ROW_CHUNK`` rows at a time, into an (n, ``width``) array of ``dtype``: on
+    disk when ``X`` is, in memory otherwise."""
+    out = disk_array((len(X), width), dtype) if on_disk(X) else np.empty((len(X), width), dtype)
+    for s in range(0, len(X), ROW_CHUNK):
+        out[s:s + ROW_CHUNK] = f(X[s:s + ROW_CHUNK])
+    return out
 
 
 def take_rows(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -71,20 +75,15 @@ def take_rows(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def as_float32(X: np.ndarray) -> np.ndarray:
     """(n, d) C-contiguous float32 view or copy of ``X`` (a disk array stays on disk); rejects NaN/inf."""
-    if not (on_disk(X) and X.dtype == np.float32 and X.flags.c_contiguous):
-        X = np.ascontiguousarray(X, dtype=np.float32) if not on_disk(X) else _copy_rows(X)
+    if not on_disk(X):
+        X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"expected a 2-d array of shape (n, d), got shape {X.shape}")
+    if X.dtype != np.float32 or not X.flags.c_contiguous:  # a disk array: its float32 copy on disk
+        X = map_rows(X, lambda rows: rows, X.shape[1], np.float32)
     if not all(np.isfinite(X[s:s + ROW_CHUNK]).all() for s in range(0, len(X), ROW_CHUNK)):
         raise ValueError("embeddings contain NaN or inf")
     return X
-
-
-def _copy_rows(X: np.ndarray) -> np.ndarray:
-    out = disk_array(X.shape, np.float32)
-    for s in range(0, len(X), ROW_CHUNK):
-        out[s:s + ROW_CHUNK] = X[s:s + ROW_CHUNK]
-    return out
 
 
 def l2_normalize(X: np.ndarray, dtype: type = np.float32) -> np.ndarray:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arrays import ROW_CHUNK, as_float32, empty_rows, l2_normalize
+from .arrays import as_float32, l2_normalize, map_rows
 from .settings import NORMALIZE_KINDS
 
 MEAN_FILE, WHITENER_FILE = "transform-mean.npy", "transform-whitener.npy"
@@ -46,12 +46,7 @@ class FeatureTransform:
         """(n, D) float32 transformed rows, ``ROW_CHUNK`` rows at a time (on disk when ``X`` is); the identity
         when no option is set."""
         X = as_float32(X)
-        if self.is_identity:
-            return X
-        out = empty_rows(X, (len(X), self.dim or X.shape[1]), np.float32)
-        for s in range(0, len(X), ROW_CHUNK):
-            out[s:s + ROW_CHUNK] = self._rows(X[s:s + ROW_CHUNK])
-        return out
+        return X if self.is_identity else map_rows(X, self._rows, self.dim or X.shape[1], np.float32)
 
     def _rows(self, X: np.ndarray) -> np.ndarray:
         if self.normalize == "l2":
