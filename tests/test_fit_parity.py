@@ -56,3 +56,31 @@ def test_reduced_fit_calibrates_normal_rows_against_the_centroids():
     assert len(fit.ids) == 25 and len(fit.calibration_scores) == len(X) and fit.n_normal == len(X)
     d = np.sqrt(((X[:, None, :].astype(np.float64) - fit.reference[None].astype(np.float64)) ** 2).sum(-1))
     np.testing.assert_allclose(fit.calibration_scores, np.sort(d, axis=1)[:, :2].mean(1), rtol=1e-6)
+
+
+@pytest.mark.ray
+def test_labels_ranked_in_packed_tasks_equal_labels_fitted_on_the_actors(ray_local):
+    """The per-label ranking's two routes (small labels packed into tasks; large ones on the sharded index and
+    scoring actors) find the same neighbours: labels of 1, 2, 3 and 40-70 rows, integer and string names,
+    unlabelled rows."""
+    from dnnad.config import JobConfig, ScoreConfig, SourceConfig
+    from dnnad.stages.collect import Embedded
+    from dnnad.stages.fit import fit_per_label
+
+    X, ids = data_with_duplicates()
+    rng = np.random.default_rng(0)
+    labels = rng.choice(np.array([0, 1, "two", "3", None, 5], dtype=object), len(X), p=[.2, .25, .2, .15, .1, .1])
+    labels[:6] = ["solo", "pair", "pair", "trio", "trio", "trio"]
+    data = Embedded(ids, X, {"label": labels}, None)
+    cfg = JobConfig("rank", "out", normal=SourceConfig("n"), score=ScoreConfig(batch_size=64))
+    packed = fit_per_label(data, labels, cfg)  # every label is small
+    on_actors = fit_per_label(data, labels, cfg, small_rows=2)  # labels of three rows or more on the actors
+    np.testing.assert_array_equal(packed[0], on_actors[0])
+    assert packed[1].tolist() == on_actors[1].tolist()
+    np.testing.assert_array_equal(packed[2], on_actors[2])
+    assert np.isnan(packed[0][0]) and packed[1][1].tolist() == [ids[2], None]  # alone; one neighbour in a pair
+    unlabelled = np.array([v is None for v in labels])
+    assert np.isnan(packed[0][unlabelled]).all() and not np.isnan(packed[0][~unlabelled][1:]).any()
+    for row in np.flatnonzero(~unlabelled)[1:]:  # neighbours come from the row's own label
+        mine = {str(labels[p]) for p in np.flatnonzero(np.isin(ids, [i for i in packed[1][row] if i is not None]))}
+        assert mine == {str(labels[row])}

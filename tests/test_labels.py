@@ -5,9 +5,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dnnad.cli import main
-from dnnad.core.labels import review_labels
+from dnnad.core.labels import label_rows, review_labels, tally_votes
 from tests.helpers import cifar_rows, write_folder
 
 LITE0 = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "64", "--quiet"]
@@ -54,6 +56,40 @@ def test_nearer_neighbours_vote_louder_and_missing_ones_not_at_all():
     assert not r.suspect[0]  # one near "a" outweighs two far "b"s
     assert review_labels(labels, pos, near_a, weighting="uniform").suspect[0]
     assert r.agreement[1] == 1.0 and r.agreement[3] == 1.0  # only valid neighbours vote
+
+
+def dense_votes(code, ncode, w, n_labels):
+    """The vote table written out: one column per label (what tally_votes must equal without forming it)."""
+    votes = np.zeros((len(code), n_labels))
+    np.add.at(votes, (np.repeat(np.arange(len(code)), ncode.shape[1]), ncode.ravel()), w.ravel())
+    return votes
+
+
+@pytest.mark.unit
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 6), st.integers(1, 5), st.booleans(), st.integers(0, 2**31 - 1))
+def test_votes_tallied_per_row_equal_the_whole_vote_table(n, c, n_labels, ties, seed):
+    rng = np.random.default_rng(seed)
+    code = rng.integers(0, n_labels, n)
+    ncode = rng.integers(0, n_labels, (n, c))
+    valid = rng.random((n, c)) < 0.8
+    w = np.where(valid, 1.0 if ties else rng.random((n, c)), 0.0)  # uniform weights make ties
+    total, own, best, best_w = tally_votes(code, ncode, w, valid)
+    votes = dense_votes(code, ncode, w, n_labels)
+    np.testing.assert_allclose(total, votes.sum(1))
+    np.testing.assert_allclose(own, votes[np.arange(n), code])
+    voted = votes.sum(1) > 0
+    np.testing.assert_array_equal(best[voted], votes.argmax(1)[voted])  # argmax: the lowest label among ties
+    np.testing.assert_allclose(best_w, votes.max(1))
+    assert (best[~voted] == code[~voted]).all()
+
+
+@pytest.mark.unit
+def test_rows_of_each_label_found_with_one_sort():
+    names = np.array(["b", None, "a", 3, "b", "3"], dtype=object)
+    got = [(name, rows.tolist()) for name, rows in label_rows(names)]
+    assert got == [("3", [3, 5]), ("a", [2]), ("b", [0, 4])]  # 3 and "3" are one label; None is no label
+    assert label_rows(np.array([None, None], dtype=object)) == []
 
 
 def class_folders(root, planted: int = 3, per_class: int = 60):

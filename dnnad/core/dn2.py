@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import faiss
@@ -197,3 +197,19 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
     return Fit(handle, reference, ref_ids, k, threshold_from_scores(scores, q), q,
                threshold_reliable(len(scores), q), scores, dist, pos, reduction, len(X), input_dim, transform, all_pos,
                all_dist)
+
+
+def rank_within_groups(X: np.ndarray, bounds: np.ndarray, params: FitParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each group of rows ``X[bounds[i]:bounds[i + 1]]`` ranked against the rest of its group, in this process
+    (``fit_reference``'s leave-one-out scores, k clamped to the group): scores (n,), neighbour distances
+    (n, k) and neighbour positions into ``X`` (n, k). A group of one row scores NaN; a group of fewer than
+    k + 1 rows leaves its missing neighbours NaN / -1."""
+    n, k = len(X), params.k
+    scores, dist, pos = np.full(n, np.nan), np.full((n, k), np.nan), np.full((n, k), -1, dtype=np.int64)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b - a < 2:
+            continue
+        fit = fit_reference(X[a:b], None, replace(params, k=min(k, b - a - 1), n_shards=1, extra_neighbours=0))
+        scores[a:b], dist[a:b, :fit.k], pos[a:b, :fit.k] = (fit.calibration_scores, fit.calibration_dist,
+                                                            a + fit.calibration_pos)
+    return scores, dist, pos

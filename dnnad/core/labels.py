@@ -50,6 +50,44 @@ def vote_weights(dist: np.ndarray, valid: np.ndarray, weighting: str = "distance
     return np.where(valid, np.exp(-d / max(tau, 1e-12)), 0.0)
 
 
+def tally_votes(code: np.ndarray, neighbour_code: np.ndarray, w: np.ndarray,
+                valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row (n,): total vote weight, the weight for its own label ``code``, the label with the most weight
+    (the lowest code among ties; its own where nobody voted) and that weight. Sums each row's at most c
+    (row, label) pairs: memory O(n c), never the (n, labels) table, which a set of 10^6 rows and 1,000
+    labels would make 8 GB."""
+    n, c = neighbour_code.shape
+    keep = valid.ravel()
+    rows, labs, ws = np.repeat(np.arange(n), c)[keep], neighbour_code.ravel()[keep], w.ravel()[keep]
+    total = np.bincount(rows, weights=ws, minlength=n)
+    own, best, best_w = np.zeros(n), code.copy(), np.zeros(n)
+    if len(rows) == 0:
+        return total, own, best, best_w
+    order = np.lexsort((labs, rows))
+    rows, labs, ws = rows[order], labs[order], ws[order]
+    start = np.r_[True, (rows[1:] != rows[:-1]) | (labs[1:] != labs[:-1])]
+    sums = np.bincount(np.cumsum(start) - 1, weights=ws)
+    g_rows, g_labs = rows[start], labs[start]
+    mine = g_labs == code[g_rows]
+    own[g_rows[mine]] = sums[mine]
+    top = np.lexsort((g_labs, -sums, g_rows))  # each row's heaviest label first, the lowest code among ties
+    first = top[np.r_[True, g_rows[top][1:] != g_rows[top][:-1]]]
+    best[g_rows[first]], best_w[g_rows[first]] = g_labs[first], sums[first]
+    return total, own, best, best_w
+
+
+def label_rows(names: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """(label, its row positions ascending) for each label of ``names`` (None: unlabelled, left out), labels
+    in sorted order: one sort, where comparing every row with every label would cost rows x labels."""
+    known = np.flatnonzero(np.array([v is not None for v in names], dtype=bool))
+    if len(known) == 0:
+        return []
+    values, code = np.unique(np.asarray(names[known]).astype(str), return_inverse=True)
+    order = np.argsort(code.ravel(), kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(code.ravel(), minlength=len(values)))]
+    return [(str(v), known[order[a:b]]) for v, a, b in zip(values, bounds[:-1], bounds[1:])]
+
+
 def nearest_other_label(code: np.ndarray, neighbour_code: np.ndarray, dist: np.ndarray, valid: np.ndarray,
                         k: int) -> np.ndarray:
     """(n,) mean distance to the k nearest neighbours of the closest label other than the row's own, from a
@@ -87,18 +125,13 @@ def review_labels(labels: np.ndarray, neighbour_pos: np.ndarray, neighbour_dist:
     labels = np.asarray(labels)
     names, code = np.unique(labels.astype(str), return_inverse=True)
     code = code.ravel()
-    n, c = neighbour_pos.shape
     valid = neighbour_pos >= 0
     ncode = code[np.where(valid, neighbour_pos, 0)]
     w = vote_weights(neighbour_dist, valid, weighting)
-    votes = np.zeros((n, len(names)))
-    np.add.at(votes, (np.repeat(np.arange(n), c), ncode.ravel()), w.ravel())
-    total = votes.sum(axis=1)
-    own_votes = votes[np.arange(n), code]
-    agreement = np.divide(own_votes, total, out=np.ones(n), where=total > 0)
-    best = votes.argmax(axis=1)
-    out_voted = votes[np.arange(n), best] > own_votes
-    margin = np.full(n, np.nan)
+    total, own_votes, best, best_votes = tally_votes(code, ncode, w, valid)
+    agreement = np.divide(own_votes, total, out=np.ones(len(code)), where=total > 0)
+    out_voted = best_votes > own_votes
+    margin = np.full(len(code), np.nan)
     if own_scores is not None:
         own = np.asarray(own_scores, dtype=np.float64)
         other = nearest_other_label(code, ncode, np.asarray(neighbour_dist, np.float64), valid, k)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError
-from ..core.labels import label_names
+from ..core.labels import label_names, label_rows
 from ..outputs import output_path
 from ..sources import prepare_source
 from ..storage import redact
@@ -60,13 +60,14 @@ LABEL_FIELDS = [("label", pa.string()), ("voter_ids", pa.list_(pa.string())), ("
 
 
 def percentiles(scores: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """Percentile of each score among the scores (of its group, with ``groups``); NaN scores get NaN."""
+    """Percentile of each score among the scores (of its label, with ``groups``: label names, None for none);
+    NaN scores get NaN."""
     pct = np.full(len(scores), np.nan)
     scored = ~np.isnan(scores)
-    keys = np.zeros(len(scores), dtype=object) if groups is None else groups
-    for g in set(keys[scored].tolist()):
-        rows = np.flatnonzero(scored & (keys == g))
-        pct[rows] = 100.0 * np.searchsorted(np.sort(scores[rows]), scores[rows], side="right") / len(rows)
+    parts = [np.arange(len(scores))] if groups is None else [rows for _, rows in label_rows(groups)]
+    for rows in parts:
+        rows = rows[scored[rows]]
+        pct[rows] = 100.0 * np.searchsorted(np.sort(scores[rows]), scores[rows], side="right") / max(len(rows), 1)
     return pct
 
 
@@ -132,11 +133,10 @@ def rows_to_drop(scores: np.ndarray, ids: np.ndarray, drop: float | None, drop_s
     label's rows, with ``labels``). Unscored rows (NaN: alone in their label) are never dropped."""
     if drop_score is not None:
         return np.flatnonzero(scores > drop_score)
-    scored = ~np.isnan(scores)
-    parts = [scored] if labels is None else [scored & (label_names(labels) == v)
-                                             for v in np.unique(label_names(labels)[scored])]
+    parts = [np.arange(len(scores))] if labels is None else [rows for _, rows in label_rows(label_names(labels))]
     out = []
-    for rows in map(np.flatnonzero, parts):
+    for rows in parts:
+        rows = rows[~np.isnan(scores[rows])]
         n_drop = math.ceil((drop or 0.0) * len(rows))
         out.append(rows[np.lexsort((ids[rows].astype(str), -scores[rows]))[:n_drop]])
     return np.sort(np.concatenate([np.empty(0, np.int64), *out]))

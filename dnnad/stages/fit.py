@@ -9,9 +9,9 @@ import pyarrow as pa
 
 from ..config import ConfigError, JobConfig, ScoreConfig
 from ..core.arrays import take_rows
-from ..core.dn2 import Fit, FitParams, fit_reference
+from ..core.dn2 import Fit, FitParams, fit_reference, rank_within_groups
 from ..core.index import build_shard, shard_bounds
-from ..core.labels import label_names
+from ..core.labels import label_names, label_rows
 from ..core.model import FittedModel, model_from_fit
 from ..core.settings import FIT_SETTINGS, IMAGE_SETTINGS
 from ..runtime import cluster_resources
@@ -86,23 +86,68 @@ def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int =
     return model, fit
 
 
-def fit_per_label(data: Embedded, labels: np.ndarray, cfg: JobConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each label's rows ranked against the rest of that label (the unsupervised setting, per class), on the
-    same sharded index and scoring actors as a whole-set fit: (scores (n,), neighbour ids (n, k), neighbour
-    distances (n, k)). Rows without a label, or alone in theirs, score NaN; a label of fewer than k + 1 rows
-    leaves its rows' missing neighbours None / NaN."""
+SMALL_LABEL_ROWS = 20_000  # labels up to this many rows are ranked whole inside a task, several to a task
+LABEL_TASK_BYTES = 32 * 2**20  # the vectors one such task receives, at most (unless one label holds more)
+
+
+def fit_per_label(data: Embedded, labels: np.ndarray, cfg: JobConfig,
+                  small_rows: int = SMALL_LABEL_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each label's rows ranked against the rest of that label (the unsupervised setting, per class): (scores
+    (n,), neighbour ids (n, k), neighbour distances (n, k)). Rows without a label, or alone in theirs, score
+    NaN; a label of fewer than k + 1 rows leaves its rows' missing neighbours None / NaN.
+
+    A label of more than ``small_rows`` rows is fitted on the sharded index and scoring actors, as a whole-set
+    fit is. Smaller labels are packed into Ray tasks that each rank whole labels in one process
+    (``core.dn2.rank_within_groups``): a set of a thousand labels costs tasks, not a thousand actor pipelines
+    (2-3 s each). The neighbours are the same either way (exact search)."""
     params = replace(fit_params(cfg), extra_neighbours=0, reduce=None)
     n, k = len(data.ids), params.k
-    scores, ids, dist = np.full(n, np.nan), np.full((n, k), None, dtype=object), np.full((n, k), np.nan)
-    names = label_names(labels)
-    known = names != None  # noqa: E711 - elementwise
-    for name in sorted(set(names[known])):
-        rows = np.flatnonzero(known & (names == name))
-        if len(rows) < 2:
-            continue
+    scores, dist, pos = np.full(n, np.nan), np.full((n, k), np.nan), np.full((n, k), -1, dtype=np.int64)
+    groups = [rows for _, rows in label_rows(label_names(labels)) if len(rows) >= 2]
+    for rows in (r for r in groups if len(r) > small_rows):
         fit = fit_reference(take_rows(data.X, rows), data.ids[rows], replace(params, k=min(k, len(rows) - 1)),
                             RayBackend(cfg.score))
-        kk = fit.k
-        scores[rows], ids[rows, :kk], dist[rows, :kk] = (fit.calibration_scores, fit.ids[fit.calibration_pos],
-                                                         fit.calibration_dist)
+        scores[rows], dist[rows, :fit.k], pos[rows, :fit.k] = (fit.calibration_scores, fit.calibration_dist,
+                                                               rows[fit.calibration_pos])
+    small = [r for r in groups if len(r) <= small_rows]
+    for rows, (s, d, p) in rank_small_labels(data.X, small, params):
+        scores[rows], dist[rows], pos[rows] = s, d, np.where(p >= 0, rows[np.maximum(p, 0)], -1)
+    ids = np.where(pos >= 0, data.ids[np.maximum(pos, 0)], None)
     return scores, ids, dist
+
+
+def label_batches(groups: list[np.ndarray], width: int, budget: int) -> list[list[np.ndarray]]:
+    """Consecutive labels' rows packed into batches of at most ``budget`` bytes of float32 vectors (a larger
+    label is a batch of its own)."""
+    batches, size = [], budget
+    for rows in groups:
+        nbytes = len(rows) * width * 4
+        if size + nbytes > budget:
+            batches.append([])
+            size = 0
+        batches[-1].append(rows)
+        size += nbytes
+    return batches
+
+
+def rank_small_labels(X: np.ndarray, groups: list[np.ndarray], params: FitParams):
+    """Yield (rows, (scores, distances, positions within rows)) for batches of whole labels ranked in Ray
+    tasks; at most two tasks per CPU in flight, so the driver reads one batch's vectors at a time."""
+    import ray
+
+    if not groups:
+        return
+    cpus, _ = cluster_resources()
+    total = sum(len(r) for r in groups) * X.shape[1] * 4
+    budget = max(1, min(LABEL_TASK_BYTES, total // (4 * cpus)))  # enough tasks to keep every CPU busy
+    task, pending = ray.remote(rank_within_groups), {}
+    for batch in label_batches(groups, X.shape[1], budget):
+        if len(pending) >= 2 * cpus:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done[0]), ray.get(done[0])
+        rows = np.concatenate(batch)
+        bounds = np.r_[0, np.cumsum([len(r) for r in batch])]
+        pending[task.remote(take_rows(X, rows), bounds, params)] = rows
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(done[0]), ray.get(done[0])
