@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import shutil
 import subprocess
 import sys
@@ -31,12 +32,17 @@ from scale import write_vectors
 BASELINE = """
 import sys, time
 import faiss, numpy as np, pyarrow as pa, pyarrow.parquet as pq
-normal, out, k = sys.argv[1], sys.argv[2], 2
+normal, out, kind, k = sys.argv[1], sys.argv[2], sys.argv[3], 2
 t = pq.read_table(normal)
 X = t["vec"].combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1).astype(np.float32)
 ids = t["id"]
 del t
-index = faiss.IndexFlatL2(X.shape[1])
+if kind == "ivf":  # dnnad's IVF-Flat settings: 4 sqrt(n) lists, 16 probed
+    index = faiss.index_factory(X.shape[1], f"IVF{int(4 * np.sqrt(len(X)))},Flat")
+    index.train(X)
+    index.nprobe = 16
+else:
+    index = faiss.IndexFlatL2(X.shape[1])
 index.add(X)
 D, _ = index.search(X, k + 1)
 scores = np.sqrt(np.maximum(D[:, 1:], 0)).mean(1)
@@ -85,6 +91,8 @@ def main() -> None:
     ap.add_argument("--normal", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--labels", type=int, default=0, help="rank job: label the rows with this many labels")
+    ap.add_argument("--index", choices=("flat", "ivf"), default="flat",
+                    help="both sides' index: ivf makes 10^6 rows' leave-one-out searches minutes, not hours")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dnnad-fitmem-"))
     normal, query = work / "normal.parquet", work / "query.parquet"
@@ -93,7 +101,7 @@ def main() -> None:
         add_labels(normal, a.labels)
     write_vectors(query, 100, a.dim, 7, "q")
     (work / "base").mkdir()
-    base_s, base = peak_rss([sys.executable, "-c", BASELINE, str(normal), str(work / "base")])
+    base_s, base = peak_rss([sys.executable, "-c", BASELINE, str(normal), str(work / "base"), a.index])
     if a.job == "score":
         cmd = ["score", "--normal", str(normal), "--query", str(query)]
         what = "fit + score 100 rows"
@@ -101,20 +109,23 @@ def main() -> None:
         cmd = ["rank", "--data", str(normal), *(["--label-column", "label"] if a.labels else [])]
         what = "rank: leave-one-out, duplicates, " + ("per-label rankings, " if a.labels else "") + "refit"
     s, dn = peak_rss([sys.executable, "-m", "dnnad.cli", *cmd, "--out", str(work / "out"), "--embedding-column",
-                      "vec", "--quiet"])
+                      "vec", "--index", a.index, "--quiet"])
     data_mib = a.normal * a.dim * 4 / 2**20
+    stages = json.loads((work / "out" / "run.json").read_text())["timings_s"]
     shutil.rmtree(work)  # this run's own temporary folder
-    flags = f"--job {a.job} --normal {a.normal} --dim {a.dim}" + (f" --labels {a.labels}" if a.labels else "")
+    flags = f"--job {a.job} --normal {a.normal} --dim {a.dim}" + (f" --labels {a.labels}" if a.labels else "") + (
+        f" --index {a.index}" if a.index != "flat" else "")
     lines = [f"## Driver memory, {a.job} job ({dt.date.today()}, commit {git_rev()})", "",
              f"- command: `python benchmarks/fit_memory.py {flags}`",
              f"- machine: {machine()}", f"- the normal vectors: {data_mib:,.0f} MiB (float32)", "",
              "| | peak anonymous RSS | peak file-backed RSS | object-store pages mapped | wall |", "|---|---|---|---|---|",
-             f"| plain process (read, flat index, leave-one-out k-NN, save) | {base['RssAnon']:,.0f} MiB | "
+             f"| plain process (read, {a.index} index, leave-one-out k-NN, save) | {base['RssAnon']:,.0f} MiB | "
              f"{base['RssFile']:,.0f} MiB | - | {base_s:.1f} s |",
              f"| dnnad driver ({what}, Ray in-process) | {dn['RssAnon']:,.0f} MiB | {dn['RssFile']:,.0f} MiB | "
              f"{dn['RssShmem']:,.0f} MiB | {s:.1f} s |",
-             "", f"dnnad / plain peak anonymous RSS: {dn['RssAnon'] / base['RssAnon']:.2f}x"]
-    write_results(f"{a.job}-memory-{a.normal}x{a.dim}", lines)
+             "", f"dnnad / plain peak anonymous RSS: {dn['RssAnon'] / base['RssAnon']:.2f}x", "",
+             "dnnad's stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())]
+    write_results(f"{a.job}-memory-{a.normal}x{a.dim}" + (f"-{a.index}" if a.index != "flat" else ""), lines)
 
 
 if __name__ == "__main__":
