@@ -192,3 +192,20 @@ def test_a_label_column_the_source_cannot_give_is_refused_before_any_work(tmp_pa
                             (tmp_path / "folder", "class", "for a folder must be dir:N")):
         with pytest.raises(ConfigError, match=msg):
             prepare_source(SourceConfig(str(uri), label_column=label), "data")
+
+
+@pytest.mark.unit
+def test_a_review_in_row_chunks_equals_one_over_every_row(monkeypatch):
+    import dnnad.core.labels as labels_mod
+
+    rng = np.random.default_rng(3)
+    n, c = 50, 6
+    labels = rng.choice(["a", "b", "c"], n)
+    pos = np.where(rng.random((n, c)) < 0.9, rng.integers(0, n, (n, c)), -1)
+    dist, own = np.sort(rng.random((n, c)), axis=1), np.where(rng.random(n) < 0.1, np.nan, rng.random(n))
+    whole = review_labels(labels, pos, dist, own, k=2)
+    monkeypatch.setattr(labels_mod, "REVIEW_ROWS", 7)
+    chunked = review_labels(labels, pos, dist, own, k=2)
+    for field in ("agreement", "margin", "score"):
+        np.testing.assert_array_equal(getattr(whole, field), getattr(chunked, field))
+    assert whole.suggested.tolist() == chunked.suggested.tolist() and whole.suspect.any()

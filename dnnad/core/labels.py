@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+REVIEW_ROWS = 65_536  # rows reviewed at a time
+
 
 @dataclass(frozen=True)
 class LabelReview:
@@ -124,20 +126,23 @@ def review_labels(labels: np.ndarray, neighbour_pos: np.ndarray, neighbour_dist:
     none; without them the vote alone decides."""
     labels = np.asarray(labels)
     names, code = np.unique(labels.astype(str), return_inverse=True)
-    code = code.ravel()
+    code, n = code.ravel(), len(labels)
     valid = neighbour_pos >= 0
-    ncode = code[np.where(valid, neighbour_pos, 0)]
     w = vote_weights(neighbour_dist, valid, weighting)
-    total, own_votes, best, best_votes = tally_votes(code, ncode, w, valid)
-    agreement = np.divide(own_votes, total, out=np.ones(len(code)), where=total > 0)
-    out_voted = best_votes > own_votes
-    margin = np.full(len(code), np.nan)
+    agreement, margin, out_voted, best = np.ones(n), np.full(n, np.nan), np.zeros(n, bool), np.zeros(n, np.int64)
+    for a in range(0, n, REVIEW_ROWS):  # rows apart: each chunk's temporaries, not the whole set's
+        rows = slice(a, a + REVIEW_ROWS)
+        ncode = code[np.where(valid[rows], neighbour_pos[rows], 0)]
+        total, own_votes, best[rows], best_votes = tally_votes(code[rows], ncode, w[rows], valid[rows])
+        agreement[rows] = np.divide(own_votes, total, out=np.ones(len(total)), where=total > 0)
+        out_voted[rows] = best_votes > own_votes
+        if own_scores is not None:
+            own = np.asarray(own_scores[rows], dtype=np.float64)
+            other = nearest_other_label(code[rows], ncode, np.asarray(neighbour_dist[rows], np.float64), valid[rows], k)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                m = np.where(np.isnan(own), 1.0, own / (own + other))  # alone in its label: nothing nearer
+            margin[rows] = np.nan_to_num(m, nan=0.5)  # 0 / 0: identical copies on both sides
     if own_scores is not None:
-        own = np.asarray(own_scores, dtype=np.float64)
-        other = nearest_other_label(code, ncode, np.asarray(neighbour_dist, np.float64), valid, k)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            margin = np.where(np.isnan(own), 1.0, own / (own + other))  # alone in its label: nothing nearer
-        margin = np.nan_to_num(margin, nan=0.5)  # 0 / 0: identical copies on both sides
         out_voted &= margin > 0.5
     score = 1.0 - agreement + np.nan_to_num(margin, nan=0.0)
     suggested = np.where(out_voted, names[best].astype(object), None)

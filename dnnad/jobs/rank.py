@@ -78,6 +78,14 @@ def ragged(values: np.ndarray, keep: np.ndarray, type_: pa.DataType) -> pa.Array
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep], type_.value_type)).cast(type_)
 
 
+def take_lists(values: pa.Array, pos: np.ndarray) -> pa.ListArray:
+    """Row-wise lists of ``values`` at ``pos`` (n, c), -1 entries left out: Arrow takes the strings, so no
+    Python object is made per entry."""
+    keep = pos >= 0
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values.take(pa.array(pos[keep])))
+
+
 def rank_table(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, neighbor_dists: np.ndarray,
                errors: pa.Table, labels: LabelColumns | None = None) -> pa.Table:
     """Ranking of a set against itself: rank 1 = most anomalous, percentile of each score; with ``labels``,
@@ -86,28 +94,26 @@ def rank_table(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, ne
     pct = percentiles(scores, labels.label if labels is not None else None)
     first_key = -np.nan_to_num(pct if labels is not None else scores, nan=-np.inf)
     order = np.lexsort((ids.astype(str), -np.nan_to_num(scores, nan=-np.inf), first_key))
-    rank = np.empty(len(scores), dtype=np.int64)
-    rank[order] = np.arange(1, len(scores) + 1)
     n, k = neighbor_ids.shape
+    o = order  # every column is built in ranking order: no reordered copy of the table
+    id_values = pa.array(ids.tolist(), pa.string())
     cols = {
-        "id": pa.array(ids.tolist(), pa.string()), "score": pa.array(scores, pa.float64(), from_pandas=True),
-        "rank": pa.array(rank), "percentile": pa.array(pct, from_pandas=True),
-        "neighbor_ids": ragged(neighbor_ids, neighbor_ids != None, pa.list_(pa.string())),  # noqa: E711
-        "neighbor_dists": ragged(neighbor_dists, ~np.isnan(neighbor_dists), pa.list_(pa.float64())),
+        "id": id_values.take(pa.array(o)), "score": pa.array(scores[o], pa.float64(), from_pandas=True),
+        "rank": pa.array(np.arange(1, n + 1, dtype=np.int64)), "percentile": pa.array(pct[o], from_pandas=True),
+        "neighbor_ids": ragged(neighbor_ids[o], neighbor_ids[o] != None, pa.list_(pa.string())),  # noqa: E711
+        "neighbor_dists": ragged(neighbor_dists[o], ~np.isnan(neighbor_dists[o]), pa.list_(pa.float64())),
         "status": pa.array(["ok"] * n, pa.string()), "error": pa.nulls(n, pa.string()),
     }
     schema = pa.schema(list(RANKING_SCHEMA) + (LABEL_FIELDS if labels is not None else []))
     if labels is not None:
-        known = labels.known
+        known, names = labels.known[o], pa.array(labels.label.tolist(), pa.string())
         cols.update({
-            "label": pa.array(labels.label.tolist(), pa.string()),
-            "voter_ids": ragged(labels.voter_ids, labels.neighbor_labels != None, pa.list_(pa.string())),  # noqa: E711
-            "neighbor_labels": ragged(labels.neighbor_labels, labels.neighbor_labels != None,  # noqa: E711
-                                      pa.list_(pa.string())),
-            "label_agreement": pa.array(np.where(known, labels.agreement, np.nan), from_pandas=True),
-            "label_score": pa.array(np.where(known, labels.score, np.nan), from_pandas=True),
-            "suggested_label": pa.array(labels.suggested.tolist(), pa.string()),
-            "suspect": pa.array(np.where(known, labels.suspect, None).tolist(), pa.bool_())})
+            "label": names.take(pa.array(o)), "voter_ids": take_lists(id_values, labels.voter_pos[o]),
+            "neighbor_labels": take_lists(names, labels.voter_pos[o]),
+            "label_agreement": pa.array(np.where(known, labels.agreement[o], np.nan), from_pandas=True),
+            "label_score": pa.array(np.where(known, labels.score[o], np.nan), from_pandas=True),
+            "suggested_label": pa.array(labels.suggested[o].tolist(), pa.string()),
+            "suspect": pa.array(np.where(known, labels.suspect[o], None).tolist(), pa.bool_())})
     ok = pa.table(cols, schema=schema)
     m = errors.num_rows
     bad = pa.table({
@@ -116,7 +122,7 @@ def rank_table(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, ne
         "neighbor_dists": pa.array([[]] * m, pa.list_(pa.float64())), "status": pa.array(["error"] * m, pa.string()),
         "error": errors["error"], **{name: pa.nulls(m, typ) for name, typ in (LABEL_FIELDS if labels is not None else [])},
     }, schema=schema)
-    return pa.concat_tables([ok.take(order), bad])
+    return pa.concat_tables([ok, bad])
 
 
 def dropped_table(ids: np.ndarray, reason: str, rnd: int | None = None, scores: np.ndarray | None = None) -> pa.Table:
@@ -152,10 +158,7 @@ def job_label_review(data, fit, own_scores: np.ndarray, k: int):
     pos = fit.neighbour_pos
     pos = np.where((pos >= 0) & known[np.maximum(pos, 0)], pos, -1)
     rev = review_labels(np.where(known, names, "").astype(str), pos, fit.neighbour_dist, own_scores, k)
-    valid = fit.neighbour_pos >= 0
-    at = np.maximum(fit.neighbour_pos, 0)
-    return LabelColumns(names, known, np.where(valid, data.ids[at], None), np.where(valid, names[at], None),
-                        rev.agreement, rev.score, rev.suggested, rev.suspect & known)
+    return LabelColumns(names, known, pos, rev.agreement, rev.score, rev.suggested, rev.suspect & known)
 
 
 @dataclass
@@ -164,8 +167,7 @@ class LabelColumns:
 
     label: np.ndarray  # (n,) object
     known: np.ndarray  # (n,) bool
-    voter_ids: np.ndarray  # (n, c) object: the whole-set neighbours whose labels voted
-    neighbor_labels: np.ndarray  # (n, c) object: their labels (None: unlabelled, no vote)
+    voter_pos: np.ndarray  # (n, c) the whole-set neighbours whose labels voted (-1: none, or unlabelled)
     agreement: np.ndarray  # (n,) float
     score: np.ndarray  # (n,) float: how strongly the evidence speaks against the label (core.labels)
     suggested: np.ndarray  # (n,) object
@@ -219,10 +221,10 @@ class RankJob(Job):
         if len(data.X) < 2:
             raise ConfigError(f"ranking needs at least 2 readable images, the data has {len(data.X)}")
         prints = data.extra.pop("fingerprint", None)  # the first round's duplicate check only: rounds never copy it
-        current, dropped, ranking, history, dups, review = data, [], None, [], None, None
+        current, dropped, history, dups, review = data, [], [], None, None
         for rnd in range(1, r.rounds + 1):
             with t.stage(f"rank round {rnd}"):
-                first = ranking is None
+                first = rnd == 1
                 extra = EXTRA_NEIGHBOURS if (self.find_duplicates or labelled) and first else 0
                 if first or not labelled:  # with labels only the first round's review needs the whole-set search
                     model, fit = fit_model(current, cfg, self.weights, extra_neighbours=extra)
@@ -234,7 +236,8 @@ class RankJob(Job):
                 if first:
                     if labelled:
                         review = job_label_review(data, fit, scores, cfg.score.k)
-                    ranking = rank_table(current.ids, scores, nbr_ids, nbr_dist, data.errors, review)
+                    run.staging.write_table("ranking", rank_table(current.ids, scores, nbr_ids, nbr_dist, data.errors,
+                                                                  review))
                     if self.find_duplicates:
                         dups, prints = find_job_duplicates(data, fit, cfg, prints), None
                         run.staging.write_table("duplicates", duplicates_table(data.ids, dups))
@@ -243,6 +246,7 @@ class RankJob(Job):
                     if r.drop_suspects:
                         taken = np.concatenate([np.empty(0, np.int64), *gone.values()])
                         gone["label"] = np.setdiff1d(np.flatnonzero(review.suspect), taken)
+                    fit = nbr_ids = nbr_dist = None  # the first round's neighbour lists: written, not needed again
                 n_first = sum(len(g) for g in gone.values())
                 if n_first:
                     for reason, rows in gone.items():
@@ -269,7 +273,6 @@ class RankJob(Job):
             save_model(model, cfg.model_dir or run.staging.uri("model"), replace=cfg.overwrite)
         n_err = data.errors.num_rows
         dropped.append(dropped_table(np.asarray(data.errors["id"].to_pylist(), dtype=object), "error"))
-        run.staging.write_table("ranking", ranking)
         run.staging.write_table("kept", pa.table({"id": pa.array(current.ids.tolist(), pa.string())}))
         run.staging.write_table("dropped", pa.concat_tables(dropped))
         run.fields.update(
