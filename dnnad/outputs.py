@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -199,6 +200,16 @@ class Staging:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         storage.write_bytes(self.fs, storage.join(self.path(name), "part-00000.parquet"), buf.getvalue())
+
+    def write_tables(self, name: str, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
+        """Write ``tables`` one after another into one Parquet file of output ``name``, streamed: only the
+        table being written is in memory."""
+        def write(f):
+            with pq.ParquetWriter(f, schema) as w:
+                for t in tables:
+                    w.write_table(t)
+
+        storage.write_with(self.fs, storage.join(self.path(name), "part-00000.parquet"), write)
 
     def write_text(self, name: str, text: str) -> None:
         storage.write_bytes(self.fs, self.path(name), text.encode())

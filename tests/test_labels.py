@@ -209,3 +209,27 @@ def test_a_review_in_row_chunks_equals_one_over_every_row(monkeypatch):
     for field in ("agreement", "margin", "score"):
         np.testing.assert_array_equal(getattr(whole, field), getattr(chunked, field))
     assert whole.suggested.tolist() == chunked.suggested.tolist() and whole.suspect.any()
+
+
+@pytest.mark.unit
+def test_the_ranking_streamed_in_slices_equals_the_ranking_in_one_piece():
+    from dnnad.jobs.rank import LabelColumns, rank_tables
+
+    rng = np.random.default_rng(5)
+    n, c = 40, 4
+    ids = np.array([f"img-{i}" for i in range(n)], dtype=object)
+    scores = np.where(rng.random(n) < 0.1, np.nan, rng.random(n))
+    nbr = rng.integers(0, n, (n, 2))
+    labels = LabelColumns(np.array([None if i % 9 == 0 else f"L{i % 3}" for i in range(n)], dtype=object),
+                          np.array([i % 9 != 0 for i in range(n)]), np.where(rng.random((n, c)) < 0.8,
+                          rng.integers(0, n, (n, c)), -1), rng.random(n), rng.random(n),
+                          np.array([None] * n, dtype=object), rng.random(n) < 0.2)
+    errors = pa.table({"id": ["bad.png"], "error": ["cannot identify image file"]})
+    args = (ids, scores, ids[nbr], rng.random((n, 2)), errors, labels)
+    whole = pa.concat_tables(rank_tables(*args))
+    sliced = list(rank_tables(*args, rows=7))
+    assert len(sliced) == 7 and pa.concat_tables(sliced).equals(whole)  # six slices of ranked rows, the error rows
+    assert whole["rank"].to_pylist()[:n] == list(range(1, n + 1)) and whole["status"].to_pylist()[-1] == "error"
+    row = whole.slice(0, 1).to_pylist()[0]
+    i = int(row["id"].split("-")[1])
+    assert row["voter_ids"] == [ids[p] for p in labels.voter_pos[i] if p >= 0]

@@ -308,22 +308,23 @@ def find_duplicates(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndar
     a, b, d = a[ok], b[ok], d[ok]
     # complete linkage over verified pairs, closest first; label groups start merged
     group = check.labels.astype(np.int64)
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(group.tolist()):
-        members.setdefault(g, []).append(i)
+    members: dict[int, list[int]] = {}  # groups of 2+ rows only: a row alone in its group is its own member
+    for i in np.flatnonzero(np.bincount(group)[group] > 1).tolist():
+        members.setdefault(int(group[i]), []).append(i)
     order = np.argsort(d, kind="stable")
     for p, q in zip(a[order].tolist(), b[order].tolist()):
-        gp, gq = group[p], group[q]
+        gp, gq = int(group[p]), int(group[q])
         if gp == gq:
             continue
-        A, B = members[gp], members[gq]
+        A, B = members.get(gp, [p]), members.get(gq, [q])
         if not check(np.repeat(A, len(B)), np.tile(B, len(A))).all():
             continue
         if len(A) < len(B):
             gp, gq, A, B = gq, gp, B, A
         A.extend(B)
         group[B] = gp
-        del members[gq]
+        members[gp] = A
+        members.pop(gq, None)
     return number_groups(X, group)
 
 

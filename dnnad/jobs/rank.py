@@ -7,6 +7,7 @@ kept rows.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,43 +87,53 @@ def take_lists(values: pa.Array, pos: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), values.take(pa.array(pos[keep])))
 
 
-def rank_table(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, neighbor_dists: np.ndarray,
-               errors: pa.Table, labels: LabelColumns | None = None) -> pa.Table:
-    """Ranking of a set against itself: rank 1 = most anomalous, percentile of each score; with ``labels``,
-    scores and percentiles are within each label, rows are ranked by percentile, and the label review's
-    columns are added. Unscored rows (alone in their label), then error rows, come last."""
+RANK_ROWS = 65_536  # ranking rows built and written at a time
+
+
+def ranking_schema(labelled: bool) -> pa.Schema:
+    return pa.schema(list(RANKING_SCHEMA) + (LABEL_FIELDS if labelled else []))
+
+
+def rank_tables(ids: np.ndarray, scores: np.ndarray, neighbor_ids: np.ndarray, neighbor_dists: np.ndarray,
+                errors: pa.Table, labels: LabelColumns | None = None, rows: int = RANK_ROWS) -> Iterator[pa.Table]:
+    """The ranking of a set against itself, in slices of ``rows`` rows to stream to Parquet: rank 1 = most
+    anomalous, percentile of each score; with ``labels``, scores and percentiles are within each label, rows
+    are ranked by percentile, and the label review's columns are added. Unscored rows (alone in their
+    label), then error rows, come last."""
     pct = percentiles(scores, labels.label if labels is not None else None)
     first_key = -np.nan_to_num(pct if labels is not None else scores, nan=-np.inf)
     order = np.lexsort((ids.astype(str), -np.nan_to_num(scores, nan=-np.inf), first_key))
-    n, k = neighbor_ids.shape
-    o = order  # every column is built in ranking order: no reordered copy of the table
+    schema = ranking_schema(labels is not None)
     id_values = pa.array(ids.tolist(), pa.string())
-    cols = {
-        "id": id_values.take(pa.array(o)), "score": pa.array(scores[o], pa.float64(), from_pandas=True),
-        "rank": pa.array(np.arange(1, n + 1, dtype=np.int64)), "percentile": pa.array(pct[o], from_pandas=True),
-        "neighbor_ids": ragged(neighbor_ids[o], neighbor_ids[o] != None, pa.list_(pa.string())),  # noqa: E711
-        "neighbor_dists": ragged(neighbor_dists[o], ~np.isnan(neighbor_dists[o]), pa.list_(pa.float64())),
-        "status": pa.array(["ok"] * n, pa.string()), "error": pa.nulls(n, pa.string()),
-    }
-    schema = pa.schema(list(RANKING_SCHEMA) + (LABEL_FIELDS if labels is not None else []))
-    if labels is not None:
-        known, names = labels.known[o], pa.array(labels.label.tolist(), pa.string())
-        cols.update({
-            "label": names.take(pa.array(o)), "voter_ids": take_lists(id_values, labels.voter_pos[o]),
-            "neighbor_labels": take_lists(names, labels.voter_pos[o]),
-            "label_agreement": pa.array(np.where(known, labels.agreement[o], np.nan), from_pandas=True),
-            "label_score": pa.array(np.where(known, labels.score[o], np.nan), from_pandas=True),
-            "suggested_label": pa.array(labels.suggested[o].tolist(), pa.string()),
-            "suspect": pa.array(np.where(known, labels.suspect[o], None).tolist(), pa.bool_())})
-    ok = pa.table(cols, schema=schema)
+    names = pa.array(labels.label.tolist(), pa.string()) if labels is not None else None
+    for start in range(0, len(order), rows):
+        o = order[start:start + rows]  # these rows, in ranking order
+        n = len(o)
+        cols = {
+            "id": id_values.take(pa.array(o)), "score": pa.array(scores[o], pa.float64(), from_pandas=True),
+            "rank": pa.array(np.arange(start + 1, start + n + 1, dtype=np.int64)),
+            "percentile": pa.array(pct[o], from_pandas=True),
+            "neighbor_ids": ragged(neighbor_ids[o], neighbor_ids[o] != None, pa.list_(pa.string())),  # noqa: E711
+            "neighbor_dists": ragged(neighbor_dists[o], ~np.isnan(neighbor_dists[o]), pa.list_(pa.float64())),
+            "status": pa.array(["ok"] * n, pa.string()), "error": pa.nulls(n, pa.string()),
+        }
+        if labels is not None:
+            known = labels.known[o]
+            cols.update({
+                "label": names.take(pa.array(o)), "voter_ids": take_lists(id_values, labels.voter_pos[o]),
+                "neighbor_labels": take_lists(names, labels.voter_pos[o]),
+                "label_agreement": pa.array(np.where(known, labels.agreement[o], np.nan), from_pandas=True),
+                "label_score": pa.array(np.where(known, labels.score[o], np.nan), from_pandas=True),
+                "suggested_label": pa.array(labels.suggested[o].tolist(), pa.string()),
+                "suspect": pa.array(np.where(known, labels.suspect[o], None).tolist(), pa.bool_())})
+        yield pa.table(cols, schema=schema)
     m = errors.num_rows
-    bad = pa.table({
+    yield pa.table({
         "id": errors["id"], "score": pa.nulls(m, pa.float64()), "rank": pa.nulls(m, pa.int64()),
         "percentile": pa.nulls(m, pa.float64()), "neighbor_ids": pa.array([[]] * m, pa.list_(pa.string())),
         "neighbor_dists": pa.array([[]] * m, pa.list_(pa.float64())), "status": pa.array(["error"] * m, pa.string()),
         "error": errors["error"], **{name: pa.nulls(m, typ) for name, typ in (LABEL_FIELDS if labels is not None else [])},
     }, schema=schema)
-    return pa.concat_tables([ok, bad])
 
 
 def dropped_table(ids: np.ndarray, reason: str, rnd: int | None = None, scores: np.ndarray | None = None) -> pa.Table:
@@ -156,7 +167,7 @@ def job_label_review(data, fit, own_scores: np.ndarray, k: int):
     names = label_names(data.extra["label"])
     known = np.array([v is not None for v in names], dtype=bool)
     pos = fit.neighbour_pos
-    pos = np.where((pos >= 0) & known[np.maximum(pos, 0)], pos, -1)
+    pos = np.where((pos >= 0) & known[np.maximum(pos, 0)], pos, -1).astype(np.int32)
     rev = review_labels(np.where(known, names, "").astype(str), pos, fit.neighbour_dist, own_scores, k)
     return LabelColumns(names, known, pos, rev.agreement, rev.score, rev.suggested, rev.suspect & known)
 
@@ -236,8 +247,8 @@ class RankJob(Job):
                 if first:
                     if labelled:
                         review = job_label_review(data, fit, scores, cfg.score.k)
-                    run.staging.write_table("ranking", rank_table(current.ids, scores, nbr_ids, nbr_dist, data.errors,
-                                                                  review))
+                    run.staging.write_tables("ranking", ranking_schema(labelled), rank_tables(
+                        current.ids, scores, nbr_ids, nbr_dist, data.errors, review))
                     if self.find_duplicates:
                         dups, prints = find_job_duplicates(data, fit, cfg, prints), None
                         run.staging.write_table("duplicates", duplicates_table(data.ids, dups))
