@@ -1,5 +1,6 @@
 """Labelled data: each label ranked against itself, and every label reviewed against its neighbours' labels."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dnnad.cli import main
+from dnnad.core.dn2 import FitParams, fit_reference, rank_within_groups
 from dnnad.core.labels import label_rows, review_labels, tally_votes
 from tests.helpers import cifar_rows, write_folder
 
@@ -233,3 +235,40 @@ def test_the_ranking_streamed_in_slices_equals_the_ranking_in_one_piece():
     row = whole.slice(0, 1).to_pylist()[0]
     i = int(row["id"].split("-")[1])
     assert row["voter_ids"] == [ids[p] for p in labels.voter_pos[i] if p >= 0]
+
+
+@pytest.mark.unit
+def test_labels_ranked_in_one_process_equal_each_label_fitted_alone():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 6)).astype(np.float32)
+    bounds = np.array([0, 1, 4, 25, 40])  # a label of one row, one smaller than k + 1, two ordinary ones
+    params = FitParams(k=3)
+    scores, dist, pos = rank_within_groups(X, bounds, params)
+    assert np.isnan(scores[0]) and (pos[0] == -1).all()
+    for a, b in zip(bounds[1:-1], bounds[2:]):
+        alone = fit_reference(X[a:b], None, replace(params, k=min(3, b - a - 1)))
+        k = alone.k
+        np.testing.assert_allclose(scores[a:b], alone.calibration_scores)
+        np.testing.assert_allclose(dist[a:b, :k], alone.calibration_dist)
+        np.testing.assert_array_equal(pos[a:b, :k], a + alone.calibration_pos)
+        assert np.isnan(dist[a:b, k:]).all() and (pos[a:b, k:] == -1).all()  # a label of 3 rows: k=2
+
+
+@pytest.mark.unit
+def test_excluding_copies_ranks_a_label_of_copies_as_nothing_and_clamps_k_to_the_rows_left():
+    copies, other = np.ones((3, 4), np.float32), np.zeros((1, 4), np.float32)
+    X = np.concatenate([copies, copies, other])  # label 1: three copies; label 2: three copies and one other
+    params = FitParams(k=2, exclude_duplicates=True)
+    with pytest.warns(UserWarning, match="using k=1"):  # a copy in label 2 has one row left: the other
+        scores, dist, pos = rank_within_groups(X, np.array([0, 3, 7]), params)
+    assert np.isnan(scores[:3]).all()  # three copies of one image: no other image to be ranked against
+    assert np.isfinite(scores[3:]).all() and np.isnan(dist[3:, 1]).all()
+    assert (pos[3:6, 0] == 6).all() and pos[6, 0] in (3, 4, 5)  # a copy's neighbour is never its own copy
+    with pytest.raises(ValueError, match="copies of one row"):
+        fit_reference(X[:3], None, params)
+
+
+@pytest.mark.unit
+def test_labels_differing_only_by_a_trailing_nul_stay_two_labels():
+    names = np.array(["a", "a\x00", "a"], dtype=object)
+    assert [(n, r.tolist()) for n, r in label_rows(names)] == [("a", [0, 2]), ("a\x00", [1])]

@@ -53,6 +53,14 @@ def duplicate_groups(X: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64).ravel()
 
 
+def neighbour_rows(X: np.ndarray, exclude_duplicates: bool) -> int:
+    """Rows every row of ``X`` may use as leave-one-out neighbours: all but itself, or all but its largest
+    group of exact copies."""
+    if not exclude_duplicates or len(X) == 0:
+        return len(X) - 1
+    return len(X) - int(np.bincount(duplicate_groups(X)).max())
+
+
 def score_against(index: ShardedIndex, X: np.ndarray, k: int,
                   exclude: Exclusion | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores (nq,), neighbour distances (nq, k), neighbour positions (nq, k))."""
@@ -182,14 +190,18 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
         reference = kmeans_reduce(X, params.reduce)
         ref_ids = centroid_ids(len(reference))
         reduction = f"kmeans:{len(reference)} (from {len(X)} normal rows)"
-    k = clamp_k(params.k, len(reference), leave_one_out=reduction is None)
+    groups = duplicate_groups(reference) if params.exclude_duplicates and not reduction else None
+    excluded = int(np.bincount(groups).max()) if groups is not None else 1
+    if len(reference) - excluded < 1:
+        raise ValueError(f"--exclude-duplicates: all {len(reference)} normal rows are copies of one row, so no row "
+                         "has a neighbour to be ranked against")
+    # a row of the largest copy group may use the other len - excluded rows
+    k = clamp_k(params.k, len(reference) - excluded + 1, leave_one_out=reduction is None)
     handle = backend.build(reference, params.n_shards, params.index, exact=not params.approximate)
     all_pos = all_dist = None
     if reduction:
         scores, dist, pos = backend.search(handle, X, k)
     else:
-        groups = duplicate_groups(reference) if params.exclude_duplicates else None
-        excluded = int(np.bincount(groups).max()) if groups is not None else 1
         extra = max(0, min(params.extra_neighbours, len(reference) - excluded - k))
         _, all_dist, all_pos = backend.search(handle, reference, k + extra, np.arange(len(reference)), groups)
         scores, dist, pos = knn_score(all_dist[:, :k]), all_dist[:, :k], all_pos[:, :k]
@@ -207,8 +219,8 @@ def rank_within_groups(X: np.ndarray, bounds: np.ndarray, params: FitParams) -> 
     n, k = len(X), params.k
     scores, dist, pos = np.full(n, np.nan), np.full((n, k), np.nan), np.full((n, k), -1, dtype=np.int64)
     for a, b in zip(bounds[:-1], bounds[1:]):
-        if b - a < 2:
-            continue
+        if b - a < 2 or (params.exclude_duplicates and neighbour_rows(X[a:b], True) < 1):
+            continue  # nothing to rank against: NaN
         fit = fit_reference(X[a:b], None, replace(params, k=min(k, b - a - 1), n_shards=1, extra_neighbours=0))
         scores[a:b], dist[a:b, :fit.k], pos[a:b, :fit.k] = (fit.calibration_scores, fit.calibration_dist,
                                                             a + fit.calibration_pos)

@@ -84,7 +84,8 @@ def label_rows(names: np.ndarray) -> list[tuple[str, np.ndarray]]:
     known = np.flatnonzero(np.array([v is not None for v in names], dtype=bool))
     if len(known) == 0:
         return []
-    values, code = np.unique(np.asarray(names[known]).astype(str), return_inverse=True)
+    # compared as Python strings: a fixed-width numpy string would drop trailing NULs and merge labels
+    values, code = np.unique(np.array([str(v) for v in names[known]], dtype=object), return_inverse=True)
     order = np.argsort(code.ravel(), kind="stable")
     bounds = np.r_[0, np.cumsum(np.bincount(code.ravel(), minlength=len(values)))]
     return [(str(v), known[order[a:b]]) for v, a, b in zip(values, bounds[:-1], bounds[1:])]

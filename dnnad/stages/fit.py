@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from ..config import ConfigError, JobConfig, ScoreConfig
 from ..core.arrays import take_rows
-from ..core.dn2 import Fit, FitParams, fit_reference, rank_within_groups
+from ..core.dn2 import Fit, FitParams, fit_reference, neighbour_rows, rank_within_groups
 from ..core.index import build_shard, shard_bounds
 from ..core.labels import label_names, label_rows
 from ..core.model import FittedModel, model_from_fit
@@ -99,12 +99,15 @@ def fit_per_label(data: Embedded, labels: np.ndarray, cfg: JobConfig,
     A label of more than ``small_rows`` rows is fitted on the sharded index and scoring actors, as a whole-set
     fit is. Smaller labels are packed into Ray tasks that each rank whole labels in one process
     (``core.dn2.rank_within_groups``): a set of a thousand labels costs tasks, not a thousand actor pipelines
-    (2-3 s each). The neighbours are the same either way (exact search)."""
+    (2-3 s each). With the flat index the neighbours are the same either way; an approximate kind (``--index
+    ivf``...) searches one index per small label instead of the label's shards."""
     params = replace(fit_params(cfg), extra_neighbours=0, reduce=None)
     n, k = len(data.ids), params.k
     scores, dist, pos = np.full(n, np.nan), np.full((n, k), np.nan), np.full((n, k), -1, dtype=np.int64)
     groups = [rows for _, rows in label_rows(label_names(labels)) if len(rows) >= 2]
     for rows in (r for r in groups if len(r) > small_rows):
+        if params.exclude_duplicates and neighbour_rows(take_rows(data.X, rows), True) < 1:
+            continue  # every row a copy of one: nothing to rank against
         fit = fit_reference(take_rows(data.X, rows), data.ids[rows], replace(params, k=min(k, len(rows) - 1)),
                             RayBackend(cfg.score))
         scores[rows], dist[rows, :fit.k], pos[rows, :fit.k] = (fit.calibration_scores, fit.calibration_dist,
@@ -119,10 +122,11 @@ def fit_per_label(data: Embedded, labels: np.ndarray, cfg: JobConfig,
 def label_batches(groups: list[np.ndarray], width: int, budget: int) -> list[list[np.ndarray]]:
     """Consecutive labels' rows packed into batches of at most ``budget`` bytes of float32 vectors (a larger
     label is a batch of its own)."""
-    batches, size = [], budget
+    batches: list[list[np.ndarray]] = []
+    size = 0
     for rows in groups:
         nbytes = len(rows) * width * 4
-        if size + nbytes > budget:
+        if not batches or size + nbytes > budget:
             batches.append([])
             size = 0
         batches[-1].append(rows)
@@ -141,13 +145,18 @@ def rank_small_labels(X: np.ndarray, groups: list[np.ndarray], params: FitParams
     total = sum(len(r) for r in groups) * X.shape[1] * 4
     budget = max(1, min(LABEL_TASK_BYTES, total // (4 * cpus)))  # enough tasks to keep every CPU busy
     task, pending = ray.remote(rank_within_groups), {}
-    for batch in label_batches(groups, X.shape[1], budget):
-        if len(pending) >= 2 * cpus:
+    try:
+        for batch in label_batches(groups, X.shape[1], budget):
+            if len(pending) >= 2 * cpus:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                yield pending.pop(done[0]), ray.get(done[0])
+            rows = np.concatenate(batch)
+            bounds = np.r_[0, np.cumsum([len(r) for r in batch])]
+            # a plain array, not a memory map: the task's argument goes to the object store, not in-band
+            pending[task.remote(np.asarray(X[rows]), bounds, params)] = rows
+        while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             yield pending.pop(done[0]), ray.get(done[0])
-        rows = np.concatenate(batch)
-        bounds = np.r_[0, np.cumsum([len(r) for r in batch])]
-        pending[task.remote(take_rows(X, rows), bounds, params)] = rows
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        yield pending.pop(done[0]), ray.get(done[0])
+    finally:  # an error, or a caller that stops reading: no task left running
+        for ref in pending:
+            ray.cancel(ref)
