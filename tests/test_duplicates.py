@@ -171,6 +171,25 @@ def test_a_rows_level_is_the_median_similarity_of_its_candidate_pairs():
     assert neighbourhood_level(4, a, b, s).tolist() == pytest.approx([0.4, 0.3, 0.5, 0.0])
 
 
+def test_levels_and_checks_in_slices_equal_one_pass(monkeypatch):
+    import dnnad.core.duplicates as dup
+
+    X = cloud(300, 16, seed=5)
+    X[150:170] = X[:20] + 0.01 * cloud(20, 16, seed=6)  # near copies among the candidates
+    nb = neighbours(X)
+    rng = np.random.default_rng(7)
+    a, b, s = rng.integers(0, 300, 2000), rng.integers(0, 300, 2000), rng.random(2000)
+    whole = neighbourhood_level(300, a, b, s)
+    check, ca, cb, cd = pair_check(X, nb)
+    ok, groups = check(ca, cb, cd), find_duplicates(X, nb).group
+    monkeypatch.setattr(dup, "LEVEL_PAIRS", 64)  # 2 * 2000 entries in passes of ~64: about 60 passes
+    monkeypatch.setattr(dup, "CHECK_PAIRS", 7)
+    np.testing.assert_array_equal(neighbourhood_level(300, a, b, s), whole)
+    np.testing.assert_array_equal(check(ca, cb, cd), ok)
+    np.testing.assert_array_equal(find_duplicates(X, nb).group, groups)
+    assert ok.sum() >= 20
+
+
 def test_candidate_pairs_drop_missing_and_self():
     a, b = candidate_pairs(np.array([[1, -1], [0, 1], [-1, -1]]))
     assert a.tolist() == [0, 1] and b.tolist() == [1, 0]

@@ -30,4 +30,6 @@ def test_tasks_measure_what_one_process_measures(ray_local):
     F = pictures(40)
     rng = np.random.default_rng(2)
     a, b = rng.integers(0, 40, 300), rng.integers(0, 40, 300)
-    np.testing.assert_array_equal(parallel_similarity(F, a, b, pairs_per_task=50), fingerprint_similarity(F, a, b))
+    # equal up to float32 rounding: the BLAS blocks a product by how many rows it multiplies, and by its threads
+    np.testing.assert_allclose(parallel_similarity(F, a, b, pairs_per_task=50), fingerprint_similarity(F, a, b),
+                               rtol=0, atol=1e-5)

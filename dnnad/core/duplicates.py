@@ -30,7 +30,8 @@ from .arrays import l2_normalize
 from .settings import DUPLICATE_RATIO, DUPLICATE_SIMILARITY
 
 EXTRA_NEIGHBOURS = 8  # neighbours asked of the kNN search beyond k: the duplicate candidates of each row
-PAIR_BYTES = 1 << 26  # float64 bytes of one vectorised step of pair distances (64 MiB: 6,553 pairs at 1280-d)
+PAIR_BYTES = 1 << 24  # float64 bytes of one vectorised step of pair distances (16 MiB: 1,638 pairs at 1280-d; its
+# temporaries are about four times that)
 # The fingerprint alignment searched per pair (32 x 32 grid): copies are cropped, rotated, re-framed
 ALIGN_ROTATIONS = (-8.0, -4.0, 0.0, 4.0, 8.0)  # degrees
 ALIGN_ZOOMS = (0.92, 1.0, 1.08)
@@ -38,6 +39,8 @@ ALIGN_SHIFT = 4  # grid cells each way; the centre (side - 2 * shift) square is 
 BAND = (0.7, 2.1)  # difference of Gaussians, grid cells
 TEMPLATE_BLURS = (0.0, 1.0)  # a re-sampled or re-encoded copy lost fine detail: compare a blurred template too
 ALIGN_CHUNK = 32  # rows of b warped at once: their windows take ~3 MB each
+CHECK_PAIRS = 1 << 18  # candidate pairs verified at once
+LEVEL_PAIRS = 1 << 21  # (row, similarity) entries sorted at once for the rows' median similarities
 VECTOR_SHARE = 0.2125  # vectors without images: the ratio test alone, at this share of its bound (0.425 at 2.0)
 Similarity = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (F, a, b) -> s: fingerprint_similarity's
 
@@ -181,10 +184,17 @@ def fingerprint_similarity(F: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: i
     return out
 
 
+def position_dtype(n: int) -> np.dtype:
+    """int32 for positions into ``n`` rows where it holds them (pair lists are ~10 per row), else int64."""
+    return np.dtype(np.int32) if n < 2**31 else np.dtype(np.int64)
+
+
 def candidate_pairs(neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row, neighbour) position pairs of a kNN result ``neighbours`` (n, c); -1 entries and self-pairs dropped."""
+    """(row, neighbour) position pairs of a kNN result ``neighbours`` (n, c); -1 entries and self-pairs dropped
+    (``position_dtype`` positions)."""
     n, c = neighbours.shape
-    a, b = np.repeat(np.arange(n, dtype=np.int64), c), neighbours.astype(np.int64).ravel()
+    dtype = position_dtype(n)
+    a, b = np.repeat(np.arange(n, dtype=dtype), c), neighbours.astype(dtype).ravel()
     keep = (b >= 0) & (b != a)
     return a[keep], b[keep]
 
@@ -204,15 +214,19 @@ def _farthest(n: int, a: np.ndarray, d: np.ndarray) -> np.ndarray:
 def neighbourhood_level(n: int, a: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
     """(n,) each row's median fingerprint similarity over its candidate pairs (a[i], b[i]) with similarity
     s[i] (0 without pairs): how alike this collection's look-alikes of the row already are."""
-    rows, vals = np.concatenate([a, b]), np.concatenate([s, s])
-    order = np.lexsort((vals, rows))
-    rows, vals = rows[order], vals[order]
-    count = np.bincount(rows, minlength=n)
-    start = np.concatenate([[0], np.cumsum(count)[:-1]])
     level = np.zeros(n, dtype=np.float64)
-    has = count > 0
-    lo, hi = start + (count - 1) // 2, start + count // 2
-    level[has] = (vals[lo[has]] + vals[hi[has]]) / 2
+    step = max(1, n * LEVEL_PAIRS // max(1, 2 * len(a)))  # rows per pass: about LEVEL_PAIRS entries to sort
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        ina, inb = (a >= r0) & (a < r1), (b >= r0) & (b < r1)
+        rows, vals = np.concatenate([a[ina], b[inb]]) - r0, np.concatenate([s[ina], s[inb]])
+        order = np.lexsort((vals, rows))
+        rows, vals = rows[order], vals[order]
+        count = np.bincount(rows, minlength=r1 - r0)
+        start = np.concatenate([[0], np.cumsum(count)[:-1]])
+        has = count > 0
+        lo, hi = start + (count - 1) // 2, start + count // 2
+        level[r0:r1][has] = (vals[lo[has]] + vals[hi[has]]) / 2
     return level
 
 
@@ -258,7 +272,15 @@ class PairCheck:
         return np.divide(d, scale, out=np.full(len(a), np.inf), where=scale > 0)
 
     def __call__(self, a: np.ndarray, b: np.ndarray, d: np.ndarray | None = None) -> np.ndarray:
-        """(len(a),) bool: pairs (a[i], b[i]) that verify; ``d``: their distances when already measured."""
+        """(len(a),) bool: pairs (a[i], b[i]) that verify; ``d``: their distances when already measured. In
+        slices of ``CHECK_PAIRS``: the test's float64 temporaries stay small however many pairs there are."""
+        if len(a) <= CHECK_PAIRS:
+            return self._check(a, b, d)
+        return np.concatenate([self._check(a[i:i + CHECK_PAIRS], b[i:i + CHECK_PAIRS],
+                                           None if d is None else d[i:i + CHECK_PAIRS])
+                               for i in range(0, len(a), CHECK_PAIRS)])
+
+    def _check(self, a: np.ndarray, b: np.ndarray, d: np.ndarray | None) -> np.ndarray:
         r = self.ratio(a, b, d)
         if self.F is None:
             ok = r <= self.max_ratio * VECTOR_SHARE

@@ -1,6 +1,6 @@
 """Duplicate verification's fingerprint similarities on parallel Ray tasks: the candidate pairs split by
 their second row (each task measures whole rows of b, as ``core.duplicates.fingerprint_similarity`` does, so
-every pair gets the value the single process gives), the fingerprints put in the object store once."""
+every pair gets the value the single process gives, up to float32 rounding), the fingerprints put in the object store once."""
 from __future__ import annotations
 
 import numpy as np
