@@ -44,8 +44,13 @@ if kind == "ivf":  # dnnad's IVF-Flat settings: 4 sqrt(n) lists, 16 probed
 else:
     index = faiss.IndexFlatL2(X.shape[1])
 index.add(X)
-D, _ = index.search(X, k + 1)
-scores = np.sqrt(np.maximum(D[:, 1:], 0)).mean(1)
+D, I = index.search(X, k + 1)
+# leave-one-out: drop each row's own entry (not always first: ties, IVF), else its farthest extra neighbour
+own = I == np.arange(len(X))[:, None]
+drop = np.where(own.any(1), own.argmax(1), k)
+keep = np.ones_like(own)
+keep[np.arange(len(X)), drop] = False
+scores = np.sqrt(np.maximum(D[keep].reshape(len(X), k), 0)).mean(1)
 threshold = float(np.quantile(scores, 0.95))
 np.save(out + "/vectors.npy", X)
 pq.write_table(pa.table({"id": ids}), out + "/normal.parquet")
