@@ -220,6 +220,9 @@ def main() -> None:
                     help="bank index kinds (compressed: codes in memory, exact re-rank)")
     ap.add_argument("--approximate", action="store_true", help="also score compressed banks from their codes")
     ap.add_argument("--sigma", type=float, default=SIGMA)
+    ap.add_argument("--map-dims", type=int, default=None, metavar="N",
+                    help="also measure maps from a second search on the first N feature dimensions (the first "
+                         "patch stage: 48 for Lite2's blocks.2), the image score staying the full features'")
     ap.add_argument("--stages", default=None, help="patch stages instead of the backbone's, e.g. blocks.2,blocks.3")
     ap.add_argument("--scale", type=int, default=None, metavar="N",
                     help="instead: the score job on N normal images with --coreset (its first value)")
@@ -247,12 +250,18 @@ def main() -> None:
              "| setting | bank patches | bank MB in memory | coreset s | build + LOO threshold s | query ms/image | "
              "image AUROC | pixel AUROC | AUPRO | per kind: image / pixel / AUPRO |", "|---" * 10 + "|"]
 
-    def rows(name, bank, cs, fit_s, q_ms, maps, border, held=None):
-        """The raw maximum's row, then the border-calibrated score's (the product's) with the same maps."""
+    def rows(name, bank, cs, fit_s, q_ms, maps, border, held=None, map_maps=None):
+        """The raw maximum's row, then the border-calibrated score's (the product's) with the same maps; with
+        ``map_maps`` (a second search on the first ``--map-dims`` dimensions), a third row: the calibrated score
+        from ``maps`` beside pixel metrics of ``map_maps``."""
         res = evaluate(map_scores(maps, size, args.sigma), pixel(maps), masks, kinds)
         row(f"{name}, raw maximum", bank, cs, fit_s, q_ms, res, held)
         cal = evaluate(map_scores(maps, size, args.sigma, border), None, masks, kinds)
         row(f"{name}, border-calibrated", bank, cs, fit_s, q_ms, {k: (v[0], *res[k][1:]) for k, v in cal.items()}, held)
+        if map_maps is not None:
+            split = evaluate(map_scores(maps, size, args.sigma), pixel(map_maps), masks, kinds)
+            row(f"{name}, border-calibrated, map from a second search on dimensions 0-{args.map_dims - 1}", bank,
+                cs, fit_s, q_ms, {k: (v[0], *split[k][1:]) for k, v in cal.items()}, held)
 
     def row(name, bank, cs, fit_s, q_ms, res, held=None):
         """``held``: bytes a search holds in memory (compressed kinds: the codes); default the float32 patches."""
@@ -273,12 +282,22 @@ def main() -> None:
     def pixel(maps):
         return [map_to_image(m, *k.shape, size, args.sigma) for m, k in zip(maps, masks)]
 
-    def spade_maps(queries, neighbours):
+    def spade_maps(queries, neighbours, dims=None):
         out = []
         for qi, ref in zip(queries, neighbours):
-            d, _ = faiss.knn(G[qi].reshape(-1, G.shape[3]), G[train[ref]].reshape(-1, G.shape[3]), 1)
+            q, r = G[qi].reshape(-1, G.shape[3]), G[train[ref]].reshape(-1, G.shape[3])
+            if dims:
+                q, r = np.ascontiguousarray(q[:, :dims]), np.ascontiguousarray(r[:, :dims])
+            d, _ = faiss.knn(q, r, 1)
             out.append(np.sqrt(np.maximum(d[:, 0], 0)).reshape(G.shape[1:3]))
         return np.stack(out)
+
+    def sliced_bank_maps(est):
+        """Each test patch's distance to its nearest bank patch on the first ``--map-dims`` dimensions."""
+        B = np.concatenate([np.asarray(s.vectors) for s in est.index_.shards])[:, :args.map_dims]
+        Q = G[test].reshape(-1, G.shape[3])[:, :args.map_dims]
+        d, _ = faiss.knn(np.ascontiguousarray(Q), np.ascontiguousarray(B), 1)
+        return np.sqrt(np.maximum(d[:, 0], 0)).reshape(len(test), *G.shape[1:3])
 
     for K in args.spade:
         _, nn = faiss.knn(E[test], E[train], K)
@@ -288,7 +307,7 @@ def main() -> None:
         _, own = faiss.knn(E[train], E[train], K + 1)  # the calibration: each normal tile without itself
         loo = spade_maps(train, [r[r != i][:K] for i, r in enumerate(own)])
         rows(f"SPADE: patches of the {K} nearest normal tiles", K * n_grid, "-", "-", f"{q_ms:.0f}", maps,
-             border_calibration(loo))
+             border_calibration(loo), map_maps=spade_maps(test, nn, args.map_dims) if args.map_dims else None)
 
     banks = [(kind, approx) for kind in args.index
              for approx in ((False, True) if args.approximate and kind in COMPRESSED_KINDS else (False,))]
@@ -304,16 +323,17 @@ def main() -> None:
             held = sum(s.vectors.nbytes if s.faiss_bytes is None else s.faiss_bytes.nbytes for s in est.index_.shards)
             name = f"bank, coreset {frac:g}" + ("" if kind == "flat" else f", {kind}" + (" from codes" if approx else ""))
             rows(name, est.index_.ntotal, f"{cs:.1f}" if frac < 1 else "-", f"{fit_s:.1f}", f"{q_ms:.0f}", maps,
-                 est.border_, held)
+                 est.border_, held, map_maps=sliced_bank_maps(est) if args.map_dims and kind == "flat" else None)
 
     stem = f"localise-mtd-{args.backbone}-{size}" + (f"-{args.stages.replace(',', '+')}" if args.stages else "") + (
-        f"-{'+'.join(args.index)}" if args.index != ["flat"] else "")
+        f"-{'+'.join(args.index)}" if args.index != ["flat"] else "") + (f"-map{args.map_dims}" if args.map_dims else "")
     write_results(stem, lines + ["", f"Command: `.venv/bin/python benchmarks/localise.py --backbone {args.backbone}"
                                  f"{f' --image-size {args.image_size}' if args.image_size else ''}"
                                  f"{f' --stages {args.stages}' if args.stages else ''} --coreset "
                                  f"{' '.join(map(str, args.coreset))} --spade {' '.join(map(str, args.spade))}"
                                  f"{' --index ' + ' '.join(args.index) if args.index != ['flat'] else ''}"
-                                 f"{' --approximate' if args.approximate else ''}`"])
+                                 f"{' --approximate' if args.approximate else ''}"
+                                 f"{f' --map-dims {args.map_dims}' if args.map_dims else ''}`"])
 
 
 if __name__ == "__main__":
