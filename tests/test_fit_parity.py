@@ -1,5 +1,7 @@
 """One fit routine: the library (in-process backend) and the job (Ray backend) give the same threshold,
 calibration scores and reference ids in every fit mode."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -78,6 +80,10 @@ def test_labels_ranked_in_packed_tasks_equal_labels_fitted_on_the_actors(ray_loc
     np.testing.assert_array_equal(packed[0], on_actors[0])
     assert packed[1].tolist() == on_actors[1].tolist()
     np.testing.assert_array_equal(packed[2], on_actors[2])
+    copies = Embedded(ids[:3], np.repeat(X[:1], 3, axis=0), {}, None)  # one label, three copies of one image
+    excluding = replace(cfg, score=replace(cfg.score, exclude_duplicates=True))
+    for small_rows in (100, 2):  # in a task; on the actors
+        assert np.isnan(fit_per_label(copies, np.array(["c"] * 3, dtype=object), excluding, small_rows)[0]).all()
     assert np.isnan(packed[0][0]) and packed[1][1].tolist() == [ids[2], None]  # alone; one neighbour in a pair
     unlabelled = np.array([v is None for v in labels])
     assert np.isnan(packed[0][unlabelled]).all() and not np.isnan(packed[0][~unlabelled][1:]).any()

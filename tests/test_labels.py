@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dnnad.cli import main
-from dnnad.core.dn2 import FitParams, fit_reference, rank_within_groups
+from dnnad.core.dn2 import FitParams, NoNeighbours, fit_reference, rank_within_groups
 from dnnad.core.labels import label_rows, review_labels, tally_votes
 from tests.helpers import cifar_rows, write_folder
 
@@ -264,7 +264,7 @@ def test_excluding_copies_ranks_a_label_of_copies_as_nothing_and_clamps_k_to_the
     assert np.isnan(scores[:3]).all()  # three copies of one image: no other image to be ranked against
     assert np.isfinite(scores[3:]).all() and np.isnan(dist[3:, 1]).all()
     assert (pos[3:6, 0] == 6).all() and pos[6, 0] in (3, 4, 5)  # a copy's neighbour is never its own copy
-    with pytest.raises(ValueError, match="copies of one row"):
+    with pytest.raises(NoNeighbours, match="copies of one row"):  # a ValueError: one line through the jobs
         fit_reference(X[:3], None, params)
 
 

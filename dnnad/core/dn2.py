@@ -53,12 +53,8 @@ def duplicate_groups(X: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64).ravel()
 
 
-def neighbour_rows(X: np.ndarray, exclude_duplicates: bool) -> int:
-    """Rows every row of ``X`` may use as leave-one-out neighbours: all but itself, or all but its largest
-    group of exact copies."""
-    if not exclude_duplicates or len(X) == 0:
-        return len(X) - 1
-    return len(X) - int(np.bincount(duplicate_groups(X)).max())
+class NoNeighbours(ValueError):
+    """Every reference row is an exact copy of one row, so with duplicates excluded no row has a neighbour."""
 
 
 def score_against(index: ShardedIndex, X: np.ndarray, k: int,
@@ -193,7 +189,7 @@ def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
     groups = duplicate_groups(reference) if params.exclude_duplicates and not reduction else None
     excluded = int(np.bincount(groups).max()) if groups is not None else 1
     if len(reference) - excluded < 1:
-        raise ValueError(f"--exclude-duplicates: all {len(reference)} normal rows are copies of one row, so no row "
+        raise NoNeighbours(f"--exclude-duplicates: all {len(reference)} normal rows are copies of one row, so no row "
                          "has a neighbour to be ranked against")
     # a row of the largest copy group may use the other len - excluded rows
     k = clamp_k(params.k, len(reference) - excluded + 1, leave_one_out=reduction is None)
@@ -219,9 +215,12 @@ def rank_within_groups(X: np.ndarray, bounds: np.ndarray, params: FitParams) -> 
     n, k = len(X), params.k
     scores, dist, pos = np.full(n, np.nan), np.full((n, k), np.nan), np.full((n, k), -1, dtype=np.int64)
     for a, b in zip(bounds[:-1], bounds[1:]):
-        if b - a < 2 or (params.exclude_duplicates and neighbour_rows(X[a:b], True) < 1):
+        if b - a < 2:
             continue  # nothing to rank against: NaN
-        fit = fit_reference(X[a:b], None, replace(params, k=min(k, b - a - 1), n_shards=1, extra_neighbours=0))
+        try:
+            fit = fit_reference(X[a:b], None, replace(params, k=min(k, b - a - 1), n_shards=1, extra_neighbours=0))
+        except NoNeighbours:
+            continue  # every row a copy of one: NaN
         scores[a:b], dist[a:b, :fit.k], pos[a:b, :fit.k] = (fit.calibration_scores, fit.calibration_dist,
                                                             a + fit.calibration_pos)
     return scores, dist, pos

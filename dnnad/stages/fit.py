@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from ..config import ConfigError, JobConfig, ScoreConfig
 from ..core.arrays import take_rows
-from ..core.dn2 import Fit, FitParams, fit_reference, neighbour_rows, rank_within_groups
+from ..core.dn2 import Fit, FitParams, NoNeighbours, fit_reference, rank_within_groups
 from ..core.index import build_shard, shard_bounds
 from ..core.labels import label_names, label_rows
 from ..core.model import FittedModel, model_from_fit
@@ -106,10 +106,11 @@ def fit_per_label(data: Embedded, labels: np.ndarray, cfg: JobConfig,
     scores, dist, pos = np.full(n, np.nan), np.full((n, k), np.nan), np.full((n, k), -1, dtype=np.int64)
     groups = [rows for _, rows in label_rows(label_names(labels)) if len(rows) >= 2]
     for rows in (r for r in groups if len(r) > small_rows):
-        if params.exclude_duplicates and neighbour_rows(take_rows(data.X, rows), True) < 1:
+        try:
+            fit = fit_reference(take_rows(data.X, rows), data.ids[rows], replace(params, k=min(k, len(rows) - 1)),
+                                RayBackend(cfg.score))
+        except NoNeighbours:
             continue  # every row a copy of one: nothing to rank against
-        fit = fit_reference(take_rows(data.X, rows), data.ids[rows], replace(params, k=min(k, len(rows) - 1)),
-                            RayBackend(cfg.score))
         scores[rows], dist[rows, :fit.k], pos[rows, :fit.k] = (fit.calibration_scores, fit.calibration_dist,
                                                                rows[fit.calibration_pos])
     small = [r for r in groups if len(r) <= small_rows]
