@@ -250,17 +250,17 @@ def main() -> None:
              "| setting | bank patches | bank MB in memory | coreset s | build + LOO threshold s | query ms/image | "
              "image AUROC | pixel AUROC | AUPRO | per kind: image / pixel / AUPRO |", "|---" * 10 + "|"]
 
-    def rows(name, bank, cs, fit_s, q_ms, maps, border, held=None, map_maps=None):
-        """The raw maximum's row, then the border-calibrated score's (the product's) with the same maps; with
-        ``map_maps`` (a second search on the first ``--map-dims`` dimensions), a third row: the calibrated score
-        from ``maps`` beside pixel metrics of ``map_maps``."""
+    def rows(name, bank, cs, fit_s, q_ms, maps, border, held=None, map_maps=()):
+        """The raw maximum's row, then the border-calibrated score's (the product's) with the same maps; for
+        each (label, maps) of ``map_maps`` (a second search on the first ``--map-dims`` dimensions), one more
+        row: the calibrated score from ``maps`` beside pixel metrics of the second search's maps."""
         res = evaluate(map_scores(maps, size, args.sigma), pixel(maps), masks, kinds)
         row(f"{name}, raw maximum", bank, cs, fit_s, q_ms, res, held)
         cal = evaluate(map_scores(maps, size, args.sigma, border), None, masks, kinds)
         row(f"{name}, border-calibrated", bank, cs, fit_s, q_ms, {k: (v[0], *res[k][1:]) for k, v in cal.items()}, held)
-        if map_maps is not None:
-            split = evaluate(map_scores(maps, size, args.sigma), pixel(map_maps), masks, kinds)
-            row(f"{name}, border-calibrated, map from a second search on dimensions 0-{args.map_dims - 1}", bank,
+        for label, second in map_maps:
+            split = evaluate(map_scores(maps, size, args.sigma), pixel(second), masks, kinds)
+            row(f"{name}, border-calibrated, map from {label} on dimensions 0-{args.map_dims - 1}", bank,
                 cs, fit_s, q_ms, {k: (v[0], *split[k][1:]) for k, v in cal.items()}, held)
 
     def row(name, bank, cs, fit_s, q_ms, res, held=None):
@@ -307,7 +307,8 @@ def main() -> None:
         _, own = faiss.knn(E[train], E[train], K + 1)  # the calibration: each normal tile without itself
         loo = spade_maps(train, [r[r != i][:K] for i, r in enumerate(own)])
         rows(f"SPADE: patches of the {K} nearest normal tiles", K * n_grid, "-", "-", f"{q_ms:.0f}", maps,
-             border_calibration(loo), map_maps=spade_maps(test, nn, args.map_dims) if args.map_dims else None)
+             border_calibration(loo), map_maps=[("a second search", spade_maps(test, nn, args.map_dims))]
+             if args.map_dims else ())
 
     banks = [(kind, approx) for kind in args.index
              for approx in ((False, True) if args.approximate and kind in COMPRESSED_KINDS else (False,))]
@@ -322,8 +323,17 @@ def main() -> None:
             q_ms = (time.perf_counter() - t0) / len(test) * 1e3
             held = sum(s.vectors.nbytes if s.faiss_bytes is None else s.faiss_bytes.nbytes for s in est.index_.shards)
             name = f"bank, coreset {frac:g}" + ("" if kind == "flat" else f", {kind}" + (" from codes" if approx else ""))
+            second = []
+            if args.map_dims and kind == "flat":
+                second.append(("a second search of the bank", sliced_bank_maps(est)))
+                sub = np.ascontiguousarray(G[..., :args.map_dims])
+                t0 = time.perf_counter()
+                own = PatchDN2(coreset=frac, image_size=size, sigma=args.sigma).fit(sub[train])
+                own_s = time.perf_counter() - t0
+                second.append((f"a map bank with its own coreset ({own.index_.ntotal} patches, coreset "
+                               f"{own.coreset_seconds_:.1f} s, fit {own_s:.1f} s)", own.anomaly_maps(sub[test])))
             rows(name, est.index_.ntotal, f"{cs:.1f}" if frac < 1 else "-", f"{fit_s:.1f}", f"{q_ms:.0f}", maps,
-                 est.border_, held, map_maps=sliced_bank_maps(est) if args.map_dims and kind == "flat" else None)
+                 est.border_, held, map_maps=second)
 
     stem = f"localise-mtd-{args.backbone}-{size}" + (f"-{args.stages.replace(',', '+')}" if args.stages else "") + (
         f"-{'+'.join(args.index)}" if args.index != ["flat"] else "") + (f"-map{args.map_dims}" if args.map_dims else "")
