@@ -256,7 +256,8 @@ class JobConfig:
         if c is not None and not 0.0 < c <= 1.0:
             raise ConfigError(f"--coreset must be a fraction in (0, 1], got {c}")
         if not self.embed.localize:
-            if "coreset" in self.explicit:
+            saved = self.model_dir and self.kind != "rank"  # a saved model may yet decide --localize (checked again)
+            if "coreset" in self.explicit and not saved:
                 raise ConfigError("--coreset subsamples the patch memory bank: it needs --localize")
             return
         if self.kind == "rank":

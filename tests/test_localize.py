@@ -20,6 +20,7 @@ from dnnad.core.patches import (
     peak,
     resize_map,
     ring_index,
+    score_map,
     smooth_map,
 )
 
@@ -166,7 +167,7 @@ def test_bank_shard_groups_give_the_maps_of_one_search():
     """``--shard-groups``: each group's actor lowers the per-patch minimum, the last turns it into maps; what
     one actor holding the whole bank gives, also leaving each normal image's own patches out."""
     from dnnad.core.index import build_shard
-    from dnnad.stages.localize import Bank, PatchGroupSearch, PatchScorer
+    from dnnad.stages.localize import Bank, PatchGroupSearch, PatchScorer, check_groups_leave_patches
 
     normal = textures(12, h=5, w=5)
     bank_rows = normal.reshape(-1, 8)
@@ -193,8 +194,13 @@ def test_bank_shard_groups_give_the_maps_of_one_search():
         assert np.isnan(one["anomaly_map"][3]).all() and one["peak_x"][3] == -1
         own = one["anomaly_map"][0]
         assert (own == 0).all() if exclude is None else (own > 0).all()  # its own patches, or never them
+    assert one["image_height"].tolist() == [40, 80, 40, 40] and one["image_width"].tolist() == [40, 40, 60, 40]
     with pytest.raises(ValueError, match="use fewer --shard-groups"):
         PatchGroupSearch(Bank(shards, np.zeros(300, int), 40, rows=(100, 100, 100)), [0], exclude_ids=ids)
+    owners = np.repeat(np.arange(12), 25)
+    check_groups_leave_patches(owners, [100, 100, 100], [[0], [1, 2]])  # four images a group
+    with pytest.raises(ConfigError, match="use fewer groups"):  # the job checks this before any actor starts
+        check_groups_leave_patches(owners, [25] * 12, [[i] for i in range(12)])
 
 
 @pytest.mark.unit
@@ -203,6 +209,18 @@ def test_map_to_image_is_the_scored_map_at_the_image_size():
     full = map_to_image(grid, 90, 150, 48)
     assert full.shape == (90, 150)
     assert abs(full.max() - map_scores(grid[None], 48)[0]) < 0.02 * full.max()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("height,width", [(16, 16), (7, 3), (40, 90), (1, 1)])
+def test_a_map_shrunk_to_a_small_image_keeps_the_score_and_the_peak(height, width):
+    grid = np.full((12, 12), 0.1)
+    grid[8, 10] = 3.0  # one sharp defect cell
+    scored = score_map(grid, 96)
+    m = map_to_image(grid, height, width, 96)
+    assert m.shape == (height, width) and m.max() == scored.max()
+    y, x = np.unravel_index(np.argmax(m), m.shape)
+    assert (int(x), int(y)) == peak(scored, height, width)
 
 
 @pytest.mark.unit
@@ -260,6 +278,9 @@ def test_coreset_without_localize_is_refused():
     with pytest.raises(ConfigError, match="needs --localize"):
         JobConfig("score", "/tmp/o", SourceConfig("/n"), SourceConfig("/q"), index=IndexConfig(coreset=0.2),
                   explicit=("coreset",)).validate()
+    # with --model the saved model decides --localize: checked once it is loaded
+    JobConfig("audit", "/tmp/o", None, SourceConfig("/q"), index=IndexConfig(coreset=0.2), model_dir="/tmp/m",
+              explicit=("coreset",)).validate()
 
 
 def tile(rng, defect=None, size=(128, 96)):
@@ -311,9 +332,12 @@ def test_localize_maps_every_row_and_peaks_on_the_defect(localized):
     # the documented function gives the score back from the stored map
     r = ok.loc["defect_a.png"]
     grid = np.asarray(r.anomaly_map).reshape(int(r.map_height), int(r.map_width))
-    border = load_model(str(root / "model")).meta.border_calibration
-    assert abs(map_scores(grid[None], 96, border=np.array(border))[0] - r.score) < 1e-4
-    assert map_to_image(grid, 96, 128, 96).shape == (96, 128)
+    border = np.array(load_model(str(root / "model")).meta.border_calibration)
+    assert abs(map_scores(grid[None], 96, border=border)[0] - r.score) < 1e-4
+    assert (ok.image_height == 96).all() and (ok.image_width == 128).all()  # the tiles' own size
+    on_image = map_to_image(grid, int(r.image_height), int(r.image_width), 96, stats=border)
+    assert on_image.shape == (96, 128) and abs(on_image.max() - r.score) < 0.05 * r.score
+    assert np.isnan(t.loc["broken.png", "image_height"]) and len(t.loc["broken.png", "anomaly_map"]) == 0
 
 
 @pytest.mark.ray
@@ -376,6 +400,15 @@ def test_report_shows_heatmaps_of_the_top_rows(localized):
     _, out, _ = localized
     html = (out / "report.html").read_text()
     assert html.count('class="heatmap"') == 5 and "anomaly map; peak at" in html
+
+
+@pytest.mark.ray
+def test_more_shard_groups_than_leave_one_image_out_can_search_is_a_one_line_error(localized, tmp_path, capsys):
+    root, _, _ = localized
+    code = main(["score", "--normal", str(root / "normal"), "--query", str(root / "query"), "--out", str(tmp_path / "o"),
+                 "--coreset", "0.01", "--shards", "16", "--shard-groups", "16", *LOCALIZE])  # ~23 patches, 1-2 a shard
+    err = capsys.readouterr().err
+    assert code == 2 and "use fewer groups" in err and "Traceback" not in err
 
 
 @pytest.mark.ray
@@ -455,7 +488,7 @@ def test_nightly_audit_with_a_localizing_model_maps_and_summarises_peaks(localiz
     root, out, defects = localized
     audits = tmp_path / "audits"
     assert main(["audit", "--model", str(root / "model"), "--query", str(root / "query"), "--out", str(audits),
-                 "--date", "2026-12-01", "--top", "3"]) == 0
+                 "--date", "2026-12-01", "--top", "3", "--coreset", "0.1"]) == 0  # the model's own coreset agrees
     record = json.loads((audits / "runs" / "2026-12-01.json").read_text())
     top = record["summary"]["top"]
     assert {r["id"] for r in top[:2]} == set(defects) and all(r["peak_x"] >= 0 for r in top)

@@ -46,6 +46,18 @@ def resize_map(m: np.ndarray, height: int, width: int) -> np.ndarray:
     return resize_matrix(m.shape[-2], height) @ m @ resize_matrix(m.shape[-1], width).T
 
 
+def resize_axis(m: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """``m`` brought to ``n_out`` along ``axis``: bilinear (``resize_matrix``) where that grows it; where it
+    shrinks it, each output pixel is the maximum of the input pixels its footprint starts, so every input pixel
+    counts once and a narrow peak keeps its value and place instead of falling between samples. A pixel
+    belongs to the output pixel its centre falls in, as in ``peak``."""
+    n_in = m.shape[axis]
+    if n_out >= n_in:
+        return np.moveaxis(np.tensordot(resize_matrix(n_in, n_out), np.moveaxis(m, axis, 0), axes=1), 0, axis)
+    starts = np.maximum(-((n_out - 2 * np.arange(n_out) * n_in) // (2 * n_out)), 0)  # ceil(j * n_in / n_out - 1/2)
+    return np.maximum.reduceat(m, starts, axis=axis)
+
+
 def smooth_map(grid: np.ndarray, size: int, sigma: float = SIGMA) -> np.ndarray:
     """Patch map(s) (..., h, w) → (..., size, size) at the network's input resolution: bilinear, then a
     Gaussian blur of ``sigma`` pixels (per map)."""
@@ -96,18 +108,23 @@ def score_map(grid: np.ndarray, image_size: int, stats: np.ndarray | None = None
 
 def map_to_image(grid: np.ndarray, height: int, width: int, image_size: int, sigma: float = SIGMA,
                  stats: np.ndarray | None = None) -> np.ndarray:
-    """An ``anomaly_map`` (h, w) over an image of ``height`` x ``width`` pixels that the network saw whole at
-    ``image_size`` (``--resize full``): smoothed as the score was (``smooth_map``), then resized bilinearly
-    to the image. With the model's border ``stats`` it is the map the score and peak came from (its maximum
-    is the row's ``score`` up to that last interpolation); without, the distances themselves."""
-    return resize_map(score_map(grid, image_size, stats, sigma), height, width)
+    """An ``anomaly_map`` over an image of ``height`` x ``width`` pixels (the output's ``image_height``,
+    ``image_width``) that the network saw whole at ``image_size`` (``--resize full``): smoothed as the score
+    was (``smooth_map``), then brought to the image (``resize_axis``: bilinear on a side longer than
+    ``image_size``, the maximum over each pixel's footprint on a shorter one). ``grid`` is (h, w): the
+    output's flat ``anomaly_map`` reshaped to (``map_height``, ``map_width``). With the model's border
+    ``stats`` it is the map the score and peak came from: its maximum is the row's ``score`` (exactly where
+    the image is no larger than the input, up to the bilinear interpolation where it is larger). Without
+    ``stats``, the smoothed distances themselves."""
+    m = score_map(grid, image_size, stats, sigma)
+    return resize_axis(resize_axis(m, height, m.ndim - 2), width, m.ndim - 1)
 
 
 def peak(smoothed: np.ndarray, height: int, width: int) -> tuple[int, int]:
     """(x, y) of a smoothed map's (size, size) maximum, in the pixels of a ``width`` x ``height`` image."""
     size_y, size_x = smoothed.shape
     y, x = np.unravel_index(int(np.argmax(smoothed)), smoothed.shape)
-    return int((x + 0.5) * width / size_x), int((y + 0.5) * height / size_y)
+    return int((2 * x + 1) * width // (2 * size_x)), int((2 * y + 1) * height // (2 * size_y))  # its centre's pixel
 
 
 def coreset_size(n: int, fraction: float | None) -> int:

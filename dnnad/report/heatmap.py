@@ -25,6 +25,8 @@ def heatmap_uri(data: bytes | None, grid: list[float], map_height: int, map_widt
         img = decode_image(data)
     except DecodeError:
         return None
+    full_w, full_h = img.size
+    img.thumbnail((size, size))  # the map is drawn at the thumbnail's size: a 100 MP photo costs what a small one does
     m = map_to_image(np.asarray(grid, np.float64).reshape(map_height, map_width), img.height, img.width, image_size,
                      stats=border)
     lo = float(m.min())
@@ -32,10 +34,9 @@ def heatmap_uri(data: bytes | None, grid: list[float], map_height: int, map_widt
     red = Image.new("RGB", img.size, (230, 30, 30))
     out = Image.composite(red, img, Image.fromarray((alpha * 255).astype(np.uint8), "L"))
     if peak_xy is not None and peak_xy[0] >= 0:
-        r = max(3, min(img.size) // 30)
-        x, y = peak_xy
+        r = max(3, min(out.size) // 30)
+        x, y = (peak_xy[0] + 0.5) * out.width / full_w, (peak_xy[1] + 0.5) * out.height / full_h
         ImageDraw.Draw(out).ellipse((x - r, y - r, x + r, y + r), outline=(255, 255, 0), width=max(1, r // 2))
-    out.thumbnail((size, size))
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

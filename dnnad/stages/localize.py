@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import JobConfig
+from ..config import ConfigError, JobConfig
 from ..core.index import ShardedIndex, build_shard, shard_bounds, shard_groups
 from ..core.localize import calibration_sample, map_scores, patch_maps
 from ..core.model import FittedModel, with_bank
@@ -34,7 +34,7 @@ from ..core.threshold import effective_quantile, threshold_from_scores
 from ..runtime import FINAL_POOL_CPUS, SCORE_ACTOR_CPUS, SCORE_ACTOR_GPUS, cluster_resources, resolved, score_pool
 
 PATCH_SCORE = "_patch_score"  # the map score, which KnnScorer writes as ``score``
-MAP_COLUMNS = ("anomaly_map", "map_height", "map_width", "peak_x", "peak_y")
+MAP_COLUMNS = ("anomaly_map", "map_height", "map_width", "image_height", "image_width", "peak_x", "peak_y")
 PATCH_NEAREST = "_patch_nn"  # with bank shard groups: each patch's nearest bank distance so far
 
 
@@ -128,9 +128,10 @@ class PatchGroupSearch(BankSearch):
 
 class PatchScorer(BankSearch):
     """Patch-scoring actor: each ok row's ``patches`` grid → ``anomaly_map`` (row-major h x w: the distances),
-    its size, and from the border-calibrated smoothed map (``core.patches.score_map``) its peak in the
-    original image's pixels and the map score (``PATCH_SCORE``); ``patches`` (and ``PATCH_NEAREST``, the
-    shard groups' result, when it holds no index) are dropped."""
+    its size, the image's size (``core.patches.map_to_image`` needs both), and from the border-calibrated
+    smoothed map (``core.patches.score_map``) its peak in the original image's pixels and the map score
+    (``PATCH_SCORE``); ``patches`` (and ``PATCH_NEAREST``, the shard groups' result, when it holds no index)
+    are dropped."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         grids = batch.pop("patches")
@@ -146,8 +147,10 @@ class PatchScorer(BankSearch):
                 s = score_map(grid, self.size, self.border, self.sigma)
                 score[r] = float(s.max())
                 px[r], py[r] = peak(s, int(batch["height"][r]) or self.size, int(batch["width"][r]) or self.size)
+        ih = np.where(batch["height"] > 0, batch["height"], self.size).astype(np.int64)
+        iw = np.where(batch["width"] > 0, batch["width"], self.size).astype(np.int64)
         batch.update({PATCH_SCORE: score, "anomaly_map": maps, "map_height": np.full(n, h), "map_width": np.full(n, w),
-                      "peak_x": px, "peak_y": py})
+                      "image_height": ih, "image_width": iw, "peak_x": px, "peak_y": py})
         return batch
 
 
@@ -167,6 +170,8 @@ def map_patches(ds, bank: Bank, cfg, exclude_ids=None, calibrate=None, gpu_share
     kw = {"bank": bank, "exclude_ids": exclude_ids, "threads": threads, "calibrate": calibrate,
           "device": "cuda" if gpus else "cpu"}
     groups = shard_groups(list(bank.rows) or [1] * len(bank.shards), cfg.shard_groups)
+    if exclude_ids is not None and len(groups) > 1 and bank.rows:
+        check_groups_leave_patches(resolved(bank.owners), list(bank.rows), groups)
     if len(groups) == 1:
         return ds.map_batches(PatchScorer, batch_size=batch, batch_format="numpy",
                               compute=ActorPoolStrategy(size=actors), **res,
@@ -181,6 +186,17 @@ def map_patches(ds, bank: Bank, cfg, exclude_ids=None, calibrate=None, gpu_share
                             **({"memory": memory} if memory else {}), fn_constructor_kwargs={**kw, "group": group})
     return ds.map_batches(PatchScorer, batch_size=batch, batch_format="numpy", compute=ActorPoolStrategy(size=per_pool),
                           num_cpus=FINAL_POOL_CPUS, fn_constructor_kwargs={**kw, "group": None})
+
+
+def check_groups_leave_patches(owners: np.ndarray, rows: list[int], groups: list[list[int]]) -> None:
+    """Refuse shard groups (contiguous shards of ``rows`` bank rows each) of which one holds the patches of a
+    single normal image: leave-one-image-out would leave that group nothing to search."""
+    ends = np.cumsum([0, *rows])
+    for g in groups:
+        own = owners[ends[g[0]]:ends[g[-1] + 1]]
+        if len(own) and np.bincount(own).max() >= len(own):
+            raise ConfigError(f"--shard-groups {len(groups)}: a group of bank shards holds the patches of one normal "
+                              "image only, which leave-one-image-out cannot search; use fewer groups")
 
 
 class Preselect:
@@ -235,7 +251,8 @@ def fit_bank(model: FittedModel, ds, ids: np.ndarray, cfg: JobConfig) -> FittedM
     owned = ray.get([o for _, o in chunks])  # the driver holds the bank's owners, its rows stay in the store
     lengths, owners = [len(o) for o in owned], np.concatenate(owned)
     if np.bincount(owners, minlength=n).max() == len(owners):
-        raise ValueError("every patch of the bank belongs to one image: --localize needs more normal images")
+        raise ConfigError("every patch of the bank belongs to one normal image, so leave-one-image-out has nothing to "
+                          "search: --localize needs more normal images or a larger --coreset")
     rows = [r for r, _ in chunks]
     build = ray.remote(gather_shard)
     bounds = shard_bounds(len(owners), cfg.index.shards)

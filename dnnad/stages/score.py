@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from ..config import ScoreConfig
+from ..config import ConfigError, ScoreConfig
 from ..core.dn2 import knn_score, score_against, self_exclusions
 from ..core.index import ShardedIndex, merge_neighbours, shard_groups
 from ..core.threshold import normal_percentile
@@ -234,6 +234,13 @@ class Scorer:
         device = "cuda" if gpus else "cpu"
         groups = shard_groups(self.shard_rows or [1] * len(self.shards), self.cfg.shard_groups)
         search = SearchSpec(self.shards, self.k, exclude, groups_ref, threads, self.transform, device, self.exact)
+        if len(groups) > 1 and self.shard_rows:  # each group must hold k rows beside the ones a query leaves out
+            left_out = (0 if exclude is None else 1 if exclude == "self"
+                        else int(np.bincount(resolved(groups_ref)).max()))  # a row's whole duplicate group
+            held = min(sum(self.shard_rows[j] for j in g) for g in groups)
+            if held < self.k + left_out:
+                raise ConfigError(f"--shard-groups {self.cfg.shard_groups}: a group of index shards holds {held} "
+                                  f"reference rows; k={self.k} with exclusions needs {self.k + left_out}: use fewer groups")
         if len(groups) > 1:  # each pool holds one group; its actors share the group's memory request
             per_pool = max(1, actors // len(groups))
             group_res = {**res, **({"num_gpus": share / len(groups)} if gpus else {})}
