@@ -67,7 +67,7 @@ def _features(p: argparse.ArgumentParser) -> None:
     p.add_argument("--localize", action="store_true",
                    help="anomaly maps: patch features of intermediate stages against a memory bank of normal "
                         "patches; the score is the map's maximum; adds anomaly_map, map_height, map_width, "
-                        "peak_x, peak_y (whole images: implies --resize full)")
+                        "image_height, image_width, peak_x, peak_y (whole images: implies --resize full)")
     p.add_argument("--coreset", type=float, default=0.1, metavar="F",
                    help="with --localize: keep this fraction of the normal patches in the memory bank (greedy "
                         "k-centre, as PatchCore; default 0.1; 1 keeps all, whose leave-one-image-out threshold "

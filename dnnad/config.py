@@ -180,6 +180,8 @@ class JobConfig:
 
     def check_fit_settings(self) -> None:
         """Checks of the settings a fit decides, for a job that fits (a saved model decides them otherwise)."""
+        if "coreset" in self.explicit and not self.embed.localize:
+            raise ConfigError("--coreset subsamples the patch memory bank: it needs --localize")
         if self.index.approximate and self.index.kind not in COMPRESSED_KINDS:
             raise ConfigError(f"--approximate scores a compressed index from its codes: it needs --index "
                               f"{' or '.join(COMPRESSED_KINDS)}, not {self.index.kind}")
@@ -256,8 +258,7 @@ class JobConfig:
         if c is not None and not 0.0 < c <= 1.0:
             raise ConfigError(f"--coreset must be a fraction in (0, 1], got {c}")
         if not self.embed.localize:
-            saved = self.model_dir and self.kind != "rank"  # a saved model may yet decide --localize (checked again)
-            if "coreset" in self.explicit and not saved:
+            if "coreset" in self.explicit and not self.model_dir:  # else a saved model decides (check_fit_settings)
                 raise ConfigError("--coreset subsamples the patch memory bank: it needs --localize")
             return
         if self.kind == "rank":

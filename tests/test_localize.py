@@ -274,13 +274,17 @@ def test_bad_localize_settings_are_one_line_errors(change, message):
 
 
 @pytest.mark.unit
-def test_coreset_without_localize_is_refused():
+def test_coreset_without_localize_is_refused(tmp_path, capsys):
     with pytest.raises(ConfigError, match="needs --localize"):
         JobConfig("score", "/tmp/o", SourceConfig("/n"), SourceConfig("/q"), index=IndexConfig(coreset=0.2),
                   explicit=("coreset",)).validate()
-    # with --model the saved model decides --localize: checked once it is loaded
+    # with --model a saved model may decide --localize: accepted here, checked once the job knows it fits
     JobConfig("audit", "/tmp/o", None, SourceConfig("/q"), index=IndexConfig(coreset=0.2), model_dir="/tmp/m",
               explicit=("coreset",)).validate()
+    (tmp_path / "images").mkdir()
+    code = main(["score", "--normal", str(tmp_path / "images"), "--query", str(tmp_path / "images"), "--out",
+                 str(tmp_path / "o"), "--model", str(tmp_path / "new-model"), "--coreset", "0.2", "--quiet"])
+    assert code == 2 and "needs --localize" in capsys.readouterr().err  # a fit into a new --model directory
 
 
 def tile(rng, defect=None, size=(128, 96)):
@@ -335,7 +339,7 @@ def test_localize_maps_every_row_and_peaks_on_the_defect(localized):
     border = np.array(load_model(str(root / "model")).meta.border_calibration)
     assert abs(map_scores(grid[None], 96, border=border)[0] - r.score) < 1e-4
     assert (ok.image_height == 96).all() and (ok.image_width == 128).all()  # the tiles' own size
-    on_image = map_to_image(grid, int(r.image_height), int(r.image_width), 96, stats=border)
+    on_image = map_to_image(grid, r.image_height, r.image_width, 96, stats=border)  # floats: the column has NaN
     assert on_image.shape == (96, 128) and abs(on_image.max() - r.score) < 0.05 * r.score
     assert np.isnan(t.loc["broken.png", "image_height"]) and len(t.loc["broken.png", "anomaly_map"]) == 0
 
@@ -403,12 +407,12 @@ def test_report_shows_heatmaps_of_the_top_rows(localized):
 
 
 @pytest.mark.ray
-def test_more_shard_groups_than_leave_one_image_out_can_search_is_a_one_line_error(localized, tmp_path, capsys):
+def test_more_shard_groups_than_the_index_can_search_is_a_one_line_error(localized, tmp_path, capsys):
     root, _, _ = localized
     code = main(["score", "--normal", str(root / "normal"), "--query", str(root / "query"), "--out", str(tmp_path / "o"),
                  "--coreset", "0.01", "--shards", "16", "--shard-groups", "16", *LOCALIZE])  # ~23 patches, 1-2 a shard
     err = capsys.readouterr().err
-    assert code == 2 and "use fewer groups" in err and "Traceback" not in err
+    assert code == 2 and "a group of index shards holds 1 reference rows" in err and "Traceback" not in err
 
 
 @pytest.mark.ray

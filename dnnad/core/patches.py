@@ -117,7 +117,7 @@ def map_to_image(grid: np.ndarray, height: int, width: int, image_size: int, sig
     the image is no larger than the input, up to the bilinear interpolation where it is larger). Without
     ``stats``, the smoothed distances themselves."""
     m = score_map(grid, image_size, stats, sigma)
-    return resize_axis(resize_axis(m, height, m.ndim - 2), width, m.ndim - 1)
+    return resize_axis(resize_axis(m, int(height), m.ndim - 2), int(width), m.ndim - 1)  # int: pandas gives floats
 
 
 def peak(smoothed: np.ndarray, height: int, width: int) -> tuple[int, int]:

@@ -148,7 +148,7 @@ def run_report(record: dict, fs, scores_path: str, model, query_source, top_n: i
     top_ids = best["id"] if best is not None else pa.array([], pa.string())
     shown = ["id", "score", "normal_percentile", "neighbor_ids", "neighbor_dists"]
     if "anomaly_map" in dataset.schema.names:
-        shown += ["anomaly_map", "map_height", "map_width", "image_height", "image_width", "peak_x", "peak_y"]
+        shown += ["anomaly_map", "map_height", "map_width", "peak_x", "peak_y"]
     top = pa.Table.from_batches(dataset.to_batches(columns=shown, filter=pc.field("id").isin(top_ids), **ONE_AT_A_TIME),
                                 schema=pa.schema([dataset.schema.field(c) for c in shown])).sort_by(order).to_pylist()
     images = fetch_images(query_source, [r["id"] for r in top])
