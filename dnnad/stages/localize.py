@@ -140,15 +140,15 @@ class PatchScorer(BankSearch):
         rows, owners = self.rows(batch)
         maps = np.full((n, h * w), np.nan, dtype=np.float32)
         score, px, py = np.full(n, np.nan), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+        ih = np.where(batch["height"] > 0, batch["height"], self.size).astype(np.int64)  # 0: size unknown
+        iw = np.where(batch["width"] > 0, batch["width"], self.size).astype(np.int64)
         if len(rows):
             m = self.nearest(grids[rows], owners) if self.index is not None else near[rows].reshape(-1, h, w)
             maps[rows] = m.reshape(len(rows), -1)
             for r, grid in zip(rows, m):
                 s = score_map(grid, self.size, self.border, self.sigma)
                 score[r] = float(s.max())
-                px[r], py[r] = peak(s, int(batch["height"][r]) or self.size, int(batch["width"][r]) or self.size)
-        ih = np.where(batch["height"] > 0, batch["height"], self.size).astype(np.int64)
-        iw = np.where(batch["width"] > 0, batch["width"], self.size).astype(np.int64)
+                px[r], py[r] = peak(s, int(ih[r]), int(iw[r]))
         batch.update({PATCH_SCORE: score, "anomaly_map": maps, "map_height": np.full(n, h), "map_width": np.full(n, w),
                       "image_height": ih, "image_width": iw, "peak_x": px, "peak_y": py})
         return batch
