@@ -164,8 +164,7 @@ def embed_table(t: pa.Table, backbone: str, weights: str, image_size: int | None
     assert e.errors.num_rows == 0, e.errors
     pos = {i: n for n, i in enumerate(e.ids)}
     order = [pos[i] for i in t["id"].to_pylist()]
-    F = np.frombuffer(b"".join(e.extra["fingerprint"].tolist()), np.uint8).reshape(len(e.ids), -1)
-    return e.X[order], F[order]
+    return np.asarray(e.X[order]), np.asarray(e.extra["fingerprint"][order], np.uint8)  # (n, side * side) grids
 
 
 def single_linkage(X: np.ndarray, neighbours: np.ndarray, threshold: float, hashes: np.ndarray) -> np.ndarray:
@@ -267,7 +266,7 @@ def main() -> None:
     size = f"-{a.image_size}px" if a.image_size else ""
     scope = "full" if a.full else a.per_class
     stem = f"duplicates-{a.dataset}-{a.backbone}{size}-{scope}x{a.per_kind}-s{a.seed}"
-    cache = CACHE / f"{stem}-v4.npz"  # v4: 32 x 32 fingerprints, held-out kinds
+    cache = CACHE / f"{stem}-v6.npz"  # v6: Lanczos-resampled fingerprints
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             X, F = z["X"], z["F"]

@@ -165,6 +165,26 @@ def test_fingerprints_survive_re_saving_cropping_and_rotating_and_tell_pictures_
     assert fingerprint_similarity(flat, np.array([0]), np.array([1]))[0] == 0.0
 
 
+def garment(seed: int, size: int = 28) -> Image.Image:
+    """A small textured object on black, narrower than it is tall: a stand-in Fashion-MNIST garment."""
+    img = Image.new("RGB", (size, size))
+    img.paste(picture(seed, 24).resize((14, 24), Image.BICUBIC), (7, 2))
+    return img
+
+
+def test_a_small_objects_fingerprint_survives_resampling_and_a_crop_of_its_box():
+    # a 28 px garment halved or doubled, and one column cut off its box (14 x 24 -> 13 x 24): each copy's
+    # trimmed box is enlarged to the grid, and Lanczos keeps it matching its source above every other garment
+    # (a box filter, repeating pixels in a pattern set by the box's size, gave the halved copy 0.73)
+    shirt = garment(1)
+    cropped = Image.new("RGB", (28, 28))
+    cropped.paste(shirt.crop((8, 0, 28, 28)), (8, 0))
+    copies = [shirt.resize((14, 14), Image.BICUBIC), shirt.resize((56, 56), Image.BICUBIC), cropped]
+    F = prints(shirt, *copies, *(garment(s) for s in range(20, 40)))
+    sim = fingerprint_similarity(F, np.zeros(len(F) - 1, np.int64), np.arange(1, len(F)))
+    assert (sim[:len(copies)] >= 0.85).all() and sim[:len(copies)].min() > sim[len(copies):].max()
+
+
 def test_a_rows_level_is_the_median_similarity_of_its_candidate_pairs():
     a, b, s = np.array([0, 0, 1]), np.array([1, 2, 2]), np.array([0.2, 0.6, 0.4])
     # row 0: {0.2, 0.6}; row 1: {0.2, 0.4}; row 2: {0.6, 0.4}; row 3: no pairs
