@@ -23,33 +23,35 @@ from common import DATASETS, ROOT, git_rev, machine, write_results
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 
-def grey_crop(img: Image.Image, rng) -> tuple[Image.Image, str, str]:
+def grey_crop(img: Image.Image, rng) -> tuple[Image.Image, str]:
     w, h = img.size
-    return img.convert("L").crop((1, 1, w - 1, h - 1)).convert("RGB"), "JPEG", "greyscale + 1 px crop, JPEG"
+    return img.convert("L").crop((1, 1, w - 1, h - 1)).convert("RGB"), "JPEG"
 
 
-def noise_sharpen(img: Image.Image, rng) -> tuple[Image.Image, str, str]:
+def noise_sharpen(img: Image.Image, rng) -> tuple[Image.Image, str]:
     px = np.asarray(img, np.float64) + rng.normal(0, 6, (img.height, img.width, 3))
     out = Image.fromarray(np.uint8(np.clip(px, 0, 255))).filter(ImageFilter.SHARPEN)
-    return out, "PNG", "Gaussian noise sd 6 + sharpen"
+    return out, "PNG"
 
 
-def upscale_blur(img: Image.Image, rng) -> tuple[Image.Image, str, str]:
+def upscale_blur(img: Image.Image, rng) -> tuple[Image.Image, str]:
     out = img.resize((img.width * 3, img.height * 3), Image.LANCZOS).filter(ImageFilter.GaussianBlur(1.5))
-    return out, "WEBP", "3x Lanczos upscale + blur, WebP"
+    return out, "WEBP"
 
 
-def shift_gamma(img: Image.Image, rng) -> tuple[Image.Image, str, str]:
+def shift_gamma(img: Image.Image, rng) -> tuple[Image.Image, str]:
     px = np.pad(np.asarray(img), ((3, 0), (3, 0), (0, 0)), mode="reflect")[:img.height, :img.width]
     px = 255 * (px / 255.0) ** 0.8
-    return Image.fromarray(np.uint8(np.clip(px, 0, 255))), "PNG", "3 px shift (reflected edges) + gamma 0.8"
+    return Image.fromarray(np.uint8(np.clip(px, 0, 255))), "PNG"
 
 
-def posterise_colour(img: Image.Image, rng) -> tuple[Image.Image, str, str]:
-    return ImageEnhance.Color(ImageOps.posterize(img, 5)).enhance(1.4), "PNG", "5-bit posterise + colour x1.4"
+def posterise_colour(img: Image.Image, rng) -> tuple[Image.Image, str]:
+    return ImageEnhance.Color(ImageOps.posterize(img, 5)).enhance(1.4), "PNG"
 
 
-KINDS = (grey_crop, noise_sharpen, upscale_blur, shift_gamma, posterise_colour)
+KINDS = {grey_crop: "greyscale + 1 px crop, JPEG", noise_sharpen: "Gaussian noise sd 6 + sharpen",
+         upscale_blur: "3x Lanczos upscale + blur, WebP", shift_gamma: "3 px shift (reflected edges) + gamma 0.8",
+         posterise_colour: "5-bit posterise + colour x1.4"}  # each returns the copy and the format it is saved in
 
 
 def build_folder(folder: Path, dataset: str, n_images: int, per_kind: int, seed: int) -> dict[str, str]:
@@ -63,7 +65,7 @@ def build_folder(folder: Path, dataset: str, n_images: int, per_kind: int, seed:
     source = {}
     for kind in KINDS:
         for j, s in enumerate(rng.choice(n_images, per_kind, replace=False)):
-            out, fmt, _ = kind(images[s], rng)
+            out, fmt = kind(images[s], rng)
             name = f"copy-{kind.__name__}-{j}.{fmt.lower()}"
             out.save(folder / name, format=fmt, **({"quality": 85} if fmt in ("JPEG", "WEBP") else {}))
             source[name] = f"img{s:04d}.png"
@@ -95,11 +97,11 @@ def main() -> None:
              f"- machine: {machine()}; date {dt.date.today()}; commit {git_rev()}; rank job {took:.0f} s", "",
              "| kind | copies grouped with their source |", "|---|---:|"]
     total = 0
-    for kind in KINDS:
+    for kind, what in KINDS.items():
         names = [n for n in source if n.startswith(f"copy-{kind.__name__}-")]
         found = sum(n in group_of and group_of[n] == group_of.get(source[n]) for n in names)
         total += found
-        lines.append(f"| {kind(Image.new('RGB', (8, 8)), np.random.default_rng(0))[2]} | {found} / {len(names)} |")
+        lines.append(f"| {what} | {found} / {len(names)} |")
     lines += [f"| **all** | **{total} / {len(source)}** |", "",
               f"{len(pictures)} groups; groups holding two different pictures: {int((pictures > 1).sum())}"]
     for g in pictures.index[pictures > 1]:  # for review by eye: the test split may hold copies of its own
