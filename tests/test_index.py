@@ -1,9 +1,11 @@
 """The sharded FAISS index: exact, shard-layout invariant, equal to brute force (ties and duplicates too)."""
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from dnnad.core.dn2 import duplicate_groups, self_exclusions
-from dnnad.core.index import ShardedIndex, build_index, build_shard, shard_bounds
+from dnnad.core.index import Exclusion, ShardedIndex, build_index, build_shard, shard_bounds
 
 pytestmark = pytest.mark.unit
 
@@ -79,6 +81,50 @@ def test_duplicate_exclusion_matches_brute_force(tied, n_shards):
     D, I = brute_force(Xb[rows], Xb, 3, exclude=groups[rows][:, None] == groups[None, :])
     np.testing.assert_array_equal(i, I)
     np.testing.assert_allclose(d, D, rtol=1e-12, atol=0)
+
+
+@pytest.fixture(scope="module")
+def copies():
+    """A few hundred distinct rows and three large groups of identical rows (blank frames, collapsed vectors)."""
+    rng = np.random.default_rng(2)
+    Xb = np.concatenate([rng.normal(size=(300, 8)), np.zeros((500, 8)), np.ones((200, 8)),
+                         np.full((150, 8), 0.05)]).astype(np.float32)
+    return Xb[rng.permutation(len(Xb))]
+
+
+@pytest.mark.parametrize("n_shards", [1, 3])
+def test_a_large_group_of_identical_rows_is_exact_for_every_exclusion(copies, n_shards):
+    """Leave-one-out, duplicate exclusion, and labels that split a group of copies: all as brute force."""
+    Xb = copies
+    index = build_index(Xb, n_shards=n_shards)
+    assert index.max_copies == (500 if n_shards == 1 else 170)  # copies are grouped within a shard
+    rows = np.arange(len(Xb))
+    d, i = index.search(Xb, 10, exclude=self_exclusions(rows))
+    np.testing.assert_array_equal(i, brute_force(Xb, Xb, 10, exclude=np.eye(len(Xb), dtype=bool))[1])
+    groups = duplicate_groups(Xb)
+    d, i = index.search(Xb, 3, exclude=self_exclusions(rows, groups))
+    D, I = brute_force(Xb, Xb, 3, exclude=groups[:, None] == groups[None, :])
+    np.testing.assert_array_equal(i, I)
+    np.testing.assert_allclose(d, D, rtol=1e-12, atol=0)
+    owners = rows // 7  # rows of one image: a copy's first rows share the query's label, later ones do not
+    ex = Exclusion(owners, owners, 7)
+    d, i = index.search(Xb, 4, exclude=ex)
+    np.testing.assert_array_equal(i, brute_force(Xb, Xb, 4, exclude=owners[:, None] == owners[None, :])[1])
+
+
+def test_identical_rows_are_searched_once():
+    """20,000 copies of one vector among 2,000 others: each query fetches a handful of candidates, not the
+    20,000 tied rows (memory measured by tracemalloc, which sees numpy's allocations)."""
+    rng = np.random.default_rng(3)
+    Xb = np.concatenate([np.zeros((20000, 64)), rng.normal(size=(2000, 64))]).astype(np.float32)
+    index = build_index(Xb)
+    tracemalloc.start()
+    d, i = index.search(Xb[:5000], 10, exclude=self_exclusions(np.arange(5000)))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(i[:2], [[1, *range(2, 11)], [0, *range(2, 11)]])
+    assert (d == 0).all()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"
 
 
 def test_exclusions_are_vectorised_labels():

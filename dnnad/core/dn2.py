@@ -8,7 +8,6 @@ and their rules exist once, here.
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -16,7 +15,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from .arrays import ROW_CHUNK, as_float32
+from .arrays import as_float32, first_identical
 from .features import FeatureTransform, fit_transform
 from .index import Exclusion, ShardedIndex, build_index
 from .settings import COMPRESSED_KINDS
@@ -39,17 +38,13 @@ def self_exclusions(positions: np.ndarray, duplicate_groups: np.ndarray | None =
         return Exclusion(positions)
     groups = np.asarray(duplicate_groups, dtype=np.int64)
     mine = groups[positions]
-    return Exclusion(mine, groups, int(np.bincount(groups)[mine].max(initial=1)))
+    return Exclusion(mine, groups, int(np.bincount(groups)[mine].max(initial=1)), max_distinct=1)
 
 
 def duplicate_groups(X: np.ndarray) -> np.ndarray:
-    """Label per row such that rows with byte-identical vectors share a label: rows compared by a 16-byte
-    BLAKE2b digest of their bytes, ``ROW_CHUNK`` rows at a time (no copy of ``X``)."""
-    digests = np.empty(len(X), dtype="S16")
-    for s in range(0, len(X), ROW_CHUNK):
-        chunk = np.ascontiguousarray(X[s:s + ROW_CHUNK])
-        digests[s:s + len(chunk)] = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in chunk]
-    _, labels = np.unique(digests, return_inverse=True)
+    """Label per row such that rows with identical vectors share a label (``arrays.first_identical``: the index
+    groups its rows the same way)."""
+    _, labels = np.unique(first_identical(X), return_inverse=True)
     return labels.astype(np.int64).ravel()
 
 

@@ -5,8 +5,13 @@ read-only between actors, or a memory-mapped .npy file read on demand) and, for 
 serialized FAISS index over them. A search asks every shard for float32 candidates (each shard with
 all FAISS threads), merges them and re-ranks in float64 only the candidates whose float32 distance
 is within a proven rounding bound of the k-th; ties are broken by position. A query whose candidate
-list cannot prove the answer (ties or duplicates beyond the over-fetch) is searched again with more
-candidates, so flat results are those of exact brute force, whatever the shard layout.
+list cannot prove the answer (ties beyond the over-fetch) is searched again with more candidates, so flat
+results are those of exact brute force, whatever the shard layout.
+
+Identical rows of a flat shard are searched once: FAISS sees one row per distinct vector and each candidate
+stands for its copies, in position order. Without this, a query among N identical rows (blank frames, a
+backbone's all-zero vectors) could only settle its ties by position after fetching all N of them: N^2
+candidates over a set's queries.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from .arrays import as_float32
+from .arrays import as_float32, first_identical
 from .settings import COMPRESSED_KINDS, INDEX_KINDS
 
 EXACT_KINDS = ("flat",)
@@ -65,15 +70,17 @@ class Exclusion:
     """Reference rows a query may not use: row j for query i where ``ref_labels[j] == query_labels[i]``.
 
     ``ref_labels`` None means labels are positions (query i excludes row ``query_labels[i]``).
-    ``max_rows`` is the most rows any one query excludes (how far candidates are over-fetched).
+    ``max_rows`` is the most rows any one query excludes; ``max_distinct``, when known, the most distinct
+    vectors among them (1 where labels group identical rows): how far candidates are over-fetched.
     """
 
     query_labels: np.ndarray  # (nq,) int64
     ref_labels: np.ndarray | None = None  # (ntotal,) int64
     max_rows: int = 1
+    max_distinct: int | None = None
 
     def take(self, rows: np.ndarray) -> Exclusion:
-        return Exclusion(self.query_labels[rows], self.ref_labels, self.max_rows)
+        return Exclusion(self.query_labels[rows], self.ref_labels, self.max_rows, self.max_distinct)
 
     def excluded(self, I: np.ndarray) -> np.ndarray:
         """Boolean mask of the candidates ``I`` (nq, c), all valid positions, that are excluded."""
@@ -172,6 +179,7 @@ class ShardedIndex:
                 index.hnsw.efSearch = ef_search
             self._approx.append(index)
         self.kind = index_kind(self._approx[0])
+        self._group_identical_rows()
         self._gpu = None
         if device.startswith("cuda"):
             if not hasattr(faiss, "StandardGpuResources"):
@@ -183,6 +191,52 @@ class ShardedIndex:
         # Largest squared norm: bounds the float32 rounding error of FAISS's distances (exact kinds only).
         self._max_sqnorm = (max(float(np.einsum("ij,ij->i", s.vectors, s.vectors, dtype=np.float64).max())
                                 for s in self.shards) if self.kind in EXACT_KINDS else 0.0)
+
+    def _group_identical_rows(self) -> None:
+        """What FAISS searches per shard (``_searched``: the rows, or one row per distinct vector of a flat shard,
+        whose positions are ``_first``) and, over all shards, each group of identical rows: its first position
+        ``_group_first``, its positions ``_group_rows[_group_ptr[g]:_group_ptr[g + 1]]`` in order."""
+        self._searched, self._first = [], []
+        firsts, ptrs, rows = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for s, approx in zip(self.shards, self._approx):
+            first = first_identical(s.vectors) if approx is None else np.arange(len(s.vectors))
+            unique = np.flatnonzero(first == np.arange(len(first)))
+            if approx is not None or len(unique) == len(first):
+                self._searched.append(s.vectors)
+                self._first.append(None)
+                continue
+            self._searched.append(np.ascontiguousarray(s.vectors[unique]))
+            self._first.append(unique)
+            order = np.argsort(first, kind="stable")  # by group, positions in order within each
+            g = first[order]
+            starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+            sizes = np.diff(np.r_[starts, len(g)])
+            multi = sizes > 1
+            firsts.append(g[starts[multi]] + s.offset)
+            ptrs.append(sizes[multi])
+            rows.append(order[np.repeat(multi, sizes)] + s.offset)
+        self._group_first = np.concatenate(firsts)
+        self._group_ptr = np.concatenate([[0], np.cumsum(np.concatenate(ptrs))]).astype(np.int64)
+        self._group_rows = np.concatenate(rows)
+        self.max_copies = int(np.diff(self._group_ptr).max(initial=1))  # rows in the largest group
+
+    def _copies(self, R: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``w`` positions (R.shape + (w,), -1 past a group's end) of the groups whose first positions
+        are ``R`` (-1: none), and each group's size (R.shape)."""
+        g = np.clip(np.searchsorted(self._group_first, R), 0, max(len(self._group_first) - 1, 0))
+        grouped = (R >= 0) & (self._group_first[g] == R) if len(self._group_first) else np.zeros(R.shape, bool)
+        size = np.where(grouped, self._group_ptr[g + 1] - self._group_ptr[g], (R >= 0).astype(np.int64))
+        t = np.arange(w)
+        at = np.minimum(self._group_ptr[g][..., None] + t, len(self._group_rows) - 1)
+        P = np.where(grouped[..., None] & (t < size[..., None]), self._group_rows[at], -1)
+        P[..., 0] = np.where(grouped, P[..., 0], R)
+        return P, size
+
+    def _uniform(self, first: int, labels: np.ndarray) -> bool:
+        """Whether every row of the group starting at position ``first`` has one label."""
+        g = int(np.searchsorted(self._group_first, first))
+        lab = labels[self._group_rows[self._group_ptr[g]:self._group_ptr[g + 1]]]
+        return bool((lab == lab[0]).all())
 
     def vectors(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` (1-d int64 positions, all valid) as float32, shape (len(idx), d); memory-mapped
@@ -197,19 +251,22 @@ class ShardedIndex:
 
     def candidates(self, Xq: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Float32 squared distances and positions (nq, n_shards * kk) of up to ``kk`` nearest rows of every
-        shard (inf / -1 for none), and a bound (nq,): every row not returned is at least this far (float32)."""
+        shard (inf / -1 for none), and a bound (nq,): every row not returned is at least this far (float32).
+        A shard's identical rows count once: the position returned is their group's first."""
         F, I = [], []
         bound = np.full(len(Xq), np.inf, dtype=np.float32)
-        for s, approx in zip(self.shards, self._approx):
-            kk_s = min(kk, len(s.vectors))
+        for s, approx, X, first in zip(self.shards, self._approx, self._searched, self._first):
+            kk_s = min(kk, len(X))
             if approx is not None:
                 D_s, I_s = approx.search(Xq, kk_s)
             elif self._gpu is not None and kk_s <= GPU_MAX_K:
-                D_s, I_s = faiss.knn_gpu(self._gpu, Xq, np.ascontiguousarray(s.vectors), kk_s)
+                D_s, I_s = faiss.knn_gpu(self._gpu, Xq, np.ascontiguousarray(X), kk_s)
             else:
-                D_s, I_s = faiss.knn(Xq, s.vectors, kk_s)
-            if kk_s < len(s.vectors):
+                D_s, I_s = faiss.knn(Xq, X, kk_s)
+            if kk_s < len(X):
                 np.minimum(bound, D_s[:, -1], out=bound)
+            if first is not None:
+                I_s = np.where(I_s >= 0, first[np.maximum(I_s, 0)], -1)
             F.append(np.where(I_s >= 0, D_s, np.inf))
             I.append(np.where(I_s >= 0, I_s + s.offset, -1))
         return np.concatenate(F, axis=1), np.concatenate(I, axis=1), bound
@@ -220,7 +277,8 @@ class ShardedIndex:
         by position; exact Euclidean for every kind unless ``exact`` is off.
 
         ``exclude`` names rows a query may not use as neighbours (itself, its duplicates). Candidates are
-        over-fetched by ``margin``; queries the float32 candidates cannot settle are searched again with 4x.
+        over-fetched by ``margin``; queries the float32 candidates cannot settle are searched again with 4x
+        (and with 4x the copies of each group of identical rows).
         """
         Xq = as_float32(Xq)
         if Xq.shape[1] != self.d:
@@ -235,15 +293,21 @@ class ShardedIndex:
         # only the best ``cap`` valid candidates by the index's own distance (the breadth of a query without
         # exclusions), however many rows the exclusions over-fetch.
         depth = (k + margin) * (COMPRESSED_OVERFETCH if self.exact and self.kind in COMPRESSED_KINDS else 1)
+        if exclude is not None and exclude.max_distinct is not None:
+            n_excl = min(n_excl, exclude.max_distinct)  # excluded copies of one vector are one candidate
         kk, cap = min(self.ntotal, depth + n_excl), depth * len(self.shards)
+        copies = min(self.max_copies, k + 1)  # k usable copies of a group even when the query is one of them
         while len(todo):
             ex = exclude.take(todo) if exclude is not None else None
-            D_t, I_t, done = self._refine(Xq[todo], k, kk, ex, cap if kk < self.ntotal else None)
+            if self.max_copies > 1:
+                D_t, I_t, done = self._refine_copies(Xq[todo], k, kk, ex, copies)
+            else:
+                D_t, I_t, done = self._refine(Xq[todo], k, kk, ex, cap if kk < self.ntotal else None)
             D[todo[done]], I[todo[done]] = D_t[done], I_t[done]
             todo = todo[~done]
-            if len(todo) and kk == self.ntotal:
+            if len(todo) and kk == self.ntotal and copies == self.max_copies:
                 raise RuntimeError("index returned fewer than k neighbours; increase nprobe/ef_search")
-            kk, cap = min(self.ntotal, 4 * kk), 4 * cap
+            kk, cap, copies = min(self.ntotal, 4 * kk), 4 * cap, min(self.max_copies, 4 * copies)
         return D, I
 
     def _distances(self, Xq: np.ndarray, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -254,6 +318,41 @@ class ShardedIndex:
             diff = np.subtract(self.vectors(rows[a:a + RERANK_ROWS]), Xq[q[a:a + RERANK_ROWS]], dtype=np.float64)
             out[a:a + RERANK_ROWS] = np.sqrt(np.einsum("md,md->m", diff, diff))
         return out
+
+    def _rounding(self, Xq: np.ndarray) -> np.ndarray:
+        """(nq,) bound on |float32 FAISS distance - exact| (dot products and norms of d terms, worst case)."""
+        qn = np.einsum("ij,ij->i", Xq, Xq, dtype=np.float64)
+        return (2 * self.d + 16) * UNIT_ROUNDOFF * (qn + self._max_sqnorm)
+
+    def _refine_copies(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None, copies: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``_refine`` for a flat index holding identical rows: each candidate group is re-ranked once and
+        stands for its first ``copies`` positions. A group cut short whose uncut rows could still be among the k
+        (some of its rows excluded, the rest not known to be) leaves its query unsettled."""
+        F, R, bound = self.candidates(Xq, kk)
+        nq, c = F.shape
+        P, size = self._copies(R, copies)  # (nq, c, copies), (nq, c)
+        valid = P >= 0
+        if exclude is not None:
+            valid &= ~exclude.excluded(np.maximum(P, 0).reshape(nq, -1)).reshape(P.shape)
+        Fv = np.where(valid, F[..., None], np.inf).reshape(nq, -1)
+        t = np.partition(Fv, k - 1, axis=1)[:, k - 1].astype(np.float64)  # k-th float32 distance, copies counted
+        delta = self._rounding(Xq)
+        settled = np.isfinite(t) & (bound > t + 2 * delta)
+        q, col = np.nonzero((F <= (t + 2 * delta)[:, None]) & valid.any(axis=2))
+        E_c = np.full(F.shape, np.inf)
+        E_c[q, col] = self._distances(Xq, q, R[q, col])
+        E = np.where(valid, E_c[..., None], np.inf).reshape(nq, -1)
+        pos = np.maximum(P, 0).reshape(nq, -1)
+        order = np.lexsort((pos, E), axis=1)[:, :k]
+        E, pos = np.take_along_axis(E, order, 1), np.take_along_axis(pos, order, 1)
+        n_valid = valid.sum(axis=2)
+        cut = (size > copies) & (n_valid < k) & (E_c <= E[:, -1:])
+        for first in np.unique(R[cut]) if exclude is not None and exclude.ref_labels is not None else ():
+            if self._uniform(int(first), exclude.ref_labels):  # uncut rows excluded exactly when the cut ones are
+                cut &= R != first
+        settled &= np.isfinite(E).all(axis=1) & ~cut.any(axis=1)
+        return E, pos.astype(np.int64), settled
 
     def _refine(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None, cap: int | None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -270,9 +369,7 @@ class ShardedIndex:
             F, safe, valid = (np.take_along_axis(a, best, 1) for a in (F, safe, valid))
         t = np.partition(F, k - 1, axis=1)[:, k - 1].astype(np.float64)  # k-th float32 distance
         if self.kind in EXACT_KINDS:
-            # |float32 FAISS distance - exact| <= delta (dot products and norms of d terms, worst case).
-            qn = np.einsum("ij,ij->i", Xq, Xq, dtype=np.float64)
-            delta = (2 * self.d + 16) * UNIT_ROUNDOFF * (qn + self._max_sqnorm)
+            delta = self._rounding(Xq)
             settled = np.isfinite(t) & (bound > t + 2 * delta)
             contend = F <= (t + 2 * delta)[:, None]
         else:
