@@ -127,6 +127,24 @@ def test_identical_rows_are_searched_once():
     assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"
 
 
+def test_rows_near_zero_settle_on_their_own_rounding_error():
+    """4,000 distinct rows of norm ~1e-3 (a backbone's collapsed vectors) beside a few of norm 5: the float32
+    rounding bound of each pair follows its own norms, so the small rows settle on a few candidates instead of
+    all contending with each other (as they did under the largest norm's bound); still brute force's answer."""
+    rng = np.random.default_rng(4)
+    Xb = np.concatenate([rng.normal(scale=2e-4, size=(4000, 32)), rng.normal(size=(20, 32))]).astype(np.float32)
+    Xb[-20:] *= 5 / np.linalg.norm(Xb[-20:], axis=1, keepdims=True)
+    index = build_index(Xb, n_shards=2)
+    tracemalloc.start()
+    d, i = index.search(Xb, 10, exclude=self_exclusions(np.arange(len(Xb))))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    D, I = brute_force(Xb, Xb, 10, exclude=np.eye(len(Xb), dtype=bool))
+    np.testing.assert_array_equal(i, I)
+    np.testing.assert_allclose(d, D, rtol=1e-12, atol=0)
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
 def test_exclusions_are_vectorised_labels():
     ex = self_exclusions(np.array([3, 0]), np.array([0, 1, 0, 2]))
     np.testing.assert_array_equal(ex.query_labels, [2, 0])

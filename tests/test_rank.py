@@ -121,3 +121,24 @@ def test_rank_without_duplicates_groups_nothing_and_drops_nothing(ray_local, tmp
     record = json.loads((out / "run.json").read_text())
     assert record["duplicates"]["groups"] == 0 and record["duplicates"]["dropped"] == 0
     assert record["kept"] == 30 and record["dropped"] == 0
+    assert record["warnings"] == []
+
+
+def test_many_blank_frames_group_together_and_are_reported(ray_local, tmp_path):
+    """Twelve copies of one blank frame among thirty photos: each copy's neighbours are other copies at distance 0,
+    they form one duplicate group, and the run record warns that one vector stands for 12 of 42 images."""
+    from PIL import Image
+
+    data = make_corpus(tmp_path, normal=30).normal
+    for i in range(12):
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(data / f"blank-{i:02d}.png")
+    out = tmp_path / "out"
+    assert main(["rank", "--data", str(data), "--out", str(out), *FAST]) == 0
+    rows = {r["id"]: r for r in pq.read_table(out / "ranking").to_pylist()}
+    assert len(rows) == 42
+    assert rows["blank-05.png"]["neighbor_ids"] == ["blank-00.png", "blank-01.png"]
+    assert rows["blank-05.png"]["neighbor_dists"] == [0.0, 0.0]
+    groups = pq.read_table(out / "duplicates").to_pylist()
+    assert sorted(r["id"] for r in groups if r["id"].startswith("blank")) == [f"blank-{i:02d}.png" for i in range(12)]
+    record = json.loads((out / "run.json").read_text())
+    assert len(record["warnings"]) == 1 and record["warnings"][0].startswith("12 of 42 normal rows (28.6%)")

@@ -48,6 +48,11 @@ def duplicate_groups(X: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64).ravel()
 
 
+def largest_copy_group(X: np.ndarray) -> int:
+    """Rows in the largest group of identical rows of ``X`` (1 when all rows differ)."""
+    return int(np.bincount(first_identical(X)).max(initial=1)) if len(X) else 0
+
+
 class NoNeighbours(ValueError):
     """Every reference row is an exact copy of one row, so with duplicates excluded no row has a neighbour."""
 

@@ -27,6 +27,7 @@ EXACT_KINDS = ("flat",)
 COMPRESSED_OVERFETCH = 8  # compressed kinds re-rank 8x the candidates: code distances are coarse
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
 RERANK_ROWS = 1 << 16  # query-candidate pairs re-ranked at a time (bounds the float64 temporaries)
+QUERY_CANDIDATES = 1 << 22  # query-candidate pairs (copies counted) in one round's arrays, at most
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger re-searches run on the CPU
 
 
@@ -188,9 +189,10 @@ class ShardedIndex:
             self._approx = [faiss.index_cpu_to_gpu(self._gpu, 0, a) if a is not None and not hasattr(a, "hnsw")
                             else a for a in self._approx]
         self.exact = exact or self.kind not in COMPRESSED_KINDS
-        # Largest squared norm: bounds the float32 rounding error of FAISS's distances (exact kinds only).
-        self._max_sqnorm = (max(float(np.einsum("ij,ij->i", s.vectors, s.vectors, dtype=np.float64).max())
-                                for s in self.shards) if self.kind in EXACT_KINDS else 0.0)
+        # Squared norms bound the float32 rounding error of FAISS's distances (exact kinds only).
+        self._sqnorms = (np.concatenate([np.einsum("ij,ij->i", s.vectors, s.vectors, dtype=np.float64)
+                                         for s in self.shards]) if self.kind in EXACT_KINDS else np.zeros(0))
+        self._max_sqnorm = float(self._sqnorms.max(initial=0.0))
 
     def _group_identical_rows(self) -> None:
         """What FAISS searches per shard (``_searched``: the rows, or one row per distinct vector of a flat shard,
@@ -287,7 +289,7 @@ class ShardedIndex:
         if k < 1 or k + n_excl > self.ntotal:
             raise ValueError(f"k={k} needs at least {k + n_excl} reference rows, index has {self.ntotal}")
         nq = len(Xq)
-        D, I = np.empty((nq, k)), np.empty((nq, k), dtype=np.int64)
+        D, I = np.full((nq, k), np.nan), np.full((nq, k), -1, dtype=np.int64)
         todo = np.arange(nq)
         # Each shard returns its best ``depth`` rows beyond the excluded ones; approximate kinds then re-rank
         # only the best ``cap`` valid candidates by the index's own distance (the breadth of a query without
@@ -298,16 +300,26 @@ class ShardedIndex:
         kk, cap = min(self.ntotal, depth + n_excl), depth * len(self.shards)
         copies = min(self.max_copies, k + 1)  # k usable copies of a group even when the query is one of them
         while len(todo):
-            ex = exclude.take(todo) if exclude is not None else None
-            if self.max_copies > 1:
-                D_t, I_t, done = self._refine_copies(Xq[todo], k, kk, ex, copies)
-            else:
-                D_t, I_t, done = self._refine(Xq[todo], k, kk, ex, cap if kk < self.ntotal else None)
-            D[todo[done]], I[todo[done]] = D_t[done], I_t[done]
-            todo = todo[~done]
-            if len(todo) and kk == self.ntotal and copies == self.max_copies:
+            chunk = max(1, QUERY_CANDIDATES // (kk * len(self.shards) * copies))
+            more_rows = more_copies = False
+            for a in range(0, len(todo), chunk):
+                rows = todo[a:a + chunk]
+                ex = exclude.take(rows) if exclude is not None else None
+                if self.max_copies > 1:
+                    D_t, I_t, done, short = self._refine_copies(Xq[rows], k, kk, ex, copies)
+                else:
+                    D_t, I_t, done = self._refine(Xq[rows], k, kk, ex, cap if kk < self.ntotal else None)
+                    short = np.zeros(len(rows), bool)
+                D[rows[done]], I[rows[done]] = D_t[done], I_t[done]
+                more_copies |= bool(short.any())
+                more_rows |= bool((~done & ~short).any())
+            todo = todo[np.isnan(D[todo, 0])] if len(todo) else todo
+            if len(todo) and kk == self.ntotal and (copies == self.max_copies or not more_copies):
                 raise RuntimeError("index returned fewer than k neighbours; increase nprobe/ef_search")
-            kk, cap, copies = min(self.ntotal, 4 * kk), 4 * cap, min(self.max_copies, 4 * copies)
+            if more_rows or not more_copies:
+                kk, cap = min(self.ntotal, 4 * kk), 4 * cap
+            if more_copies:
+                copies = min(self.max_copies, 4 * copies)
         return D, I
 
     def _distances(self, Xq: np.ndarray, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -319,40 +331,55 @@ class ShardedIndex:
             out[a:a + RERANK_ROWS] = np.sqrt(np.einsum("md,md->m", diff, diff))
         return out
 
-    def _rounding(self, Xq: np.ndarray) -> np.ndarray:
-        """(nq,) bound on |float32 FAISS distance - exact| (dot products and norms of d terms, worst case)."""
+    def _bounds(self, Xq: np.ndarray, F: np.ndarray, R: np.ndarray, valid: np.ndarray, bound: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which queries the float32 candidates settle (nq,), and which candidates contend (F.shape) for their k
+        nearest, by exact Euclidean distance. ``F``/``R``: float32 squared distances and positions (nq, c); ``valid``
+        (nq, c, m): the usable rows each candidate stands for; ``bound``: every row not among the candidates is at
+        least this far (float32).
+
+        FAISS's float32 squared distance of a query q and a row x is within (2d + 16) u (|q|^2 + |x|^2) of the
+        exact one (u the float32 unit roundoff: dot products and norms of d terms, worst case). ``U``, the k-th
+        smallest upper bound over the usable rows, bounds the k-th exact distance; candidates whose lower bound
+        exceeds it cannot be among the k. A row not returned is farther than ``U`` when its lower bound is, or
+        when |x| > |q| + sqrt(U): the per-row error is bounded by the norms of those rows only, not the largest
+        norm of the set (a query near zero among many small rows settles on a few candidates)."""
+        c = (2 * self.d + 16) * UNIT_ROUNDOFF
         qn = np.einsum("ij,ij->i", Xq, Xq, dtype=np.float64)
-        return (2 * self.d + 16) * UNIT_ROUNDOFF * (qn + self._max_sqnorm)
+        err = c * (qn[:, None] + self._sqnorms[np.maximum(R - self.offsets[0], 0)])  # a shard group's rows start there
+        high = np.where(valid, (F + err)[..., None], np.inf).reshape(len(F), -1)
+        U = np.partition(high, k - 1, axis=1)[:, k - 1]
+        small = np.minimum((np.sqrt(qn) + np.sqrt(U)) ** 2 * (1 + 1e-9), self._max_sqnorm)  # rows beyond: farther
+        settled = np.isfinite(U) & (bound.astype(np.float64) - c * (qn + small) > U)
+        contend = valid.any(axis=2) & (F - err <= U[:, None])
+        return settled, contend
 
     def _refine_copies(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None, copies: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``_refine`` for a flat index holding identical rows: each candidate group is re-ranked once and
         stands for its first ``copies`` positions. A group cut short whose uncut rows could still be among the k
-        (some of its rows excluded, the rest not known to be) leaves its query unsettled."""
+        (some of its rows excluded, the rest not known to be) leaves its query unsettled and short of copies
+        (the fourth array)."""
         F, R, bound = self.candidates(Xq, kk)
         nq, c = F.shape
         P, size = self._copies(R, copies)  # (nq, c, copies), (nq, c)
         valid = P >= 0
         if exclude is not None:
             valid &= ~exclude.excluded(np.maximum(P, 0).reshape(nq, -1)).reshape(P.shape)
-        Fv = np.where(valid, F[..., None], np.inf).reshape(nq, -1)
-        t = np.partition(Fv, k - 1, axis=1)[:, k - 1].astype(np.float64)  # k-th float32 distance, copies counted
-        delta = self._rounding(Xq)
-        settled = np.isfinite(t) & (bound > t + 2 * delta)
-        q, col = np.nonzero((F <= (t + 2 * delta)[:, None]) & valid.any(axis=2))
+        settled, contend = self._bounds(Xq, F, R, valid, bound, k)
+        q, col = np.nonzero(contend)
         E_c = np.full(F.shape, np.inf)
         E_c[q, col] = self._distances(Xq, q, R[q, col])
         E = np.where(valid, E_c[..., None], np.inf).reshape(nq, -1)
         pos = np.maximum(P, 0).reshape(nq, -1)
         order = np.lexsort((pos, E), axis=1)[:, :k]
         E, pos = np.take_along_axis(E, order, 1), np.take_along_axis(pos, order, 1)
-        n_valid = valid.sum(axis=2)
-        cut = (size > copies) & (n_valid < k) & (E_c <= E[:, -1:])
+        cut = (size > copies) & (valid.sum(axis=2) < k) & (E_c <= E[:, -1:])
         for first in np.unique(R[cut]) if exclude is not None and exclude.ref_labels is not None else ():
             if self._uniform(int(first), exclude.ref_labels):  # uncut rows excluded exactly when the cut ones are
                 cut &= R != first
-        settled &= np.isfinite(E).all(axis=1) & ~cut.any(axis=1)
-        return E, pos.astype(np.int64), settled
+        short = cut.any(axis=1)
+        return E, pos.astype(np.int64), settled & np.isfinite(E).all(axis=1) & ~short, short
 
     def _refine(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None, cap: int | None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -367,13 +394,10 @@ class ShardedIndex:
         if self.kind not in EXACT_KINDS and cap is not None and cap < F.shape[1]:
             best = np.lexsort((safe, F), axis=1)[:, :cap]  # ties at the cap by position
             F, safe, valid = (np.take_along_axis(a, best, 1) for a in (F, safe, valid))
-        t = np.partition(F, k - 1, axis=1)[:, k - 1].astype(np.float64)  # k-th float32 distance
         if self.kind in EXACT_KINDS:
-            delta = self._rounding(Xq)
-            settled = np.isfinite(t) & (bound > t + 2 * delta)
-            contend = F <= (t + 2 * delta)[:, None]
+            settled, contend = self._bounds(Xq, F, safe, valid[..., None], bound, k)
         else:
-            settled = np.isfinite(t)
+            settled = np.isfinite(np.partition(F, k - 1, axis=1)[:, k - 1])
             contend = valid
         if self.exact:
             q, c = np.nonzero(contend)

@@ -80,6 +80,10 @@ class Job:
             staging.abort()
             raise
 
+    def image_size(self) -> int | None:
+        """The backbone's input size, None when the job reads vectors."""
+        return self.cfg.embed.spec().image_size if self.weights is not None else None
+
     def runtime(self, gpus: int) -> dict:
         """What ran the network in the embedding actors, and its version."""
         from ..vision.specs import resolve_runtime, runtime_version

@@ -222,7 +222,7 @@ class RankJob(Job):
         from ..core.duplicates import EXTRA_NEIGHBOURS
         from ..core.model import save_model
         from ..stages.collect import collect
-        from ..stages.fit import fit_model, fit_per_label
+        from ..stages.fit import fit_model, fit_per_label, shared_vector_warnings
 
         cfg, t, r = self.cfg, run.timings, self.cfg.rank
         labelled = bool(cfg.normal.label_column)
@@ -239,6 +239,8 @@ class RankJob(Job):
                 extra = EXTRA_NEIGHBOURS if (self.find_duplicates or labelled) and first else 0
                 if first or not labelled:  # with labels only the first round's review needs the whole-set search
                     model, fit = fit_model(current, cfg, self.weights, extra_neighbours=extra)
+                    if first:
+                        run.fields["warnings"] = shared_vector_warnings(current.X, self.image_size())
                     scores, nbr_ids, nbr_dist = (fit.calibration_scores, fit.ids[fit.calibration_pos],
                                                  fit.calibration_dist)
                 if labelled:  # each label's images against the rest of that label

@@ -50,7 +50,7 @@ class ScoreJob(Job):
     def work(self, run: Run) -> None:
         from ..core.model import is_model_dir, load_model, save_model
         from ..stages.collect import collect, pool_groups, pool_groups_dataset
-        from ..stages.fit import fit_model
+        from ..stages.fit import fit_model, shared_vector_warnings
         from ..stages.score import Scorer
         from ..stages.write import write_partitioned
 
@@ -71,6 +71,7 @@ class ScoreJob(Job):
             normal_rows = {"ok": len(normal.X), "error": normal.errors.num_rows}
             with t.stage("fit index + threshold"):
                 model, fit = fit_model(pool_groups(normal) if grouped else normal, cfg, self.weights)
+                run.fields["warnings"] = shared_vector_warnings(normal.X, self.image_size())
                 if cfg.embed.localize:  # the patch bank; the threshold becomes the maps'
                     from ..stages.localize import fit_bank
 

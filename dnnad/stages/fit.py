@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from ..config import ConfigError, JobConfig, ScoreConfig
 from ..core.arrays import take_rows
-from ..core.dn2 import Fit, FitParams, NoNeighbours, fit_reference, rank_within_groups
+from ..core.dn2 import Fit, FitParams, NoNeighbours, fit_reference, largest_copy_group, rank_within_groups
 from ..core.index import build_shard, shard_bounds
 from ..core.labels import label_names, label_rows
 from ..core.model import FittedModel, model_from_fit
@@ -84,6 +84,23 @@ def fit_model(normal: Embedded, cfg: JobConfig, weights, extra_neighbours: int =
         normal_source=cfg.to_dict()["normal"],  # credentials removed
         normal_labels=sorted({str(v) for v in labels if v is not None}) if labels is not None else None)
     return model, fit
+
+
+SHARED_VECTOR_FRACTION = 0.01  # a vector shared by more of the normal rows than this is reported
+
+
+def shared_vector_warnings(X: np.ndarray, image_size: int | None) -> list[str]:
+    """A warning when one embedding vector stands for many of the normal rows ``X``: copies of one image (blank
+    frames), or a backbone fed images too small to tell apart (EfficientNet-Lite2 at ``--image-size 32`` embeds
+    half of CIFAR-10 as the zero vector). Such images all score alike and group as duplicates of each other.
+    ``image_size``: the backbone's input size, None for a source of vectors."""
+    n, m = len(X), largest_copy_group(X)
+    if m < 10 or m <= SHARED_VECTOR_FRACTION * n:
+        return []
+    cause = (f"images the backbone cannot tell apart at --image-size {image_size} (a larger --image-size, the "
+             "backbone's own, separates them)" if image_size else "identical input vectors")
+    return [f"{m} of {n} normal rows ({m / n:.1%}) have one identical embedding vector: copies of one image, or "
+            f"{cause}"]
 
 
 SMALL_LABEL_ROWS = 20_000  # labels up to this many rows are ranked whole inside a task, several to a task
