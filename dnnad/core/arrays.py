@@ -94,24 +94,23 @@ def l2_normalize(X: np.ndarray, dtype: type = np.float32) -> np.ndarray:
 
 def first_identical(X: np.ndarray) -> np.ndarray:
     """Position of the first row equal to each row of ``X`` (n, d), shape (n,) int64: ``i`` for a row with no
-    earlier copy. Rows are bucketed by two 64-bit integer hashes of their bit patterns, ``ROW_CHUNK`` rows at a
-    time, and each row is then compared with its bucket's first row, so a hash collision cannot join two
-    different rows."""
+    earlier copy. Rows are bucketed by a 64-bit integer hash of their bit patterns, ``ROW_CHUNK`` rows at a time,
+    and each row is then compared with its bucket's first row, so a hash collision cannot join two different
+    rows (a row that collides keeps a group of its own)."""
     n = len(X)
     if n == 0:
         return np.zeros(0, np.int64)
     bits = np.dtype(f"u{X.dtype.itemsize}")
-    w = np.random.default_rng(0x5EED).integers(1, 2 ** 63, size=(2, X.shape[1]), dtype=np.uint64) | np.uint64(1)
-    h = np.empty((n, 2), np.uint64)
+    w = np.random.default_rng(0x5EED).integers(1, 2 ** 63, size=X.shape[1], dtype=np.uint64) | np.uint64(1)
+    h = np.empty(n, np.uint64)
     for s in range(0, n, ROW_CHUNK):
         u = np.ascontiguousarray(X[s:s + ROW_CHUNK]).view(bits).astype(np.uint64)
-        h[s:s + len(u)] = u @ w.T  # wraps modulo 2**64: exact integer arithmetic, equal rows hash equal
-    _, first_of_bucket, bucket = np.unique(h, axis=0, return_index=True, return_inverse=True)
-    first = first_of_bucket[bucket.ravel()].astype(np.int64)
-    for s in range(0, n, ROW_CHUNK):
+        h[s:s + len(u)] = u @ w  # wraps modulo 2**64: exact integer arithmetic, equal rows hash equal
+    _, first_of_bucket, bucket = np.unique(h, return_index=True, return_inverse=True)
+    first = first_of_bucket[bucket].astype(np.int64)
+    for s in np.flatnonzero(np.bincount(np.arange(n)[first != np.arange(n)] // ROW_CHUNK, minlength=0)) * ROW_CHUNK:
         rows = np.arange(s, min(n, s + ROW_CHUNK))
-        copy = first[rows] != rows
-        differ = copy.copy()
-        differ[copy] = (np.asarray(X[rows[copy]]) != np.asarray(X[first[rows[copy]]])).any(axis=1)
-        first[rows[differ]] = rows[differ]  # a collision: the row keeps a group of its own
+        rows = rows[first[rows] != rows]
+        differ = (np.asarray(X[rows]) != np.asarray(X[first[rows]])).any(axis=1)
+        first[rows[differ]] = rows[differ]
     return first
