@@ -112,6 +112,31 @@ def test_a_large_group_of_identical_rows_is_exact_for_every_exclusion(copies, n_
     np.testing.assert_array_equal(i, brute_force(Xb, Xb, 4, exclude=owners[:, None] == owners[None, :])[1])
 
 
+def test_a_group_whose_first_copies_are_excluded_still_offers_its_later_ones():
+    """Four identical rows, the first three under the query's label: the fourth, at distance 0, is its neighbour."""
+    X = np.zeros((6, 2), np.float32)
+    X[4], X[5] = [5, 5], [6, 6]
+    d, i = build_index(X).search(np.zeros((1, 2), np.float32), 1, Exclusion(np.array([0]), np.array([0, 0, 0, 1, 2, 3]), 3))
+    assert i.tolist() == [[3]] and d.tolist() == [[0.0]]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_copies_under_random_labels_match_brute_force(seed):
+    """Small sets full of copies, 1-3 shards, labels that split groups at random: brute force's answer."""
+    rng = np.random.default_rng(seed)
+    Xb = rng.integers(0, 3, size=(int(rng.integers(8, 40)), 2)).astype(np.float32)
+    labels = rng.integers(0, 4, size=len(Xb))
+    q = rng.integers(0, len(Xb), size=10)
+    k = int(rng.integers(1, 4))
+    ex = Exclusion(labels[q], labels, int(np.bincount(labels).max()))
+    if k + ex.max_rows > len(Xb):
+        return
+    d, i = build_index(Xb, n_shards=int(rng.integers(1, 4))).search(Xb[q], k, exclude=ex)
+    D, I = brute_force(Xb[q], Xb, k, exclude=labels[q][:, None] == labels[None, :])
+    np.testing.assert_array_equal(i, I)
+    np.testing.assert_allclose(d, D, rtol=1e-12, atol=0)
+
+
 def test_identical_rows_are_searched_once():
     """20,000 copies of one vector among 2,000 others: each query fetches a handful of candidates, not the
     20,000 tied rows (memory measured by tracemalloc, which sees numpy's allocations)."""

@@ -295,10 +295,11 @@ class ShardedIndex:
         # only the best ``cap`` valid candidates by the index's own distance (the breadth of a query without
         # exclusions), however many rows the exclusions over-fetch.
         depth = (k + margin) * (COMPRESSED_OVERFETCH if self.exact and self.kind in COMPRESSED_KINDS else 1)
-        if exclude is not None and exclude.max_distinct is not None:
-            n_excl = min(n_excl, exclude.max_distinct)  # excluded copies of one vector are one candidate
+        if exclude is not None and exclude.max_distinct is not None and self.kind in EXACT_KINDS:
+            n_excl = min(n_excl, exclude.max_distinct)  # a flat shard's excluded copies of one vector: one candidate
         kk, cap = min(self.ntotal, depth + n_excl), depth * len(self.shards)
         copies = min(self.max_copies, k + 1)  # k usable copies of a group even when the query is one of them
+        uniform: dict[int, bool] = {}
         while len(todo):
             chunk = max(1, QUERY_CANDIDATES // (kk * len(self.shards) * copies))
             more_rows = more_copies = False
@@ -306,7 +307,7 @@ class ShardedIndex:
                 rows = todo[a:a + chunk]
                 ex = exclude.take(rows) if exclude is not None else None
                 if self.max_copies > 1:
-                    D_t, I_t, done, short = self._refine_copies(Xq[rows], k, kk, ex, copies)
+                    D_t, I_t, done, short = self._refine_copies(Xq[rows], k, kk, ex, copies, uniform)
                 else:
                     D_t, I_t, done = self._refine(Xq[rows], k, kk, ex, cap if kk < self.ntotal else None)
                     short = np.zeros(len(rows), bool)
@@ -332,9 +333,10 @@ class ShardedIndex:
         return out
 
     def _bounds(self, Xq: np.ndarray, F: np.ndarray, R: np.ndarray, valid: np.ndarray, bound: np.ndarray,
-                k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Which queries the float32 candidates settle (nq,), and which candidates contend (F.shape) for their k
-        nearest, by exact Euclidean distance. ``F``/``R``: float32 squared distances and positions (nq, c); ``valid``
+                k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which queries the float32 candidates settle (nq,), which candidates could lie within the k nearest by
+        exact Euclidean distance (F.shape, whatever rows they stand for are usable), and which of those contend
+        (stand for a usable row). ``F``/``R``: float32 squared distances and positions (nq, c); ``valid``
         (nq, c, m): the usable rows each candidate stands for; ``bound``: every row not among the candidates is at
         least this far (float32).
 
@@ -351,22 +353,22 @@ class ShardedIndex:
         U = np.partition(high, k - 1, axis=1)[:, k - 1]
         small = np.minimum((np.sqrt(qn) + np.sqrt(U)) ** 2 * (1 + 1e-9), self._max_sqnorm)  # rows beyond: farther
         settled = np.isfinite(U) & (bound.astype(np.float64) - c * (qn + small) > U)
-        contend = valid.any(axis=2) & (F - err <= U[:, None])
-        return settled, contend
+        near = F - err <= U[:, None]
+        return settled, near, valid.any(axis=2) & near
 
-    def _refine_copies(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None, copies: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _refine_copies(self, Xq: np.ndarray, k: int, kk: int, exclude: Exclusion | None, copies: int,
+                       uniform: dict[int, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``_refine`` for a flat index holding identical rows: each candidate group is re-ranked once and
         stands for its first ``copies`` positions. A group cut short whose uncut rows could still be among the k
         (some of its rows excluded, the rest not known to be) leaves its query unsettled and short of copies
-        (the fourth array)."""
+        (the fourth array). ``uniform`` caches, per group's first position, whether the group has one label."""
         F, R, bound = self.candidates(Xq, kk)
         nq, c = F.shape
         P, size = self._copies(R, copies)  # (nq, c, copies), (nq, c)
         valid = P >= 0
         if exclude is not None:
             valid &= ~exclude.excluded(np.maximum(P, 0).reshape(nq, -1)).reshape(P.shape)
-        settled, contend = self._bounds(Xq, F, R, valid, bound, k)
+        settled, near, contend = self._bounds(Xq, F, R, valid, bound, k)
         q, col = np.nonzero(contend)
         E_c = np.full(F.shape, np.inf)
         E_c[q, col] = self._distances(Xq, q, R[q, col])
@@ -374,10 +376,13 @@ class ShardedIndex:
         pos = np.maximum(P, 0).reshape(nq, -1)
         order = np.lexsort((pos, E), axis=1)[:, :k]
         E, pos = np.take_along_axis(E, order, 1), np.take_along_axis(pos, order, 1)
-        cut = (size > copies) & (valid.sum(axis=2) < k) & (E_c <= E[:, -1:])
+        # a group cut short with fewer than k usable rows among its first ``copies`` may hide usable copies within
+        # reach (labels that split a group): ``near``, not the exact distance, which is not measured for a group
+        # whose first rows are all excluded
+        cut = (size > copies) & (valid.sum(axis=2) < k) & near
         for first in np.unique(R[cut]) if exclude is not None and exclude.ref_labels is not None else ():
-            if self._uniform(int(first), exclude.ref_labels):  # uncut rows excluded exactly when the cut ones are
-                cut &= R != first
+            if uniform.setdefault(int(first), self._uniform(int(first), exclude.ref_labels)):
+                cut &= R != first  # its uncut rows are excluded exactly when its cut ones are
         short = cut.any(axis=1)
         return E, pos.astype(np.int64), settled & np.isfinite(E).all(axis=1) & ~short, short
 
@@ -395,7 +400,7 @@ class ShardedIndex:
             best = np.lexsort((safe, F), axis=1)[:, :cap]  # ties at the cap by position
             F, safe, valid = (np.take_along_axis(a, best, 1) for a in (F, safe, valid))
         if self.kind in EXACT_KINDS:
-            settled, contend = self._bounds(Xq, F, safe, valid[..., None], bound, k)
+            settled, _, contend = self._bounds(Xq, F, safe, valid[..., None], bound, k)
         else:
             settled = np.isfinite(np.partition(F, k - 1, axis=1)[:, k - 1])
             contend = valid
