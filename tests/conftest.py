@@ -115,11 +115,17 @@ def unit_tier_guard(request):
 
 @pytest.fixture(scope="session")
 def ray_local():
+    """One local Ray for the session, ended as the jobs end theirs (``runtime.stop_ray``): its processes carry
+    an owner token, and any still starting when Ray shuts down (a plain ``ray.shutdown()`` left one scoring
+    actor's worker running after CI once) are waited for, then killed."""
     import ray
 
+    from dnnad import runtime
+
+    os.environ[runtime.OWNER_ENV] = f"tests-{os.getpid()}-{time.time_ns()}"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
-    ray.shutdown()
+    runtime.stop_ray()
 
 
 @pytest.fixture(scope="session")

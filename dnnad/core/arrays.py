@@ -108,7 +108,7 @@ def first_identical(X: np.ndarray) -> np.ndarray:
         h[s:s + len(u)] = u @ w  # wraps modulo 2**64: exact integer arithmetic, equal rows hash equal
     _, first_of_bucket, bucket = np.unique(h, return_index=True, return_inverse=True)
     first = first_of_bucket[bucket].astype(np.int64)
-    for s in np.flatnonzero(np.bincount(np.arange(n)[first != np.arange(n)] // ROW_CHUNK, minlength=0)) * ROW_CHUNK:
+    for s in np.unique(np.flatnonzero(first != np.arange(n)) // ROW_CHUNK) * ROW_CHUNK:
         rows = np.arange(s, min(n, s + ROW_CHUNK))
         rows = rows[first[rows] != rows]
         differ = (np.asarray(X[rows]) != np.asarray(X[first[rows]])).any(axis=1)
