@@ -33,7 +33,13 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from dnnad.core.arrays import l2_normalize
 from dnnad.core.dn2 import FitParams, fit_reference
-from dnnad.core.duplicates import EXTRA_NEIGHBOURS, VECTOR_SHARE, find_duplicates
+from dnnad.core.duplicates import (
+    EXTRA_NEIGHBOURS,
+    FINGERPRINT_NEIGHBOURS,
+    VECTOR_SHARE,
+    find_duplicates,
+    fingerprint_neighbours,
+)
 from dnnad.core.settings import DUPLICATE_RATIO, DUPLICATE_SIMILARITY
 
 CLASSES = {"cifar10": (3, 5), "fashion-mnist": (0, 6)}  # cat/dog; t-shirt/shirt: the closest look-alikes
@@ -183,8 +189,11 @@ def single_linkage(X: np.ndarray, neighbours: np.ndarray, threshold: float, hash
 
 
 def evaluate(X: np.ndarray, F: np.ndarray, hashes: np.ndarray, source: np.ndarray, kinds: list,
-             n_distinct: int, grid: bool = True) -> list[dict]:
+             n_distinct: int, grid: bool = True, second_search: bool = True) -> list[dict]:
     fit = fit_reference(X, None, FitParams(k=2, extra_neighbours=EXTRA_NEIGHBOURS))
+    t0 = time.perf_counter()
+    more = fingerprint_neighbours(F) if second_search else None  # the job's second candidate search
+    search_s = time.perf_counter() - t0
     rows = []
     copies = np.arange(n_distinct, len(X))
     kind_of = np.array([k[0] for k in kinds[n_distinct:]])
@@ -197,8 +206,8 @@ def evaluate(X: np.ndarray, F: np.ndarray, hashes: np.ndarray, source: np.ndarra
         elif ratio == "before":
             g = single_linkage(X, fit.neighbour_pos, BEFORE, hashes)
         else:
-            g = find_duplicates(X, fit.neighbour_pos, F, ratio, sim, [hashes]).group
-        took = time.perf_counter() - t0
+            g = find_duplicates(X, fit.neighbour_pos, F, ratio, sim, [hashes], more=more).group
+        took = time.perf_counter() - t0 + (search_s if more is not None and sim is not None else 0.0)
         found = (g[copies] >= 0) & (g[copies] == g[source[copies]])
         grouped = np.flatnonzero(g >= 0)
         # pairs within predicted groups, and those of them showing one picture (same source)
@@ -253,6 +262,8 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=150, help="distinct images per look-alike class")
     ap.add_argument("--per-kind", type=int, default=40, help="planted copies per kind")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embedding-candidates-only", action="store_true",
+                    help="no second candidate search on the fingerprints (the rule before session 21)")
     ap.add_argument("--full", action="store_true",
                     help="plant the copies in the whole train split (50,000 / 60,000 images, every class); only "
                          "the default and the old rule are evaluated, and groups of originals are counted: "
@@ -266,6 +277,7 @@ def main() -> None:
     size = f"-{a.image_size}px" if a.image_size else ""
     scope = "full" if a.full else a.per_class
     stem = f"duplicates-{a.dataset}-{a.backbone}{size}-{scope}x{a.per_kind}-s{a.seed}"
+    results_stem = stem + ("-embedding-only" if a.embedding_candidates_only else "")
     cache = CACHE / f"{stem}-v6.npz"  # v6: Lanczos-resampled fingerprints
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
@@ -275,10 +287,12 @@ def main() -> None:
         CACHE.mkdir(parents=True, exist_ok=True)
         np.savez(cache, X=X, F=F)
     hashes = np.array([hashlib.sha256(b).hexdigest() for b in table["image"].to_pylist()], dtype="S64")
-    rows = evaluate(X, F, hashes, source, kinds, n_distinct, grid=not a.full)
+    rows = evaluate(X, F, hashes, source, kinds, n_distinct, grid=not a.full,
+                    second_search=not a.embedding_candidates_only)
     cmd = (f"python benchmarks/duplicates.py --dataset {a.dataset} --backbone {a.backbone} --weights {a.weights} "
            + (f"--image-size {a.image_size} " if a.image_size else "")
-           + ("--full " if a.full else f"--per-class {a.per_class} ") + f"--per-kind {a.per_kind} --seed {a.seed}")
+           + ("--full " if a.full else f"--per-class {a.per_class} ") + f"--per-kind {a.per_kind} --seed {a.seed}"
+           + (" --embedding-candidates-only" if a.embedding_candidates_only else ""))
     lines = [f"# Near-duplicates, {a.dataset}: {a.backbone}{size} ({a.weights} weights)", "",
              f"- command: `{cmd}`", f"- machine: {machine()}; date {dt.date.today()}; commit {git_rev()}",
              f"- {n_distinct} " + ("train images (the whole split, which holds copies of its own: pair precision and "
@@ -286,7 +300,9 @@ def main() -> None:
                                     f"distinct train images of classes {CLASSES[a.dataset]}")
              + f" + {len(X) - n_distinct} "
              f"planted copies ({a.per_kind} per kind); candidates: k=2 + {EXTRA_NEIGHBOURS} leave-one-out "
-             f"neighbours; {time.perf_counter() - t0:.0f} s", "",
+             f"neighbours" + ("" if a.embedding_candidates_only else
+                              f" + {FINGERPRINT_NEIGHBOURS} by fingerprint (the default rule's; grouping s includes "
+                              "that search)") + f"; {time.perf_counter() - t0:.0f} s", "",
              f"Default: ratio {DUPLICATE_RATIO}, similarity {DUPLICATE_SIMILARITY} (marked *).", "",
              "| ratio | similarity | recall (tuned kinds, non-exact) | recall (held-out kinds) | pair precision | "
              "distinct merged | grouping s | " + " | ".join(KINDS) + " |",
@@ -305,7 +321,7 @@ def main() -> None:
               if a.full or r["similarity"] in default[0] and r["ratio"] in default[1]]
     if not a.full:  # (n distinct)^2 distances
         lines += ["", "L2-normalised embedding distances:", "", *distances(X, source, kinds, n_distinct)]
-    write_results(stem, lines)
+    write_results(results_stem, lines)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from dnnad.core.arrays import l2_normalize
 from dnnad.core.dn2 import FitParams, fit_reference
@@ -12,6 +12,8 @@ from dnnad.core.duplicates import (
     VECTOR_SHARE,
     candidate_pairs,
     find_duplicates,
+    fingerprint_descriptors,
+    fingerprint_neighbours,
     fingerprint_similarity,
     neighbourhood_level,
     neighbourhood_scale,
@@ -249,3 +251,50 @@ def test_duplicate_flags():
                        (["--drop-duplicates", "--reduce", "kmeans:4"], "--reduce")):
         with pytest.raises(ConfigError, match=msg):
             rank_cfg(*flags).validate()
+
+
+def moved_copy():
+    """60 pictures in an embedding cloud and a blurred copy of picture 7 whose vector another picture's region of
+    the cloud holds: the embedding search does not offer the pair, its fingerprint still matches."""
+    X = np.vstack([cloud(), cloud(1, seed=9)])
+    images = [picture(i) for i in range(60)] + [picture(7).filter(ImageFilter.GaussianBlur(0.8))]
+    return X, prints(*images)
+
+
+def test_a_copy_the_embedding_moved_away_is_found_by_its_fingerprint():
+    X, F = moved_copy()
+    nb = neighbours(X)
+    assert 7 not in nb[60] and 60 not in nb[7]
+    assert find_duplicates(X, nb, F).n_groups == 0
+    more = fingerprint_neighbours(F)
+    assert more[60, 0] == 7
+    g = find_duplicates(X, nb, F, more=more)
+    assert g.n_groups == 1 and g.group[7] == g.group[60] == 0
+    assert find_duplicates(X, nb, None, more=more).n_groups == 0  # without fingerprints there is no second list
+
+
+def test_second_search_pairs_set_no_level_and_the_ratio_bounds_them():
+    X, F = moved_copy()
+    nb, more = neighbours(X), fingerprint_neighbours(F)
+    alone, a, b, _ = pair_check(X, nb, F)
+    both, a2, b2, d2 = pair_check(X, nb, F, more=more)
+    np.testing.assert_array_equal(both.level, alone.level)
+    np.testing.assert_array_equal(both.scale, alone.scale)
+    assert np.array_equal(a2[:len(a)], a) and np.array_equal(b2[:len(b)], b)
+    extra = slice(len(a), None)
+    assert len(a2) > len(a) and (both.ratio(a2[extra], b2[extra], d2[extra]) <= 2.0).all()
+    lo, hi = np.minimum(a2, b2), np.maximum(a2, b2)  # each unordered pair measured once, lower row first
+    np.testing.assert_allclose(both.similarity(a2, b2), fingerprint_similarity(F, lo, hi), atol=1e-6)
+
+
+def test_fingerprint_neighbours_are_the_nearest_descriptors_and_skip_flat_prints():
+    F = prints(*(picture(i) for i in range(40)), Image.new("RGB", (32, 32), (90, 90, 90)))
+    G = fingerprint_descriptors(F)
+    assert G.shape == (41, 144) and G.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(G[:40], axis=1), 1.0, rtol=1e-5)
+    assert not G[40].any()  # a flat fingerprint
+    more = fingerprint_neighbours(F, k=5)
+    assert (more[40] == -1).all() and not (more == 40).any()
+    D = ((G[:40, None] - G[None, :40]) ** 2).sum(-1)
+    np.fill_diagonal(D, np.inf)
+    np.testing.assert_array_equal(np.sort(more[:40], axis=1), np.sort(np.argsort(D, axis=1, kind="stable")[:, :5], axis=1))

@@ -90,3 +90,18 @@ def test_labels_ranked_in_packed_tasks_equal_labels_fitted_on_the_actors(ray_loc
     for row in np.flatnonzero(~unlabelled)[1:]:  # neighbours come from the row's own label
         mine = {str(labels[p]) for p in np.flatnonzero(np.isin(ids, [i for i in packed[1][row] if i is not None]))}
         assert mine == {str(labels[row])}
+
+
+@pytest.mark.ray
+def test_the_fingerprint_search_on_the_actors_equals_the_local_one(ray_local):
+    """The rank job's second duplicate search (``fingerprint_neighbours``) over a set beyond the driver's share
+    runs on the sharded index and scoring actors: the same neighbours as in-process, flat prints skipped."""
+    from dnnad.core.duplicates import fingerprint_neighbours
+
+    F = np.random.default_rng(3).integers(0, 256, (400, 32 * 32)).astype(np.uint8)
+    F[:40] = F[40:80]  # copies: tied descriptors, settled by position
+    F[100] = 77  # a flat print
+    local = fingerprint_neighbours(F, 6)
+    np.testing.assert_array_equal(fingerprint_neighbours(F, 6, RayBackend(ScoreConfig()), n_shards=3), local)
+    assert (local[100] == -1).all() and not (local == 100).any()
+    assert (local[:40, 0] == np.arange(40, 80)).all()

@@ -100,6 +100,7 @@ def test_rank_groups_and_drops_planted_near_duplicates(ray_local, tmp_path):
     rank = record["config"]["rank"]
     assert record["duplicates"] == {"enabled": True, "ratio": rank["duplicate_ratio"],
                                     "similarity": rank["duplicate_similarity"], "verified_by": "fingerprints",
+                                    "candidates": {"embedding_neighbours": 10, "fingerprint_neighbours": 10},
                                     "groups": 4, "rows_in_groups": 8, "largest_group": 2, "dropped": 4}
     assert record["rounds"][0]["duplicates_dropped"] == 4 and record["rounds"][0]["dropped"] == 6
     shown = (out / "report.html").read_text().split('id="duplicates"')[1].split('id="suspects"')[0]

@@ -155,6 +155,19 @@ class Fit:
     neighbour_dist: np.ndarray | None = None  # (n, k + extra) their distances
 
 
+def leave_one_out_neighbours(X: np.ndarray, k: int, backend: SearchBackend | None = None,
+                             n_shards: int = 1) -> np.ndarray:
+    """(n, min(k, n - 1)) int64 positions of each row's k nearest other rows of ``X`` (exact, flat index),
+    nearest first; ties by position."""
+    backend = backend or LocalBackend()
+    X = as_float32(X)
+    k = min(k, len(X) - 1)
+    if k < 1:
+        return np.full((len(X), 0), -1, dtype=np.int64)
+    handle = backend.build(X, n_shards, "flat")
+    return backend.search(handle, X, k, np.arange(len(X)))[2]
+
+
 def fit_reference(X: np.ndarray, ids: np.ndarray | None, params: FitParams,
                   backend: SearchBackend | None = None) -> Fit:
     """Index the normal embeddings ``X`` and set the threshold from their calibration scores.

@@ -10,6 +10,10 @@ picture, and they add up:
   over their candidates, and ``u = (s - level) / (1 - level)``. Semantic look-alikes differ here, the same
   photo re-saved does not; and because it is relative, one setting holds where look-alikes share a silhouette
   (garments on black) and where they do not (photos).
+Candidates come from the embedding's leave-one-out neighbours and, where there are images, from a second search
+on the fingerprints themselves (``fingerprint_neighbours``): a blurred, noisy or greyscale copy can move out of
+its source's embedding neighbourhood while its fingerprint stays close. Those extra pairs are judged by the same
+rule; the yardstick of ``r`` and the ``level`` of ``u`` come from the embedding's candidates alone.
 A pair is a copy when ``r / max_ratio + (1 - u) / (1 - min_similarity) <= 1``: up to ``max_ratio`` when the
 fingerprints are identical, and ``u`` down to ``min_similarity`` when the embeddings are. Vectors without
 images have the ratio test alone, at ``VECTOR_SHARE`` of the bound. Verified pairs join groups by complete linkage:
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -29,7 +34,15 @@ from scipy.ndimage import gaussian_filter
 from .arrays import l2_normalize
 from .settings import DUPLICATE_RATIO, DUPLICATE_SIMILARITY
 
+if TYPE_CHECKING:
+    from .dn2 import SearchBackend
+
 EXTRA_NEIGHBOURS = 8  # neighbours asked of the kNN search beyond k: the duplicate candidates of each row
+FINGERPRINT_NEIGHBOURS = 10  # candidates of each row from the second search, on fingerprint descriptors
+DESCRIPTOR_BAND = (1.0, 3.0)  # difference of Gaussians of the descriptors, grid cells: coarser than BAND, so a
+# blurred copy keeps it
+DESCRIPTOR_POOL = 2  # the band-passed centre window averaged in POOL x POOL cells: 12 x 12 = 144-d on 32 x 32
+DESCRIPTOR_ROWS = 1 << 14  # fingerprints turned into descriptors at once
 PAIR_BYTES = 1 << 24  # float64 bytes of one vectorised step of pair distances (16 MiB: 1,638 pairs at 1280-d; its
 # temporaries are about four times that)
 # The fingerprint alignment searched per pair (32 x 32 grid): copies are cropped, rotated, re-framed
@@ -184,6 +197,41 @@ def fingerprint_similarity(F: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: i
     return out
 
 
+def fingerprint_descriptors(F: np.ndarray) -> np.ndarray:
+    """(n, (c / DESCRIPTOR_POOL) ** 2) float32 unit rows, c the compared centre's side: each fingerprint's
+    band-passed centre (``DESCRIPTOR_BAND``, unaligned), pooled, zero-mean. Euclidean neighbours among them are
+    fingerprints that correlate; a flat fingerprint is the zero row."""
+    side = int(round(np.sqrt(F.shape[1])))
+    m, p = ALIGN_SHIFT, DESCRIPTOR_POOL
+    c = (side - 2 * m) // p * p
+    out = np.empty((len(F), (c // p) ** 2), dtype=np.float32)
+    for s in range(0, len(F), DESCRIPTOR_ROWS):
+        g = np.asarray(F[s:s + DESCRIPTOR_ROWS], dtype=np.float32).reshape(-1, side, side)
+        fine, coarse = DESCRIPTOR_BAND
+        g = gaussian_filter(g, (0, fine, fine)) - gaussian_filter(g, (0, coarse, coarse))
+        g = g[:, m:m + c, m:m + c].reshape(len(g), c // p, p, c // p, p).mean(axis=(2, 4)).reshape(len(g), -1)
+        g -= g.mean(axis=1, keepdims=True)
+        norm = np.linalg.norm(g, axis=1, keepdims=True)
+        out[s:s + len(g)] = np.where(norm > 1e-3, g / np.maximum(norm, 1e-3), 0.0)
+    return out
+
+
+def fingerprint_neighbours(F: np.ndarray, k: int = FINGERPRINT_NEIGHBOURS, backend: SearchBackend | None = None,
+                           n_shards: int = 1) -> np.ndarray:
+    """(n, k) positions: each row's leave-one-out nearest neighbours by ``fingerprint_descriptors`` (-1 for
+    none, and for every neighbour of a flat fingerprint): the second candidate list of ``find_duplicates``.
+    ``backend``: where the exact search runs (``core.dn2.SearchBackend``; default this process)."""
+    from .dn2 import leave_one_out_neighbours
+
+    G = fingerprint_descriptors(F)
+    rows = np.flatnonzero(G.any(axis=1))  # a flat fingerprint correlates with nothing: left out of the search
+    pos = np.full((len(G), k), -1, dtype=np.int64)
+    if len(rows) >= 2:
+        found = leave_one_out_neighbours(G[rows], k, backend, n_shards)
+        pos[rows, :found.shape[1]] = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+    return pos
+
+
 def position_dtype(n: int) -> np.dtype:
     """int32 for positions into ``n`` rows where it holds them (pair lists are ~10 per row), else int64."""
     return np.dtype(np.int32) if n < 2**31 else np.dtype(np.int64)
@@ -232,19 +280,22 @@ def neighbourhood_level(n: int, a: np.ndarray, b: np.ndarray, s: np.ndarray) -> 
 
 class PairCheck:
     """The verification of ``find_duplicates`` for any pairs of rows (the module docstring's rule); the
-    fingerprint similarity of every candidate pair ``(a[i], b[i])`` is measured once, here, by ``similarity``
-    (``fingerprint_similarity`` or a parallel runner of it: the jobs spread it over Ray tasks)."""
+    fingerprint similarity of every candidate pair ``(a[i], b[i])``, and of the pairs ``more`` (which set no
+    level), is measured once, here, by ``similarity`` (``fingerprint_similarity`` or a parallel runner of it:
+    the jobs spread it over Ray tasks)."""
 
     def __init__(self, X: np.ndarray, scale: np.ndarray, fingerprints: np.ndarray | None, max_ratio: float,
                  min_similarity: float, labels: np.ndarray, a: np.ndarray, b: np.ndarray,
-                 similarity: Similarity = fingerprint_similarity):
+                 similarity: Similarity = fingerprint_similarity, more: tuple[np.ndarray, np.ndarray] | None = None):
         self.X, self.scale, self.F = X, scale, fingerprints
         self.max_ratio, self.min_similarity, self.labels = max_ratio, min_similarity, labels
         if fingerprints is not None:
-            self.keys = np.unique(self._key(a, b))
+            own = np.unique(self._key(a, b))
+            self.keys = own if more is None else np.union1d(own, self._key(*more))
             lo, hi = np.divmod(self.keys, len(X))
             self.s = similarity(fingerprints, lo, hi)
-            self.level = neighbourhood_level(len(X), lo, hi, self.s)
+            lo, hi = np.divmod(own, len(X))  # the levels: the (a, b) candidates' similarities only
+            self.level = neighbourhood_level(len(X), lo, hi, self.s[np.searchsorted(self.keys, own)])
 
     def _key(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.minimum(a, b).astype(np.int64) * len(self.X) + np.maximum(a, b)
@@ -306,26 +357,37 @@ def _same_labels(n: int, same: Sequence[np.ndarray]) -> np.ndarray:
 
 def pair_check(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndarray | None = None,
                max_ratio: float = DUPLICATE_RATIO, min_similarity: float = DUPLICATE_SIMILARITY,
-               same: Sequence[np.ndarray] = (), similarity: Similarity = fingerprint_similarity
-               ) -> tuple[PairCheck, np.ndarray, np.ndarray, np.ndarray]:
+               same: Sequence[np.ndarray] = (), similarity: Similarity = fingerprint_similarity,
+               more: np.ndarray | None = None) -> tuple[PairCheck, np.ndarray, np.ndarray, np.ndarray]:
     """The verification ``find_duplicates`` runs (arguments as there), with the candidate pairs (a, b) and
-    their distances d, each measured once: the yardstick, the test and the merge order all use them."""
+    their distances d, each measured once: the yardstick, the test and the merge order all use them. The
+    pairs of ``more`` follow those of ``neighbours``, less those whose ratio alone rules them out."""
     a, b = candidate_pairs(neighbours)
     d = pair_distances(X, a, b)
     labels = _same_labels(len(X), same)
-    check = PairCheck(X, _farthest(len(X), a, d), fingerprints, max_ratio, min_similarity, labels, a, b, similarity)
-    return check, a, b, d
+    scale = _farthest(len(X), a, d)
+    if more is None or fingerprints is None:
+        return PairCheck(X, scale, fingerprints, max_ratio, min_similarity, labels, a, b, similarity), a, b, d
+    a2, b2 = candidate_pairs(more)
+    d2 = pair_distances(X, a2, b2)
+    yardstick = np.maximum(scale[a2], scale[b2])
+    keep = (yardstick > 0) & (d2 <= max_ratio * yardstick)  # r <= max_ratio, as PairCheck's test needs
+    a2, b2, d2 = a2[keep], b2[keep], d2[keep]
+    check = PairCheck(X, scale, fingerprints, max_ratio, min_similarity, labels, a, b, similarity, (a2, b2))
+    return check, np.concatenate([a, a2]), np.concatenate([b, b2]), np.concatenate([d, d2])
 
 
 def find_duplicates(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndarray | None = None,
                     max_ratio: float = DUPLICATE_RATIO, min_similarity: float = DUPLICATE_SIMILARITY,
-                    same: Sequence[np.ndarray] = (), similarity: Similarity = fingerprint_similarity
-                    ) -> DuplicateGroups:
+                    same: Sequence[np.ndarray] = (), similarity: Similarity = fingerprint_similarity,
+                    more: np.ndarray | None = None) -> DuplicateGroups:
     """Near-duplicate groups among the candidate pairs of ``neighbours`` (n, c): each row's candidate positions
     from a leave-one-out kNN search, nearest first (-1 for none). ``fingerprints`` (n, side*side) uint8, or
     None for vectors without images (the ratio test alone). ``same``: label arrays (n,); rows sharing a label
-    are one group whatever their distance. ``similarity`` measures the candidate pairs' fingerprints."""
-    check, a, b, d = pair_check(X, neighbours, fingerprints, max_ratio, min_similarity, same, similarity)
+    are one group whatever their distance. ``similarity`` measures the candidate pairs' fingerprints.
+    ``more`` (n, c2): candidates from a second search (``fingerprint_neighbours``), verified by the same rule;
+    ignored without fingerprints."""
+    check, a, b, d = pair_check(X, neighbours, fingerprints, max_ratio, min_similarity, same, similarity, more)
     ok = check(a, b, d)
     a, b, d = a[ok], b[ok], d[ok]
     # complete linkage over verified pairs, closest first; label groups start merged

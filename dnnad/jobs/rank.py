@@ -41,18 +41,21 @@ def duplicates_table(ids: np.ndarray, groups) -> pa.Table:
 
 
 def find_job_duplicates(data, fit, cfg, prints: np.ndarray | None):
-    """Near-duplicate groups of the first round: its leave-one-out neighbours as candidates, verified by the
-    ratio test and the images' fingerprints; equal content hashes (and, with --exclude-duplicates, whose copies
-    the search skips, equal vectors) always group."""
+    """Near-duplicate groups of the first round: its leave-one-out neighbours, and each image's nearest
+    fingerprints, as candidates, verified by the ratio test and the images' fingerprints; equal content hashes
+    (and, with --exclude-duplicates, whose copies the search skips, equal vectors) always group."""
     from ..core.dn2 import duplicate_groups
-    from ..core.duplicates import find_duplicates
+    from ..core.duplicates import find_duplicates, fingerprint_neighbours
+    from ..stages.fit import fit_params, search_backend
     from ..stages.verify import parallel_similarity
 
     same = [np.array(data.extra["hash"].tolist(), dtype="S64")] if "hash" in data.extra else []
     if cfg.score.exclude_duplicates or not same:  # a source of vectors: identical vectors are the copies
         same.append(duplicate_groups(data.X))
+    more = None if prints is None else fingerprint_neighbours(
+        prints, backend=search_backend(cfg, len(prints)), n_shards=fit_params(cfg).n_shards)
     return find_duplicates(data.X, fit.neighbour_pos, prints, cfg.rank.duplicate_ratio,
-                           cfg.rank.duplicate_similarity, same, similarity=parallel_similarity)
+                           cfg.rank.duplicate_similarity, same, similarity=parallel_similarity, more=more)
 
 
 LABEL_FIELDS = [("label", pa.string()), ("voter_ids", pa.list_(pa.string())), ("neighbor_labels", pa.list_(pa.string())),
@@ -298,13 +301,19 @@ class RankJob(Job):
 
 def duplicates_record(dups, cfg) -> dict:
     """The run record's duplicate counts (or why there are none)."""
+    from ..core.duplicates import EXTRA_NEIGHBOURS, FINGERPRINT_NEIGHBOURS
+    from ..stages.fit import fit_params
+
     r = cfg.rank
     if not r.duplicates:
         return {"enabled": False}
     if dups is None:
         return {"enabled": False, "why": "--reduce replaces the leave-one-out search the groups come from"}
+    images = bool(cfg.normal and not cfg.normal.embedding_column)
     return {"enabled": True, "ratio": r.duplicate_ratio, "similarity": r.duplicate_similarity,
-            "verified_by": "fingerprints" if cfg.normal and not cfg.normal.embedding_column else "ratio test only",
+            "verified_by": "fingerprints" if images else "ratio test only",
+            "candidates": {"embedding_neighbours": fit_params(cfg).k + EXTRA_NEIGHBOURS,
+                           "fingerprint_neighbours": FINGERPRINT_NEIGHBOURS if images else 0},
             "groups": dups.n_groups,
             "rows_in_groups": int(dups.size.sum()), "largest_group": int(dups.size.max(initial=0)),
             "dropped": len(dups.redundant) if r.drop_duplicates else 0}

@@ -9,7 +9,15 @@ import pyarrow as pa
 
 from ..config import ConfigError, JobConfig, ScoreConfig
 from ..core.arrays import take_rows
-from ..core.dn2 import Fit, FitParams, NoNeighbours, fit_reference, largest_copy_group, rank_within_groups
+from ..core.dn2 import (
+    Fit,
+    FitParams,
+    LocalBackend,
+    NoNeighbours,
+    fit_reference,
+    largest_copy_group,
+    rank_within_groups,
+)
 from ..core.index import build_shard, shard_bounds
 from ..core.labels import label_names, label_rows
 from ..core.model import FittedModel, model_from_fit
@@ -50,6 +58,15 @@ class RayBackend:
         t = pa.concat_tables(list(scored.iter_batches(batch_size=None, batch_format="pyarrow"))).sort_by("_pos")
         flat = lambda c: t[c].combine_chunks().flatten().to_numpy().reshape(len(Xq), k)  # noqa: E731
         return t["score"].to_numpy(), flat("neighbor_dists").astype(np.float64), flat("_nbr_pos").astype(np.int64)
+
+
+LOCAL_SEARCH_ROWS = 20_000  # a search over at most this many rows runs in the driver: starting actors costs more
+
+
+def search_backend(cfg: JobConfig, rows: int) -> RayBackend | LocalBackend:
+    """Where a leave-one-out search over ``rows`` rows runs: sharded on the scoring actors, or (small sets)
+    in this process."""
+    return LocalBackend() if rows <= LOCAL_SEARCH_ROWS else RayBackend(cfg.score)
 
 
 def fit_params(cfg: JobConfig) -> FitParams:
