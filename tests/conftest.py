@@ -122,9 +122,11 @@ def ray_local():
 
     from dnnad import runtime
 
-    os.environ[runtime.OWNER_ENV] = f"tests-{os.getpid()}-{time.time_ns()}"
+    token = os.environ[runtime.OWNER_ENV] = f"tests-{os.getpid()}-{time.time_ns()}"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    del os.environ[runtime.OWNER_ENV]  # Ray's processes have it; the tests' own subprocesses (clusters, jobs) do not
     yield ray
+    os.environ[runtime.OWNER_ENV] = token
     runtime.stop_ray()
 
 

@@ -270,7 +270,9 @@ def test_a_copy_the_embedding_moved_away_is_found_by_its_fingerprint():
     assert more[60, 0] == 7
     g = find_duplicates(X, nb, F, more=more)
     assert g.n_groups == 1 and g.group[7] == g.group[60] == 0
-    assert find_duplicates(X, nb, None, more=more).n_groups == 0  # without fingerprints there is no second list
+    _, a, b, _ = pair_check(X, nb, None)
+    _, a2, b2, _ = pair_check(X, nb, None, more=more)  # without fingerprints there is no second list
+    assert np.array_equal(a2, a) and np.array_equal(b2, b)
 
 
 def test_second_search_pairs_set_no_level_and_the_ratio_bounds_them():
@@ -282,6 +284,8 @@ def test_second_search_pairs_set_no_level_and_the_ratio_bounds_them():
     np.testing.assert_array_equal(both.scale, alone.scale)
     assert np.array_equal(a2[:len(a)], a) and np.array_equal(b2[:len(b)], b)
     extra = slice(len(a), None)
+    keys = np.minimum(a2, b2) * len(X) + np.maximum(a2, b2)
+    assert len(np.unique(keys[extra])) == len(keys[extra]) and not np.isin(keys[extra], keys[:len(a)]).any()
     assert len(a2) > len(a) and (both.ratio(a2[extra], b2[extra], d2[extra]) <= 2.0).all()
     lo, hi = np.minimum(a2, b2), np.maximum(a2, b2)  # each unordered pair measured once, lower row first
     np.testing.assert_allclose(both.similarity(a2, b2), fingerprint_similarity(F, lo, hi), atol=1e-6)

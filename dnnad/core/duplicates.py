@@ -227,7 +227,9 @@ def fingerprint_neighbours(F: np.ndarray, k: int = FINGERPRINT_NEIGHBOURS, backe
     rows = np.flatnonzero(G.any(axis=1))  # a flat fingerprint correlates with nothing: left out of the search
     pos = np.full((len(G), k), -1, dtype=np.int64)
     if len(rows) >= 2:
-        found = leave_one_out_neighbours(G[rows], k, backend, n_shards)
+        G = G if len(rows) == len(G) else G[rows]  # no second copy of the descriptors unless some are flat
+        found = leave_one_out_neighbours(G, k, backend, n_shards)
+        del G
         pos[rows, :found.shape[1]] = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
     return pos
 
@@ -361,7 +363,8 @@ def pair_check(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndarray |
                more: np.ndarray | None = None) -> tuple[PairCheck, np.ndarray, np.ndarray, np.ndarray]:
     """The verification ``find_duplicates`` runs (arguments as there), with the candidate pairs (a, b) and
     their distances d, each measured once: the yardstick, the test and the merge order all use them. The
-    pairs of ``more`` follow those of ``neighbours``, less those whose ratio alone rules them out."""
+    pairs of ``more`` follow those of ``neighbours``: each unordered pair once, none already there, and none
+    whose ratio alone rules it out."""
     a, b = candidate_pairs(neighbours)
     d = pair_distances(X, a, b)
     labels = _same_labels(len(X), same)
@@ -369,6 +372,10 @@ def pair_check(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndarray |
     if more is None or fingerprints is None:
         return PairCheck(X, scale, fingerprints, max_ratio, min_similarity, labels, a, b, similarity), a, b, d
     a2, b2 = candidate_pairs(more)
+    key = lambda p, q: np.minimum(p, q).astype(np.int64) * len(X) + np.maximum(p, q)  # noqa: E731
+    new, first = np.unique(key(a2, b2), return_index=True)  # each unordered pair once ...
+    first = first[~np.isin(new, key(a, b))]  # ... and none the embedding already offered
+    a2, b2 = a2[first], b2[first]
     d2 = pair_distances(X, a2, b2)
     yardstick = np.maximum(scale[a2], scale[b2])
     keep = (yardstick > 0) & (d2 <= max_ratio * yardstick)  # r <= max_ratio, as PairCheck's test needs
