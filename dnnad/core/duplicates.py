@@ -205,9 +205,9 @@ def fingerprint_descriptors(F: np.ndarray) -> np.ndarray:
     m, p = ALIGN_SHIFT, DESCRIPTOR_POOL
     c = (side - 2 * m) // p * p
     out = np.empty((len(F), (c // p) ** 2), dtype=np.float32)
+    fine, coarse = DESCRIPTOR_BAND
     for s in range(0, len(F), DESCRIPTOR_ROWS):
         g = np.asarray(F[s:s + DESCRIPTOR_ROWS], dtype=np.float32).reshape(-1, side, side)
-        fine, coarse = DESCRIPTOR_BAND
         g = gaussian_filter(g, (0, fine, fine)) - gaussian_filter(g, (0, coarse, coarse))
         g = g[:, m:m + c, m:m + c].reshape(len(g), c // p, p, c // p, p).mean(axis=(2, 4)).reshape(len(g), -1)
         g -= g.mean(axis=1, keepdims=True)
@@ -280,6 +280,11 @@ def neighbourhood_level(n: int, a: np.ndarray, b: np.ndarray, s: np.ndarray) -> 
     return level
 
 
+def pair_keys(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a),) int64: one key per unordered pair of positions (a[i], b[i]) into ``n`` rows."""
+    return np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b)
+
+
 class PairCheck:
     """The verification of ``find_duplicates`` for any pairs of rows (the module docstring's rule); the
     fingerprint similarity of every candidate pair ``(a[i], b[i])``, and of the pairs ``more`` (which set no
@@ -300,7 +305,7 @@ class PairCheck:
             self.level = neighbourhood_level(len(X), lo, hi, self.s[np.searchsorted(self.keys, own)])
 
     def _key(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.minimum(a, b).astype(np.int64) * len(self.X) + np.maximum(a, b)
+        return pair_keys(len(self.X), a, b)
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Fingerprint similarity of pairs (a[i], b[i]), either way round: measured once per unordered pair."""
@@ -372,9 +377,8 @@ def pair_check(X: np.ndarray, neighbours: np.ndarray, fingerprints: np.ndarray |
     if more is None or fingerprints is None:
         return PairCheck(X, scale, fingerprints, max_ratio, min_similarity, labels, a, b, similarity), a, b, d
     a2, b2 = candidate_pairs(more)
-    key = lambda p, q: np.minimum(p, q).astype(np.int64) * len(X) + np.maximum(p, q)  # noqa: E731
-    new, first = np.unique(key(a2, b2), return_index=True)  # each unordered pair once ...
-    first = first[~np.isin(new, key(a, b))]  # ... and none the embedding already offered
+    new, first = np.unique(pair_keys(len(X), a2, b2), return_index=True)  # each unordered pair once ...
+    first = first[~np.isin(new, pair_keys(len(X), a, b))]  # ... and none the embedding already offered
     a2, b2 = a2[first], b2[first]
     d2 = pair_distances(X, a2, b2)
     yardstick = np.maximum(scale[a2], scale[b2])
